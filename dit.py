@@ -1,0 +1,929 @@
+"""
+dit.py: the tiny Diffusion Transformer that every other tinydit script builds on.
+
+Paper: "Scalable Diffusion Models with Transformers", William Peebles and Saining Xie, ICCV 2023,
+arXiv 2212.09748. A DiT cuts the image into p x p patches, runs a stack of transformer blocks whose
+LayerNorms are modulated by the timestep + class embedding (adaLN-Zero: every block starts as the
+identity), and predicts the noise (and a variance) for a Gaussian diffusion (Ho et al. 2020, with the
+learned variance of Nichol & Dhariwal 2021).
+
+Paper / reference code -> this file
+    Sec. 3.1 patchify, 2-D sin-cos positions          -> PatchEmbed, sincos_pos_embed
+    Sec. 3.1 timestep and class embeddings, CFG drop  -> TimestepEmbedder, LabelEmbedder
+    Sec. 3.2 adaLN-Zero block (zero-initialised gates) -> DiTBlock (attn_branch / mlp_branch)
+    Sec. 3.2 final layer, unpatchify                  -> FinalLayer, DiT.head
+    Sec. 3.3 linear beta schedule, eps-MSE + L_vb      -> Diffusion.loss (IDDPM Eq. 16)
+    Sec. 3.3 AdamW 1e-4, EMA                           -> train()
+The state_dict names and constructor keywords equal facebookresearch/DiT models.py, so an official
+checkpoint loads with strict=True.
+
+Our choices (not the paper's), for CPU-minute runs: the `cpu` preset uses lr 1e-3 with a short warm-up,
+EMA 0.999 with a (1+n)/(10+n) warm-up and batch 64 instead of lr 1e-4 / EMA 0.9999 / batch 256; the
+embedded `shapes` data set replaces ImageNet latents (pixel space, no VAE). The GPU presets use the
+paper's values.
+
+Run:
+    python dit.py                         # trains out/dit.pt on the embedded data (~4 min, 2 CPU cores)
+    python dit.py --preset cifar --data cifar10 --device cuda --steps 400000
+    torchrun --nproc_per_node=2 dit.py --preset tiny --steps 20 --out out/ddp
+    python dit.py --bench                 # img/s and achieved GFLOP/s vs this machine's matmul peak
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+# Model sizes. `cpu` is calibrated for ~4 minutes of training on 2 CPU cores; `cifar` is DiT-S/2 on
+# 32x32 pixels (256 tokens, ~6 GFLOPs/forward as DiT-S/2 on ImageNet-256 latents); `imagenet64` is DiT-B/4.
+PRESETS = {
+    "tiny": dict(input_size=16, patch_size=4, hidden_size=64, depth=4, num_heads=2),
+    "cpu": dict(input_size=32, patch_size=4, hidden_size=128, depth=6, num_heads=4),
+    "cifar": dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6),
+    "imagenet64": dict(input_size=64, patch_size=4, hidden_size=768, depth=12, num_heads=12),
+}
+# Training defaults per preset (paper values for the GPU presets, see the docstring for `cpu`).
+PRESET_TRAIN = {
+    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
+    "cpu": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999),
+    "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
+    "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"          # model size: tiny | cpu | cifar | imagenet64 (see PRESETS)
+    data: str = "shapes"         # shapes (embedded, offline) | cifar10 | imagenet64
+    data_dir: str = "data"       # where cifar10 / imagenet64 files live (or are downloaded to)
+    image_size: int = 0          # 0 = the preset's input_size; images are resized to this
+    out: str = "out/dit.pt"      # checkpoint path; re-running with the same --out resumes
+    steps: int = 0               # optimizer steps; 0 = the preset's default
+    batch_size: int = 0          # global batch; 0 = the preset's default
+    lr: float = 0.0              # AdamW learning rate; 0 = the preset's default (paper: 1e-4)
+    warmup: int = -1             # linear lr warm-up steps; -1 = the preset's default (paper: 0)
+    weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
+    grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
+    ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
+    learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term
+    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1)
+    log_every: int = 50          # one log line (and one JSON line) every N steps
+    ckpt_every: int = 500        # atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
+    seed: int = 0                # seeds model init, data order, noise and timesteps
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
+    compile: bool = False        # torch.compile the model
+    bench: bool = False          # only run the speed benchmark and exit
+
+
+def resolve(cfg):
+    """Fill the 0/-1 "use the preset's default" fields of a TrainConfig in place."""
+    if cfg.preset not in PRESETS:
+        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    for k, v in PRESET_TRAIN[cfg.preset].items():
+        if getattr(cfg, k) in (0, -1):
+            setattr(cfg, k, v)
+    if cfg.image_size == 0:
+        cfg.image_size = PRESETS[cfg.preset]["input_size"]
+    return cfg
+
+
+def parse_args(config_cls, argv=None):
+    """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile). Unknown
+    flags are an error. Prints the resolved config once."""
+    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=f.default)
+    return config_cls(**vars(p.parse_args(argv)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model (names and init as facebookresearch/DiT models.py)
+# --------------------------------------------------------------------------------------------------
+
+def modulate(x, shift, scale):
+    """adaLN modulation, DiT Sec. 3.2: x * (1 + scale) + shift, broadcast over the tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Patchify, DiT Sec. 3.1: a p x p conv with stride p gives T = (I/p)^2 tokens of width D."""
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias (timm layout: qkv, proj), through F.sdpa."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (timm layout)."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the integer t (256 channels, [cos, sin]) -> MLP, DiT Sec. 3.1."""
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        # freqs_k = exp(-ln(10000) * k / half), args = t * freqs
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 256)
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with an extra "null" row (index num_classes) for classifier-free guidance."""
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        drop = (torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+                if force_drop_ids is None else force_drop_ids == 1)
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block, DiT Sec. 3.2. The two residual halves are callable on their own so that
+    other scripts (pruning, caching, dynamic width) can reuse them without copying this code:
+        x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))      attn_branch
+        x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))       mlp_branch"""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, c):
+        """The six (B, D) vectors: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
+
+    def attn_branch(self, x, mod):
+        shift, scale, gate = mod[0:3]
+        return gate.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift, scale))
+
+    def mlp_branch(self, x, mod):
+        shift, scale, gate = mod[3:6]
+        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
+
+    def forward(self, x, c):
+        mod = self.modulation(c)
+        x = x + self.attn_branch(x, mod)
+        return x + self.mlp_branch(x, mod)
+
+
+class FinalLayer(nn.Module):
+    """LN -> adaLN (shift, scale) -> Linear(D -> p*p*C_out), zero-initialised."""
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos positions (MAE): half of D encodes each grid axis as [sin, cos]. (g*g, D)"""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (g*g, d/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer, DiT Sec. 3. forward(x, t, y) -> (B, C_out, I, I); C_out = 2C if learn_sigma.
+    embed() and head() are the parts before and after the block stack, so scripts that need to run the
+    blocks their own way (skip, cache, slice, distil) write `h, c = embed(..); for b in blocks: ..; head(h, c)`."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=384, depth=12,
+                 num_heads=6, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True):
+        super().__init__()
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma, self.num_classes, self.num_heads = learn_sigma, num_classes, num_heads
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier-uniform linears, zero biases; N(0, 0.02) embeddings; adaLN-Zero: every modulation
+        linear and the output linear start at exactly 0, so each block is the identity (Sec. 3.2)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        g = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(self.pos_embed.shape[-1], g)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                         self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, I, I)"""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def embed(self, x, t, y):
+        """Tokens h (B, T, D) and the conditioning c = t_emb + y_emb (B, D)."""
+        h = self.x_embedder(x) + self.pos_embed
+        return h, self.t_embedder(t) + self.y_embedder(y, self.training)
+
+    def head(self, h, c):
+        return self.unpatchify(self.final_layer(h, c))
+
+    def forward(self, x, t, y, return_features=False):
+        h, c = self.embed(x, t, y)
+        feats = []
+        for block in self.blocks:
+            h = block(h, c)
+            feats.append(h)
+        out = self.head(h, c)
+        return (out, feats) if return_features else out
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        return forward_with_cfg(self, x, t, y, cfg_scale)
+
+
+def forward_with_cfg(model, x, t, y, cfg_scale):
+    """Classifier-free guidance for any model with forward(x, t, y): the batch is [cond; uncond] halves
+    with the same x; eps = eps_u + s * (eps_c - eps_u) on all C_in eps channels. (The official DiT guides
+    only the first 3 channels, a quirk of its 4-channel latents; for RGB pixels that is all of them.)
+    The variance channels are taken from the conditional half."""
+    half = x[: len(x) // 2]
+    out = model(torch.cat([half, half]), t, y)
+    C = x.shape[1]
+    cond, uncond = out[: len(half), :C], out[len(half):, :C]
+    eps = uncond + cfg_scale * (cond - uncond)
+    rest = out[: len(half), C:]
+    return torch.cat([torch.cat([eps, rest], 1)] * 2)
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian diffusion (DDPM, Ho et al. 2020; learned range variance, Nichol & Dhariwal 2021)
+# --------------------------------------------------------------------------------------------------
+
+class Diffusion:
+    """The 1000-step linear-beta process (1e-4 .. 0.02), or a respaced subset of its steps.
+    Indices i = 0..K-1 address this process; timestep_map[i] is the original t the model sees."""
+    def __init__(self, num_steps=1000, use_timesteps=None):
+        betas = np.linspace(1e-4 * 1000 / num_steps, 0.02 * 1000 / num_steps, num_steps, dtype=np.float64)
+        ac = np.cumprod(1.0 - betas)
+        self.timestep_map = np.arange(num_steps)
+        if use_timesteps is not None:  # respacing: keep alpha_bar at the kept steps, recompute betas
+            self.timestep_map = np.array(sorted(use_timesteps))
+            ac = ac[self.timestep_map]
+            betas = 1.0 - ac / np.append(1.0, ac[:-1])
+        self.num_steps = len(betas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # all as float64 numpy; gathered per batch by _at()
+        self.betas, self.ac, self.ac_prev = betas, ac, ac_prev
+        self.post_var = post_var
+        self.post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
+        self.post_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+        self.post_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)
+
+    def respace(self, k):
+        """K evenly strided steps of the original process (the official `space_timesteps(1000, "K")`)."""
+        stride = (self.num_steps - 1) / max(k - 1, 1)
+        return Diffusion(self.num_steps, {round(i * stride) for i in range(k)})
+
+    def model_t(self, i):
+        """Original timestep the model is conditioned on, for process index tensor i."""
+        return torch.as_tensor(self.timestep_map, device=i.device)[i]
+
+    @staticmethod
+    def _at(arr, i, x):
+        """arr[i] as a float32 tensor broadcastable to x: (B, 1, 1, 1)."""
+        return torch.as_tensor(arr, dtype=torch.float32, device=x.device)[i].view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, i, noise):
+        """x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps (DDPM Eq. 4)."""
+        return self._at(np.sqrt(self.ac), i, x0) * x0 + self._at(np.sqrt(1 - self.ac), i, x0) * noise
+
+    def q_posterior(self, x0, xt, i):
+        """Mean and clipped log-variance of q(x_{i-1} | x_i, x0) (DDPM Eq. 6-7)."""
+        mean = self._at(self.post_coef1, i, xt) * x0 + self._at(self.post_coef2, i, xt) * xt
+        return mean, self._at(self.post_logvar_clipped, i, xt)
+
+    def predict_x0(self, xt, i, eps):
+        return self._at(np.sqrt(1 / self.ac), i, xt) * xt - self._at(np.sqrt(1 / self.ac - 1), i, xt) * eps
+
+    def p_mean_variance(self, out, xt, i):
+        """p(x_{i-1} | x_i) from the model output: eps -> x0 -> posterior mean; variance from the
+        learned interpolation v in [-1, 1] (IDDPM Eq. 15), or the fixed-large beta when not learned."""
+        C = xt.shape[1]
+        eps = out[:, :C]
+        if out.shape[1] == 2 * C:
+            frac = (out[:, C:] + 1) / 2
+            # log sigma^2 = frac * log beta + (1 - frac) * log beta_tilde
+            logvar = frac * self._at(np.log(self.betas), i, xt) + (1 - frac) * self._at(self.post_logvar_clipped, i, xt)
+        else:
+            logvar = self._at(np.log(np.append(self.post_var[1], self.betas[1:])), i, xt).expand_as(xt)
+        x0 = self.predict_x0(xt, i, eps)
+        mean, _ = self.q_posterior(x0, xt, i)
+        return mean, logvar, x0, eps
+
+    def loss(self, model, x0, y, i=None, noise=None):
+        """DiT training loss, Sec. 3.3: ||eps - eps_hat||^2 averaged over dims, plus (learn_sigma) the
+        variational bound L_vb in bits/dim with eps_hat detached (IDDPM Eq. 16: L_hybrid with lambda = 1
+        on this 1000-step process). Returns a dict of per-batch means; also 'out', 'xt', 'i', 'noise'."""
+        if i is None:
+            i = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        xt = self.q_sample(x0, i, noise)
+        out = model(xt, self.model_t(i), y)
+        return self.loss_from_output(out, x0, xt, i, noise)
+
+    def loss_from_output(self, out, x0, xt, i, noise):
+        C = x0.shape[1]
+        mse = ((out[:, :C] - noise) ** 2).mean(dim=(1, 2, 3))
+        vb = torch.zeros_like(mse)
+        if out.shape[1] == 2 * C:
+            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+            vb = self.vb_terms(frozen, x0, xt, i)
+        loss = mse + vb
+        return dict(loss=loss.mean(), mse=mse.mean(), vb=vb.mean(), out=out, xt=xt, i=i, noise=noise)
+
+    def vb_terms(self, out, x0, xt, i):
+        """KL(q(x_{i-1}|x_i,x0) || p(x_{i-1}|x_i)) in bits/dim; at i = 0 the decoder NLL (IDDPM Sec. 2)."""
+        true_mean, true_logvar = self.q_posterior(x0, xt, i)
+        mean, logvar, _, _ = self.p_mean_variance(out, xt, i)
+        kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))
+        kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
+        return torch.where(i == 0, nll, kl)
+
+
+def discretized_gaussian_loglik(x, means, log_scales):
+    """log-likelihood of 8-bit data x in [-1, 1] under a Gaussian discretised to bins of width 2/255."""
+    def cdf(v):  # standard normal CDF, tanh approximation (as ADM)
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: uint8 (N, 3, H, W) images + int64 labels, held in memory
+# --------------------------------------------------------------------------------------------------
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+SHAPE_NAMES = ["disk", "square", "triangle", "cross", "ring", "diamond", "hbars", "vbars", "checker", "x"]
+
+
+@functools.lru_cache(maxsize=2)
+def make_shapes(n_per_class=1000, size=32, seed=0):
+    """The embedded data set: 10 classes of anti-aliased shapes (disk, square, triangle, ...), each class
+    with its own hue band, random position/size/background. Deterministic, numpy only, ~1 s."""
+    rng = np.random.default_rng(seed)
+    n = n_per_class * 10
+    y = np.repeat(np.arange(10), n_per_class)
+    ss = 2 * size  # supersample 2x then average -> anti-aliasing
+    v, u = np.meshgrid(*[np.linspace(-1, 1, ss, dtype=np.float32)] * 2, indexing="ij")  # (ss, ss)
+    cx, cy = rng.uniform(-0.25, 0.25, (2, n, 1, 1)).astype(np.float32)
+    r = rng.uniform(0.45, 0.7, (n, 1, 1)).astype(np.float32)
+    masks = [  # class k -> inside(X, Y) in shape-local coordinates
+        lambda X, Y, ax, ay: X ** 2 + Y ** 2 < 1,
+        lambda X, Y, ax, ay: np.maximum(ax, ay) < 0.8,
+        lambda X, Y, ax, ay: (Y < 0.7) & (Y > 1.7 * ax - 1.0),
+        lambda X, Y, ax, ay: (np.minimum(ax, ay) < 0.28) & (np.maximum(ax, ay) < 1),
+        lambda X, Y, ax, ay: (X ** 2 + Y ** 2 < 1) & (X ** 2 + Y ** 2 > 0.45),
+        lambda X, Y, ax, ay: ax + ay < 1,
+        lambda X, Y, ax, ay: (np.maximum(ax, ay) < 0.9) & (np.cos(Y * 2.5 * np.pi) > 0),
+        lambda X, Y, ax, ay: (np.maximum(ax, ay) < 0.9) & (np.cos(X * 2.5 * np.pi) > 0),
+        lambda X, Y, ax, ay: (np.maximum(ax, ay) < 0.9) & (np.cos(X * 2 * np.pi) * np.cos(Y * 2 * np.pi) > 0),
+        lambda X, Y, ax, ay: (np.abs(ax - ay) < 0.3) & (np.maximum(ax, ay) < 1),
+    ]
+    m = np.zeros((n, ss, ss), dtype=np.float32)
+    for k in range(10):
+        s = y == k
+        X, Y = (u[None] - cx[s]) / r[s], (v[None] - cy[s]) / r[s]  # (n_k, ss, ss)
+        m[s] = masks[k](X, Y, np.abs(X), np.abs(Y))
+    m = m.reshape(n, size, 2, size, 2).mean(axis=(2, 4))[:, None]  # (n, 1, size, size)
+    hue = (y / 10 + rng.uniform(-0.03, 0.03, n)) * 2 * np.pi
+    fg = 0.6 + 0.4 * np.stack([np.cos(hue), np.cos(hue - 2.094), np.cos(hue + 2.094)], 1)  # (n, 3)
+    bg = rng.uniform(0.0, 0.35, (n, 3)).astype(np.float32)
+    img = m * fg[:, :, None, None] + (1 - m) * bg[:, :, None, None]
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    return torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)), torch.from_numpy(y)
+
+
+def download(url, path, md5=None):
+    """Download with a tqdm bar and an md5 check; a clear message when offline."""
+    import hashlib
+    import urllib.request
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            bar = tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True, desc=url)
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        sys.exit(f"error: could not download {url} ({e}). Offline? Download it elsewhere and put it at {path}")
+    if md5 and hashlib.md5(open(path + ".part", "rb").read()).hexdigest() != md5:
+        sys.exit(f"error: md5 mismatch for {url}; the download is corrupt, try again")
+    os.replace(path + ".part", path)
+
+
+def load_cifar10(data_dir, train=True):
+    """CIFAR-10 from `cifar-10-batches-py/` (any number of rows per batch) or the official tarball in
+    data_dir; downloads the tarball when neither is there."""
+    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    tar_path = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if not os.path.isdir(folder):
+        if not os.path.exists(tar_path):
+            download(CIFAR_URL, tar_path, CIFAR_MD5)
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(data_dir, filter="data")
+    xs, ys = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} is missing; {folder} is not a complete cifar-10-batches-py folder")
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_imagenet64(data_dir, train=True):
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): npz files with `data` uint8 (N, 12288),
+    channel-major, and `labels` 1..1000. Reads every train_data_batch_* (or val_data*) file in data_dir."""
+    prefix = "train_data_batch_" if train else "val_data"
+    files = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".npz")) \
+        if os.path.isdir(data_dir) else []
+    if not files:
+        sys.exit(f"error: no {prefix}*.npz in {data_dir}; get Imagenet64_train_npz from image-net.org "
+                 "(downsampled variants) and unpack it there")
+    xs, ys = [], []
+    for f in files:
+        d = np.load(os.path.join(data_dir, f))
+        xs.append(d["data"].reshape(-1, 3, 64, 64))
+        ys.append(d["labels"].astype(np.int64) - 1)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_data(name="shapes", data_dir="data", image_size=32, train=True):
+    """(images uint8 (N, 3, S, S), labels int64 (N,), num_classes). Resized (area) to image_size."""
+    if name == "shapes":
+        x, y = make_shapes(seed=0 if train else 1, n_per_class=1000 if train else 200)
+    elif name == "cifar10":
+        x, y = load_cifar10(data_dir, train)
+    elif name == "imagenet64":
+        x, y = load_imagenet64(data_dir, train)
+    else:
+        sys.exit(f"error: unknown --data {name!r}; choose shapes, cifar10 or imagenet64")
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x.float(), size=image_size, mode="area").round().clamp(0, 255).to(torch.uint8)
+    return x, y, 1000 if name == "imagenet64" else 10
+
+
+def to_float(x):
+    """uint8 [0, 255] -> float [-1, 1]"""
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8 [0, 255]"""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
+    """Endless (images in [-1, 1], labels) batches. The order depends only on (seed, epoch), so a run
+    resumed at step n sees exactly the batches an uninterrupted run would. Each rank takes its slice."""
+    n, step = len(x), start_step
+    per_epoch = n // batch_size
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        idx = perm[k * batch_size:(k + 1) * batch_size][rank::world]
+        xb = to_float(x[idx])
+        if flip:  # random horizontal flip, the only DiT augmentation; deterministic per step
+            f = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed + 7919 * step)) < 0.5
+            xb = torch.where(f[:, None, None, None], xb.flip(-1), xb)
+        yield xb, y[idx]
+        step += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, atomic writes, weights_only loads
+# --------------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """torch.save to path.tmp, then rename: a crash mid-write never destroys the previous file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kinds=None):
+    """Load a tinydit checkpoint dict with weights_only=True; one clear error line when it is missing,
+    corrupt, or not of the expected kind."""
+    if not os.path.exists(path):
+        sys.exit(f"error: checkpoint {path} not found (train one with `python dit.py --out {path}`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})")
+    if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
+        sys.exit(f"error: {path} is not a tinydit checkpoint (no 'kind'/'config' entries)")
+    if kinds is not None and ckpt["kind"] not in kinds:
+        sys.exit(f"error: {path} holds a {ckpt['kind']!r} model; expected one of {kinds}")
+    return ckpt
+
+
+def build_dit(ckpt, ema=True):
+    """A plain DiT from a checkpoint dict, EMA weights by default, in eval mode."""
+    model = DiT(**ckpt["config"])
+    state = ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        sys.exit(f"error: checkpoint weights do not match its config: {str(e).splitlines()[0]}")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop (shared by every script: pass your own loss_fn)
+# --------------------------------------------------------------------------------------------------
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda asked for, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def autocast(device, dtype):
+    """Autocast context for --dtype (a no-op for float32)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        sys.exit(f"error: --dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
+    """The one training loop. loss_fn(model, xb, yb) -> dict with 'loss' (a scalar tensor) and any other
+    scalar terms to log. `data` = (images uint8, labels); `meta` = the checkpoint's 'kind' and 'config'
+    (+ anything else to save). AdamW + linear warm-up, EMA, optional grad clipping, autocast, torch.compile,
+    DDP under torchrun (gloo on CPU, nccl on CUDA), a log line + JSON lines, atomic checkpoints every
+    cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes
+    exactly (model, EMA, optimizer, step, RNG, data order). Returns (model, ema, ckpt dict)."""
+    import copy
+    from tqdm import tqdm
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = 0, 1
+    device = pick_device(cfg.device)
+    if ddp:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            torch.cuda.set_device(device)
+    if cfg.batch_size % world:
+        sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    step, log_path = 0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    if os.path.exists(cfg.out):  # resume
+        ck = load_checkpoint(cfg.out, kinds=[meta["kind"]])
+        if ck["config"] != meta["config"]:
+            sys.exit(f"error: {cfg.out} was trained with another model config; use another --out")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"][rank])
+        if step >= cfg.steps:
+            return model.eval(), ema, ck
+        if rank == 0 and not quiet:
+            print(f"resuming {cfg.out} at step {step}")
+    net = model
+    if cfg.compile:
+        net = torch.compile(net)
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    images, labels = data
+    it = batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=cfg.data != "shapes")
+    stop = {"sig": None}
+    handlers = {s: signal.signal(s, lambda sig, _: stop.update(sig=sig)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint(metrics):
+        rngs = [torch.get_rng_state()]
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if rank == 0:
+            save_checkpoint(dict(meta, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                 step=step, rng=rngs, train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
+
+    model.train()
+    t0, last, logs, last_logs = time.time(), time.time(), {}, {}
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or quiet, desc=os.path.basename(cfg.out),
+               dynamic_ncols=True, leave=False)
+    while step < cfg.steps:
+        xb, yb = next(it)
+        xb, yb = xb.to(device), yb.to(device)
+        for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(cfg.warmup, 1))
+        with autocast(device, cfg.dtype):
+            terms = loss_fn(net, xb, yb)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            bar.close()
+            sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good checkpoint")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        bar.update(1)
+        for k, v in terms.items():
+            if torch.is_tensor(v) and v.dim() == 0:
+                logs[k] = logs.get(k, 0.0) + v.item() / cfg.log_every
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            ms = (time.time() - last) * 1000 / cfg.log_every
+            rec = dict(step=step, **{k: round(v, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
+                       img_per_s=round(cfg.batch_size * 1000 / ms, 1))
+            if rank == 0:
+                bar.write(" ".join(f"{k} {v}" for k, v in rec.items())) if not quiet else None
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            last_logs, logs, last = rec, {}, time.time()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint({})
+        if stop["sig"] is not None:
+            checkpoint({})
+            bar.close()
+            print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
+            sys.exit(128 + stop["sig"])
+    bar.close()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    metrics = dict(wall_s=round(time.time() - t0, 1), final_loss=last_logs.get("loss") if step else None)
+    checkpoint(metrics)
+    ck = dict(meta, step=step, metrics=metrics, model=model.state_dict(), ema=ema.state_dict())
+    return model.eval(), ema, ck
+
+
+def dit_config(cfg, num_classes=10):
+    """The DiT constructor kwargs for a TrainConfig."""
+    return dict(PRESETS[cfg.preset], input_size=cfg.image_size, in_channels=3, num_classes=num_classes,
+                learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, mlp_ratio=4.0)
+
+
+def train_base(cfg, quiet=False):
+    """Train (or resume, or just load) the base DiT: the teacher every other script starts from.
+    Returns the checkpoint dict; its EMA weights are the model to use."""
+    resolve(cfg)
+    x, y, nc = load_data(cfg.data, cfg.data_dir, cfg.image_size)
+    diffusion = Diffusion()
+    torch.manual_seed(cfg.seed)
+    model = DiT(**dit_config(cfg, nc))
+    meta = dict(kind="dit", config=dit_config(cfg, nc))
+    _, _, ck = train(model, lambda m, xb, yb: diffusion.loss(m, xb, yb), (x, y), cfg, meta, quiet=quiet)
+    return ck
+
+
+def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto", seed=0):
+    """The base checkpoint at `path`, trained first (python dit.py defaults) when it does not exist yet.
+    Used by distill.py / prune.py / dynamic.py so that their first command works on a fresh clone."""
+    if not os.path.exists(path):
+        print(f"no base model at {path}: training it first (python dit.py --preset {preset} --out {path})")
+        train_base(TrainConfig(preset=preset, data=data, data_dir=data_dir, out=path, device=device, seed=seed))
+    return load_checkpoint(path, kinds=["dit"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: FLOPs, grids, speed benchmark
+# --------------------------------------------------------------------------------------------------
+
+def count_flops(fn, *args):
+    """FLOPs of one call fn(*args), counted by torch.utils.flop_counter (matmuls/convs/SDPA: 2*M*N*K)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fn(*args)
+    return fc.get_total_flops()
+
+
+def save_grid(images, path, nrow):
+    """uint8 (N, 3, H, W) -> one PNG with nrow images per row (2 px gaps)."""
+    from PIL import Image
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((3, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = images[k]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def run_header(device, dtype="float32", batch=None, seed=None):
+    """The line that heads every results table: device, torch, dtype, batch, seed and the command."""
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    return (f"{dev}, torch {torch.__version__}, {dtype}, batch {batch}, seed {seed}: "
+            f"`python {' '.join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))}`")
+
+
+def markdown_table(rows):
+    """list of dicts (same keys) -> a Markdown table string."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
+
+
+def matmul_peak(device, n=1024, reps=20):
+    """Measured fp32 GEMM GFLOP/s on this device (the roofline the bench compares against)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 * reps / timeit(lambda: a @ b, device, reps) / 1e9
+
+
+def timeit(fn, device, reps=10, warmup=2):
+    """Seconds for `reps` calls of fn after `warmup` calls (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench(cfg):
+    """Train img/s, sampling img/s and achieved forward GFLOP/s as a fraction of the matmul peak."""
+    device = pick_device(cfg.device)
+    model = DiT(**dit_config(cfg)).to(device)
+    diffusion, B, S = Diffusion(), 64, cfg.image_size
+    x, y, t = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device), \
+        torch.randint(0, 1000, (B,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        loss = diffusion.loss(model, x, y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    fwd_flops = count_flops(model, x, t, y)
+    with torch.no_grad():
+        fwd_s = timeit(lambda: model(x, t, y), device, reps=10) / 10
+        cfg_s = timeit(lambda: model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 4.0),
+                       device, reps=5) / 5
+    model.train()
+    train_s = timeit(train_step, device, reps=5) / 5
+    peak = matmul_peak(device)
+    rows = [("train step (fwd+bwd+AdamW)", f"{B / train_s:.0f} img/s", f"{3 * fwd_flops / train_s / 1e9:.1f}"),
+            ("forward", f"{B / fwd_s:.0f} img/s", f"{fwd_flops / fwd_s / 1e9:.1f}"),
+            ("sampling, 50 DDIM steps + CFG", f"{B / (50 * cfg_s):.1f} img/s", f"{2 * fwd_flops / cfg_s / 1e9:.1f}")]
+    print(f"\n{device.type}, torch {torch.__version__}, float32, batch {B}, preset {cfg.preset}, "
+          f"{torch.get_num_threads()} threads; matmul peak {peak:.0f} GFLOP/s; forward {fwd_flops / B / 1e9:.3f} GFLOPs/img")
+    print("| what | speed | GFLOP/s (fraction of peak) |\n|---|---|---|")
+    for name, speed, gf in rows:
+        print(f"| {name} | {speed} | {gf} ({float(gf) / peak:.2f}) |")
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = resolve(parse_args(TrainConfig, argv))
+    if cfg.bench:
+        return bench(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(dataclasses.asdict(cfg)))
+    ck = train_base(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return dist.destroy_process_group()
+    import sample  # the sampler lives in sample.py
+    model = build_dit(ck).to(pick_device(cfg.device))
+    grid = os.path.splitext(cfg.out)[0] + "_grid.png"
+    imgs = sample.generate(model, labels=torch.arange(10).repeat_interleave(8), seed=cfg.seed)
+    save_grid(imgs, grid, nrow=8)
+    m = ck.get("metrics", {})
+    gflops = count_flops(model, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=model.pos_embed.device),
+                         torch.zeros(1, dtype=torch.long, device=model.pos_embed.device),
+                         torch.zeros(1, dtype=torch.long, device=model.pos_embed.device)) / 1e9
+    print("\n" + run_header(pick_device(cfg.device), cfg.dtype, cfg.batch_size, cfg.seed))
+    print(markdown_table([{"model": f"DiT {cfg.preset}", "params": f"{param_count(model) / 1e6:.2f}M",
+                           "GFLOPs/forward": f"{gflops:.3f}", "steps": ck["step"], "wall time": f"{m.get('wall_s')} s",
+                           "final loss": m.get("final_loss"), "grid": grid}]))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
