@@ -728,47 +728,47 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
     t0, last, logs, last_logs = time.time(), time.time(), {}, {}
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or quiet, desc=os.path.basename(cfg.out),
                dynamic_ncols=True, leave=False)
-    while step < cfg.steps:
-        xb, yb = next(it)
-        xb, yb = xb.to(device), yb.to(device)
-        for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        with autocast(device, cfg.dtype):
-            terms = loss_fn(net, xb, yb)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            bar.close()
-            sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good checkpoint")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        bar.update(1)
-        for k, v in terms.items():
-            if torch.is_tensor(v) and v.dim() == 0:
-                logs[k] = logs.get(k, 0.0) + v.item() / cfg.log_every
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            ms = (time.time() - last) * 1000 / cfg.log_every
-            rec = dict(step=step, **{k: round(v, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
-                       img_per_s=round(cfg.batch_size * 1000 / ms, 1))
-            if rank == 0:
-                bar.write(" ".join(f"{k} {v}" for k, v in rec.items())) if not quiet else None
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            last_logs, logs, last = rec, {}, time.time()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint({})
-        if stop["sig"] is not None:
-            checkpoint({})
-            bar.close()
-            print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
-            sys.exit(128 + stop["sig"])
-    bar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
+    try:
+        while step < cfg.steps:
+            xb, yb = next(it)
+            xb, yb = xb.to(device), yb.to(device)
+            for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
+                g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            with autocast(device, cfg.dtype):
+                terms = loss_fn(net, xb, yb)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good checkpoint")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            bar.update(1)
+            for k, v in terms.items():
+                if torch.is_tensor(v) and v.dim() == 0:
+                    logs[k] = logs.get(k, 0.0) + v.item() / cfg.log_every
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                ms = (time.time() - last) * 1000 / cfg.log_every
+                rec = dict(step=step, **{k: round(v, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
+                           img_per_s=round(cfg.batch_size * 1000 / ms, 1))
+                if rank == 0 and not quiet:
+                    bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                last_logs, logs, last = rec, {}, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["sig"] is not None:
+                checkpoint({})
+            if stop["sig"] is not None:
+                print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
+                sys.exit(128 + stop["sig"])
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     metrics = dict(wall_s=round(time.time() - t0, 1), final_loss=last_logs.get("loss") if step else None)
     checkpoint(metrics)
     ck = dict(meta, step=step, metrics=metrics, model=model.state_dict(), ema=ema.state_dict())
