@@ -62,7 +62,7 @@ PRESETS = {
 # Training defaults per preset (paper values for the GPU presets, see the docstring for `cpu`).
 PRESET_TRAIN = {
     "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
-    "cpu": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999),
+    "cpu": dict(steps=1000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999),
     "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
     "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
 }
@@ -393,9 +393,10 @@ class Diffusion:
     def predict_x0(self, xt, i, eps):
         return self._at(np.sqrt(1 / self.ac), i, xt) * xt - self._at(np.sqrt(1 / self.ac - 1), i, xt) * eps
 
-    def p_mean_variance(self, out, xt, i):
+    def p_mean_variance(self, out, xt, i, clip=False):
         """p(x_{i-1} | x_i) from the model output: eps -> x0 -> posterior mean; variance from the
-        learned interpolation v in [-1, 1] (IDDPM Eq. 15), or the fixed-large beta when not learned."""
+        learned interpolation v in [-1, 1] (IDDPM Eq. 15), or the fixed-large beta when not learned.
+        clip: clamp x0 to [-1, 1] and recompute eps from it (pixel-space DDPM/IDDPM do; DiT's latents don't)."""
         C = xt.shape[1]
         eps = out[:, :C]
         if out.shape[1] == 2 * C:
@@ -405,6 +406,10 @@ class Diffusion:
         else:
             logvar = self._at(np.log(np.append(self.post_var[1], self.betas[1:])), i, xt).expand_as(xt)
         x0 = self.predict_x0(xt, i, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            # eps = (x_t / sqrt(abar) - x0) / sqrt(1 / abar - 1)
+            eps = (self._at(np.sqrt(1 / self.ac), i, xt) * xt - x0) / self._at(np.sqrt(1 / self.ac - 1), i, xt)
         mean, _ = self.q_posterior(x0, xt, i)
         return mean, logvar, x0, eps
 

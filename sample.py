@@ -50,9 +50,12 @@ class SampleConfig:
 # Method: the samplers
 # --------------------------------------------------------------------------------------------------
 
-def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generator=None):
+def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generator=None, clip=True):
     """Run the reverse process from noise z (B, C, H, W) with labels y. Gradients flow if enabled by the
-    caller (DiP-GO backpropagates through it). generator drives the DDPM / eta > 0 noise."""
+    caller (DiP-GO backpropagates through it). generator drives the DDPM / eta > 0 noise. clip: clamp the
+    predicted x0 to the pixel range [-1, 1] at every step, as pixel-space DDPM (Ho et al. Sec. 3.3) and
+    IDDPM do; DiT samples latents and does not (clip_denoised=False). Without it, eps errors at high
+    noise are amplified by up to 1/sqrt(abar) ~ 158 and small models give saturated colour noise."""
     if method not in ("ddim", "ddpm"):
         sys.exit(f"error: --method must be ddim or ddpm, not {method!r}")
     diffusion, x, B = Diffusion().respace(steps), z, z.shape[0]
@@ -64,7 +67,7 @@ def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generat
             out = forward_with_cfg(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale)[:B]
         else:
             out = model(x, t, y)
-        mean, logvar, x0, eps = diffusion.p_mean_variance(out.float(), x, idx)
+        mean, logvar, x0, eps = diffusion.p_mean_variance(out.float(), x, idx, clip)
         noise = torch.randn(x.shape, generator=generator).to(x.device) if (method == "ddpm" or eta > 0) and i > 0 else 0
         if method == "ddpm":
             # x_{i-1} = mu(x_i, x0_hat) + sigma_i * n   (DDPM Algorithm 2, sigma learned or fixed)
@@ -110,8 +113,17 @@ def load_model(path, device="cpu"):
     Each script registers its kind here, as one branch of this if/elif."""
     ckpt = load_checkpoint(path)
     kind = ckpt["kind"]
-    if kind == "dit":  # dit.py, and depth-pruned DiTs exported by prune.py
+    if kind == "dit":  # dit.py, and depth-pruned DiTs exported by prune.py (TinyFusion and baselines)
         model = build_dit(ckpt)
+    elif kind == "student":  # distill.py: one-step or multi-step distilled students
+        from distill import build_student
+        model = build_student(ckpt)
+    elif kind == "dipgo":  # prune.py --method dipgo: a DiT + a learned block-reuse plan
+        from dipgo_part import build_dipgo
+        model = build_dipgo(ckpt)
+    elif kind == "dydit":  # dynamic.py: DyDiT with per-step sliced widths and token gathering
+        from dynamic import build_dydit
+        model = build_dydit(ckpt)
     else:
         sys.exit(f"error: {path} holds a model of kind {kind!r}, which sample.py does not know")
     return model.to(device).eval()

@@ -295,6 +295,32 @@ def test_missing_data_gives_one_clear_line(tmp_path):
 # sample.py
 # --------------------------------------------------------------------------------------------------
 
+class OracleEps(torch.nn.Module):
+    """The exact eps of a one-image data set {x*}: eps = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)."""
+    num_classes, in_channels, input_size = 10, 3, 8
+
+    def __init__(self, xstar, learn_sigma):
+        super().__init__()
+        self.xstar, self.learn_sigma, self.w = xstar, learn_sigma, torch.nn.Parameter(torch.zeros(1))
+        self.ac = torch.tensor(dit.Diffusion().ac, dtype=torch.float32)
+
+    def forward(self, x, t, y):
+        ab = self.ac[t].view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * self.xstar) / (1 - ab).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
+
+
+def test_samplers_with_the_exact_eps_return_the_data_point():
+    """With the oracle eps of a one-point data set, DDIM and DDPM (respaced, fixed or learned variance)
+    both end exactly at that point: the update rules and the respacing are right."""
+    xstar = torch.rand(1, 3, 8, 8) * 2 - 1
+    for learn_sigma in (False, True):
+        for method in ("ddim", "ddpm"):
+            out = sample.sample(OracleEps(xstar, learn_sigma), torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long),
+                                steps=40, method=method, generator=torch.Generator().manual_seed(0))
+            assert (out - xstar).abs().max() < 1e-4, (learn_sigma, method)
+
+
 def test_same_seed_gives_bit_identical_samples(tiny_teacher):
     model = sample.load_model(tiny_teacher)
     labels = torch.arange(6) % 10
