@@ -108,15 +108,19 @@ def resolve(cfg):
 def parse_args(config_cls, argv=None):
     """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile). Unknown
     flags are an error. Prints the resolved config once."""
+    import inspect
+    import re
     p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the help text of each flag is the trailing comment of its dataclass field
+    helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(config_cls), re.M))
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + f" (default: {f.default})"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default)
+            p.add_argument(flag, type=typ, default=f.default, help=h)
     return config_cls(**vars(p.parse_args(argv)))
 
 
@@ -363,7 +367,7 @@ class Diffusion:
         # all as float64 numpy; gathered per batch by _at()
         self.betas, self.ac, self.ac_prev = betas, ac, ac_prev
         self.post_var = post_var
-        self.post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
+        self.post_logvar_clipped = np.log(np.append(post_var[1] if len(post_var) > 1 else betas[0], post_var[1:]))
         self.post_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.post_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)
 
@@ -404,7 +408,7 @@ class Diffusion:
             # log sigma^2 = frac * log beta + (1 - frac) * log beta_tilde
             logvar = frac * self._at(np.log(self.betas), i, xt) + (1 - frac) * self._at(self.post_logvar_clipped, i, xt)
         else:
-            logvar = self._at(np.log(np.append(self.post_var[1], self.betas[1:])), i, xt).expand_as(xt)
+            logvar = self._at(np.log(np.append(self.betas[0] if self.num_steps == 1 else self.post_var[1], self.betas[1:])), i, xt).expand_as(xt)
         x0 = self.predict_x0(xt, i, eps)
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -814,8 +818,10 @@ def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto
 
 def count_flops(fn, *args):
     """FLOPs of one call fn(*args), counted by torch.utils.flop_counter (matmuls/convs/SDPA: 2*M*N*K)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    # the fused CPU attention kernel is not registered with the counter; the math backend is
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         fn(*args)
     return fc.get_total_flops()
 
