@@ -734,7 +734,7 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
                                  step=step, rng=rngs, train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
 
     model.train()
-    t0, last, logs, last_logs = time.time(), time.time(), {}, {}
+    t0, last, logs, last_logs, n_logged = time.time(), time.time(), {}, {}, 0
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or quiet, desc=os.path.basename(cfg.out),
                dynamic_ncols=True, leave=False)
     try:
@@ -758,17 +758,18 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
             bar.update(1)
             for k, v in terms.items():
                 if torch.is_tensor(v) and v.dim() == 0:
-                    logs[k] = logs.get(k, 0.0) + v.item() / cfg.log_every
+                    logs[k] = logs.get(k, 0.0) + v.item()
+            n_logged += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
-                ms = (time.time() - last) * 1000 / cfg.log_every
-                rec = dict(step=step, **{k: round(v, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
+                ms = (time.time() - last) * 1000 / n_logged  # means over the steps since the last line
+                rec = dict(step=step, **{k: round(v / n_logged, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
                            img_per_s=round(cfg.batch_size * 1000 / ms, 1))
                 if rank == 0 and not quiet:
                     bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
                 if rank == 0:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                last_logs, logs, last = rec, {}, time.time()
+                last_logs, logs, last, n_logged = rec, {}, time.time(), 0
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["sig"] is not None:
                 checkpoint({})
             if stop["sig"] is not None:

@@ -119,7 +119,7 @@ def load_model(path, device="cpu"):
         from distill import build_student
         model = build_student(ckpt)
     elif kind == "dipgo":  # prune.py --method dipgo: a DiT + a learned block-reuse plan
-        from dipgo_part import build_dipgo
+        from prune import build_dipgo
         model = build_dipgo(ckpt)
     elif kind == "dydit":  # dynamic.py: DyDiT with per-step sliced widths and token gathering
         from dynamic import build_dydit

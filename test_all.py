@@ -1,7 +1,9 @@
 """
 test_all.py: fast CPU tests of tinydit, each asserting a property of a method (python -m pytest -q test_all.py).
 """
+import copy
 import io
+import json
 import os
 import pickle
 import signal
@@ -9,12 +11,19 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import dit
+import distill
+import dynamic
+import fid
+import jetson_bench
+import prune
 import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -364,3 +373,801 @@ def test_bad_checkpoints_and_flags_give_one_clear_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         dit.main(["--preset", "huge"])
     assert "unknown --preset" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# fid.py
+# --------------------------------------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A private FD-clf cache, with a cheaper classifier (40 steps) so the suite stays fast."""
+    steps, fid.CLF_STEPS = fid.CLF_STEPS, 40
+    yield str(tmp_path_factory.mktemp("fid_cache"))
+    fid.CLF_STEPS = steps
+
+
+@pytest.fixture(autouse=True)
+def no_inception(monkeypatch, tmp_path):
+    """Never find (or fetch) real Inception weights in tests: FD-clf is the metric unless a test says so."""
+    monkeypatch.delenv("TINYDIT_INCEPTION", raising=False)
+    monkeypatch.setattr(fid, "INCEPTION_CACHE", str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(fid, "download_inception", lambda *a: pytest.fail("tests must not download"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Frechet distance
+# --------------------------------------------------------------------------------------------------
+
+def random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def closed_form_fd(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions only."""
+    def sqrt_psd(m):
+        w, v = np.linalg.eigh(m)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    r1 = sqrt_psd(s1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_psd(r1 @ s2 @ r1)))
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(0).normal(size=(400, 32)) * 3 + 1
+    mu, sigma = fid.gaussian_stats(feats)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fd_between_gaussians_matches_closed_form():
+    rng = np.random.default_rng(1)
+    for d in (1, 8, 64):
+        mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), random_spd(rng, d), random_spd(rng, d)
+        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - closed_form_fd(mu1, s1, mu2, s2)) < 1e-6
+    a, b = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)  # diagonal: sum (mu diff)^2 + sum (sqrt a - sqrt b)^2
+    want = 4 * 5 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert abs(fid.frechet_distance(np.zeros(5), np.diag(a), 2 * np.ones(5), np.diag(b)) - want) < 1e-6
+
+
+def test_fd_is_symmetric_and_handles_rank_deficient_covariances():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) * 1.5 + 0.3
+    sx, sy = fid.gaussian_stats(x), fid.gaussian_stats(y)
+    assert fid.frechet_distance(*sx, *sy) == pytest.approx(fid.frechet_distance(*sy, *sx), rel=1e-9)
+    small = fid.gaussian_stats(rng.normal(size=(10, 64)))  # 10 samples in 64-d: covariance of rank 9
+    big = fid.gaussian_stats(rng.normal(size=(12, 64)))
+    d = fid.frechet_distance(*small, *big)
+    assert np.isfinite(d) and d > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Inception-v3 FID network
+# --------------------------------------------------------------------------------------------------
+
+def test_inception_parameter_names_and_shapes_match_the_fid_weights_file():
+    """Names/shapes of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3 names, no AuxLogits,
+    1008-way fc): 94 conv-BN units x 6 entries + fc weight/bias = 566 entries, 23,850,960 parameters."""
+    model = fid.FIDInception()
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.weight": (32,),
+        "Conv2d_1a_3x3.bn.running_var": (32,), "Conv2d_1a_3x3.bn.num_batches_tracked": (),
+        "Conv2d_2b_3x3.conv.weight": (64, 32, 3, 3), "Conv2d_3b_1x1.conv.weight": (80, 64, 1, 1),
+        "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+        "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "Mixed_5b.branch5x5_2.conv.weight": (64, 48, 5, 5),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_5c.branch_pool.conv.weight": (64, 256, 1, 1),
+        "Mixed_5d.branch3x3dbl_3.conv.weight": (96, 96, 3, 3), "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+        "Mixed_6a.branch3x3dbl_3.conv.weight": (96, 96, 3, 3), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_6c.branch7x7dbl_2.conv.weight": (160, 160, 7, 1), "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_6e.branch_pool.conv.weight": (192, 768, 1, 1), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3), "Mixed_7b.branch1x1.conv.weight": (320, 1280, 1, 1),
+        "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1), "Mixed_7c.branch3x3_2b.conv.weight": (384, 384, 3, 1),
+        "Mixed_7c.branch3x3dbl_3a.conv.weight": (384, 384, 1, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+        "Mixed_7c.branch_pool.bn.running_mean": (192,), "fc.weight": (1008, 2048), "fc.bias": (1008,),
+    }
+    for k, shape in expected.items():
+        assert sd.get(k) == shape, k
+    assert not any(k.startswith("AuxLogits") for k in sd)
+    assert len(sd) == 566
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+
+
+def test_inception_loads_strict_from_a_legacy_format_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ref = fid.FIDInception()
+    sd = {k: v + torch.rand_like(v) if "running" in k else v + 7 if "tracked" in k else v  # BN stats != init
+          for k, v in ref.state_dict().items()}
+    path = str(tmp_path / "pt_inception-random.pth")
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)  # the legacy format, as the real file
+    monkeypatch.setenv("TINYDIT_INCEPTION", path)
+    assert fid.find_inception_weights() == path
+    model = fid.load_inception(fid.find_inception_weights())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    torch.save({k: v for k, v in sd.items() if k != "fc.bias"}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match="fc.bias"):
+        fid.load_inception(path)
+    with torch.no_grad():
+        out = model.eval()(fid.inception_preprocess(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)))
+    assert out.shape == (1, 2048) and torch.isfinite(out).all()
+
+
+def test_inception_preprocessing_is_pytorch_fid_range_and_shape():
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    x[0] = 0
+    x[1] = 255
+    y = fid.inception_preprocess(x)
+    assert y.shape == (3, 3, 299, 299) and y.dtype == torch.float32
+    assert (y[0] + 1).abs().max() < 1e-6 and (y[1] - 1).abs().max() < 1e-6  # constant images stay constant
+    assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
+    # bilinear, align_corners=False: the output corner pixel sits inside the input corner pixel
+    assert y[2, :, 0, 0].tolist() == pytest.approx((x[2, :, 0, 0].float() / 127.5 - 1).tolist(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# FD-clf, evaluate(), the CLI
+# --------------------------------------------------------------------------------------------------
+
+def test_classifier_metric_ranks_real_data_far_better_than_noise(cache):
+    scorer = fid.get_scorer("auto", "shapes", "data", 16, "cpu", cache)
+    assert scorer["metric"] == "FD-clf"
+    mu, sigma = fid.reference_stats(scorer, "shapes", "data", 16, verbose=False)
+    real, yr, _ = dit.load_data("shapes", "data", 16, train=False)
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:500]
+    noise = torch.randint(0, 256, (500, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    fd_real = fid.frechet_distance(*fid.gaussian_stats(fid.extract(scorer["net"], real[idx])), mu, sigma)
+    fd_noise = fid.frechet_distance(*fid.gaussian_stats(fid.extract(scorer["net"], noise)), mu, sigma)
+    assert fd_noise > 20 * fd_real, (fd_real, fd_noise)
+    with torch.no_grad():
+        acc = (scorer["clf"](dit.to_float(real[idx])).argmax(1) == yr[idx]).float().mean()
+    assert acc > 0.8
+
+
+def test_evaluate_returns_the_documented_dict_deterministically(tiny_teacher, cache):
+    import sample
+    model = sample.load_model(tiny_teacher)
+    kw = dict(data="shapes", image_size=16, n=30, steps=3, cfg_scale=1.5, seed=0, batch_size=30, cache_dir=cache)
+    r = fid.evaluate(model, **kw)
+    assert set(r) == {"metric", "score", "acc", "n"}
+    assert r["metric"] == "FD-clf" and r["n"] == 30 and isinstance(r["score"], float) and r["score"] > 0
+    assert 0 <= r["acc"] <= 1
+    assert fid.evaluate(model, **kw) == r  # same noise, cached classifier and reference: the same numbers
+
+
+def test_cli_scores_npz_folder_and_stats_inputs(cache, tmp_path, capsys):
+    from PIL import Image
+    x, _, _ = dit.load_data("shapes", "data", 16, train=False)
+    a = str(tmp_path / "a.npz")
+    np.savez(a, arr_0=x[:60].permute(0, 2, 3, 1).numpy())
+    folder = tmp_path / "b"
+    folder.mkdir()
+    for k in range(60, 120):
+        Image.fromarray(x[k].permute(1, 2, 0).numpy()).save(folder / f"{k}.png")
+    common = ["--cache-dir", cache, "--device", "cpu"]
+    fid.main([a, str(folder)] + common)
+    out = capsys.readouterr().out
+    assert "| FD-clf |" in out and "| FID |" not in out and "metric FD-clf" in out
+    stats = str(tmp_path / "a_stats.npz")
+    fid.main(["--save-stats", a, stats] + common)
+    fid.main([stats, a] + common)  # a stats file against the images it was computed from: 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert abs(float(last.split("|")[4])) < 1e-6, last
+
+
+# --------------------------------------------------------------------------------------------------
+# distill.py
+# --------------------------------------------------------------------------------------------------
+
+TINY = dict(dit.PRESETS["tiny"], in_channels=3, num_classes=10, mlp_ratio=4.0)
+
+
+def nontrivial(model, seed=0):
+    """Give every zero-initialised adaLN / output linear random weights so blocks are not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name or name == "c0":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_distill_loss_is_zero_when_student_equals_teacher():
+    """Output + feature loss (every mapping, every output distance) is exactly 0 for student == teacher,
+    for the one-step model and for a multi-step DiT at timesteps t, and > 0 once the student differs."""
+    z, y, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 5, 9]), torch.tensor([10, 200, 500, 999])
+    for teacher, tt in ((nontrivial(distill.OneStepDiT(**TINY)), None), (nontrivial(dit.DiT(**TINY)), t)):
+        t_out, t_feats = distill.features(teacher, z, y, tt)
+        for how in ("uniform", "first", "last"):
+            pairs = distill.block_map(4, 4, how)
+            net = distill.Distiller(copy.deepcopy(teacher), 64, pairs)
+            for dist in ("huber", "l2", "l1"):
+                out, s_feats = net(z, y, tt, t_feats)
+                terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, dist, 1.0)
+                assert terms["out"].item() < 1e-6 and terms["feat"].item() == 0 and terms["loss"].item() < 1e-6
+        with torch.no_grad():
+            net.student.blocks[1].mlp.fc1.weight.add_(0.5) if tt is not None else \
+                net.student.dit.blocks[1].mlp.fc1.weight.add_(0.5)
+        out, s_feats = net(z, y, tt, t_feats)
+        terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, "huber", 1.0)
+        assert terms["out"].item() > 1e-4 and terms["feat"].item() > 1e-4
+
+
+def test_block_mappings_are_the_documented_ones():
+    """uniform m(i) = round_half_up(i L_T / L_S); first m(i) = i; last only (L_S, L_T); MI1 groups
+    (m(j-1), m(j)]; the TA keeps teacher blocks m(i) - 1 (0-indexed)."""
+    assert distill.block_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert distill.block_map(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]
+    assert distill.block_map(2, 7) == [(1, 4), (2, 7)]
+    assert distill.block_map(3, 6, "first") == [(1, 1), (2, 2), (3, 3)]
+    assert distill.block_map(3, 6, "last") == [(3, 6)]
+    assert distill.mi1_groups(3, 6) == [(0, 2), (2, 4), (4, 6)]
+    assert distill.mi1_groups(4, 6) == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    # TA hop 1 init: TA block i is teacher block m(i) - 1, embeddings copied
+    teacher = nontrivial(distill.OneStepDiT(**TINY))
+    ta = distill.OneStepDiT(**dict(TINY, depth=2))
+    keep = [j - 1 for _, j in distill.block_map(2, 4)]
+    distill.init_from(ta, teacher, keep)
+    assert keep == [1, 3]
+    for i, k in enumerate(keep):
+        for a, b in zip(ta.dit.blocks[i].parameters(), teacher.dit.blocks[k].parameters()):
+            assert torch.equal(a, b)
+    assert torch.equal(ta.c0, teacher.c0) and torch.equal(ta.dit.x_embedder.proj.weight, teacher.dit.x_embedder.proj.weight)
+
+
+def test_mi1_local_stage_feeds_each_block_its_group_input():
+    """MI1 stage A: with student == teacher (k = 1, one block per group) each locally run block, fed the
+    teacher state at the start of its group, reproduces the teacher state at its end, so the loss is 0."""
+    teacher = nontrivial(distill.OneStepDiT(**TINY))
+    groups = distill.mi1_groups(4, 4)
+    pairs = distill.block_map(4, 4)
+    net = distill.Distiller(copy.deepcopy(teacher), 64, pairs, groups)
+    z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
+    _, t_feats = distill.features(teacher, z, y)
+    out, local = net(z, y, None, t_feats)
+    assert out is None and len(local) == 4
+    for (a, b), h in zip(groups, local):
+        assert torch.allclose(h, t_feats[b], atol=1e-5)
+    assert distill.distill_loss(None, None, local, t_feats, pairs)["loss"].item() < 1e-8
+
+
+def test_pairs_cache_round_trips(tmp_path, monkeypatch):
+    """make_pairs writes (z, x, y) with x = the teacher's DDIM eta=0 sample of z; a second call loads the
+    file (the sampler is not called) and returns identical tensors."""
+    torch.manual_seed(0)
+    teacher = nontrivial(dit.DiT(**TINY))
+    path = str(tmp_path / "pairs.pt")
+    p = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path, batch_size=5)
+    assert p["z"].shape == (12, 3, 16, 16) and p["x"].shape == (12, 3, 16, 16) and p["y"].tolist() == [i % 10 for i in range(12)]
+    with torch.no_grad():
+        ref = sample.sample(teacher, p["z"][:2], p["y"][:2], 3, "ddim", 0.0, 1.5).clamp(-1, 1)
+    assert torch.allclose(ref, p["x"][:2], atol=1e-5)
+    monkeypatch.setattr(sample, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
+    q = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path)
+    assert all(torch.equal(p[k], q[k]) for k in ("z", "x", "y"))
+
+
+@pytest.mark.parametrize("args", [["--method", "kd"], ["--method", "fkd", "--mapping", "first"],
+                                  ["--method", "ta"], ["--method", "ta", "--ta", "mid"], ["--method", "mi1"],
+                                  ["--setup", "multistep", "--method", "ta"]])
+def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
+    """main() on the tiny teacher: every stage trains, the table has teacher + stage rows, the grid is
+    written, and the student checkpoint loads with build_student into the same model."""
+    out = str(tmp_path / "d")
+    rows = distill.main(args + ["--teacher", tiny_teacher, "--out", out, "--width", "32", "--steps", "6",
+                                "--aux-steps", "4", "--pairs", "32", "--batch-size", "16", "--sample-steps", "2",
+                                "--eval-n", "0", "--log-every", "100"])
+    assert rows[0]["model"] == "teacher" and rows[-1]["model"] == "student" and rows[-1]["train steps"] == 6
+    setup = "multistep" if "multistep" in args else "onestep"
+    assert os.path.exists(os.path.join(out, f"{setup}_{args[args.index('--method') + 1]}_grid.png"))
+    ckpts = [f for f in os.listdir(out) if f.startswith("student_") and f.endswith(".pt") and "_local" not in f]
+    model = distill.build_student(dit.load_checkpoint(os.path.join(out, ckpts[0]), kinds=["student"]))
+    assert getattr(model, "one_step", False) == (setup == "onestep")
+    imgs = sample.generate(model, torch.arange(3), seed=0, steps=2)
+    assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
+
+
+# --------------------------------------------------------------------------------------------------
+# prune.py, Section 1: TinyFusion
+# --------------------------------------------------------------------------------------------------
+
+
+
+def random_tiny_dit(depth=4, seed=0):
+    """A tiny DiT whose blocks are not the identity (adaLN-Zero gates randomised)."""
+    torch.manual_seed(seed)
+    model = dit.DiT(**dict(dit.PRESETS["tiny"], depth=depth)).eval()
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def inputs(B=3):
+    return torch.randn(B, 3, 16, 16), torch.tensor([5, 500, 990])[:B], torch.tensor([1, 2, 3])[:B]
+
+
+def test_keep_all_mask_reproduces_dense_model_exactly():
+    """m = 1 for every block (with and without gradient) gives bit-identical outputs to DiT.forward."""
+    model = random_tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        dense = model(x, t, y)
+    ones = torch.ones(3, 4, requires_grad=True)
+    assert torch.equal(prune.masked_forward(model, x, t, y, ones), dense)
+    assert torch.equal(prune.masked_forward(model, x, t, y, torch.ones(4)), dense)
+
+
+@pytest.mark.parametrize("pattern", ["1:2", "2:4", "3:4"])
+def test_straight_through_sample_is_one_hot_with_gradient_for_every_logit(pattern):
+    """Forward: each group's choice is exactly one-hot and the block mask keeps exactly N of M blocks;
+    backward: every pattern logit of every group receives a non-zero gradient."""
+    options, groups = prune.parse_pattern(pattern, 4)
+    n = int(options[0].sum())
+    torch.manual_seed(0)
+    logits = torch.full((groups, len(options)), 0.02, requires_grad=True)
+    mask, onehot = prune.st_gumbel_masks(logits, options, 64, tau=4.0, scale=100.0)
+    assert torch.equal(onehot.sum(-1), torch.ones(64, groups)) and set(onehot.unique().tolist()) <= {0.0, 1.0}
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(mask.reshape(64, groups, -1).sum(-1), torch.full((64, groups), float(n)))
+    (mask * torch.randn(64, 4)).sum().backward()
+    assert (logits.grad != 0).all(), logits.grad
+
+
+def test_exported_pruned_dit_equals_masked_model():
+    """export_pruned (a plain, shallower DiT from the original weights) == masked_forward with that mask,
+    and sample.load_model-style loading (build_dit) accepts it as kind "dit"."""
+    model = random_tiny_dit()
+    ck = dict(kind="dit", config=dict(dit.PRESETS["tiny"]), ema=model.state_dict())
+    x, t, y = inputs()
+    for kept in ([0, 2], [1, 3], [3]):
+        pruned = dit.build_dit(prune.export_pruned(ck, kept))
+        assert len(pruned.blocks) == len(kept) and pruned.num_classes == model.num_classes
+        mask = prune.keep_mask(kept, 4).expand(3, -1).clone().requires_grad_(True)
+        with torch.no_grad():
+            assert torch.equal(pruned(x, t, y), prune.masked_forward(model, x, t, y, mask))
+
+
+def test_lora_with_zero_B_changes_nothing_and_only_lora_trains():
+    model = random_tiny_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+    lora = prune.add_lora(model, rank=4, alpha=8)
+    n_linear = sum(isinstance(m, prune.LoRALinear) for m in model.modules())
+    assert n_linear == 4 * 5 + 4 and len(lora) == 2 * n_linear  # 5 per block + t-MLP (2), final (2)
+    assert {p for p in model.parameters() if p.requires_grad} == set(lora)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), ref)
+
+
+def test_masked_rep_loss_ignores_massive_activations():
+    """An outlier beyond k sigma in both models is masked out; without the mask it dominates."""
+    h = torch.randn(2, 16, 64)
+    hs, ht = h.clone(), h.clone()
+    hs[0, 0, 0], ht[0, 0, 0] = 1000.0, 2000.0
+    assert prune.masked_rep_loss(hs, ht, 2.0) == 0
+    assert prune.masked_rep_loss(hs, ht, 0.0) > 100
+
+
+def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
+    """All methods 4 -> 2 blocks with the same (tiny) recovery, one table; checkpoints are plain DiTs."""
+    common = ["--teacher", tiny_teacher, "--preset", "tiny", "--out", str(tmp_path), "--batch-size", "8",
+              "--learn-steps", "4", "--recover-steps", "2", "--calib-n", "8", "--eval-n", "0", "--eval-steps", "2",
+              "--speed-batch", "2", "--speed-steps", "2", "--random-masks", "3"]
+    results = prune.main(["--method", "all"] + common)
+    assert [r["method"] for r in results] == [m for m in prune.DEPTH_METHODS if m != "index"]
+    for r in results:
+        assert len(r["kept"]) == 2 and r["recovered"]["config"]["depth"] == 2 and r["recovered"]["step"] == 2
+    by = {r["method"]: r["kept"] for r in results}
+    assert by["first"] == [0, 1] and by["last"] == [2, 3] and by["uniform"] == [0, 3]
+    tf = next(r for r in results if r["method"] == "tinyfusion")["kept"]
+    assert tf[0] in (0, 1) and tf[1] in (2, 3)  # 1:2: one block of each group
+    assert os.path.exists(tmp_path / "kept_blocks.png") and os.path.exists(tmp_path / "samples.png")
+    for rec, deltaw in (("kd", "full"), ("maskedkd", "frozen")):
+        r = prune.main(["--method", "tinyfusion", "--recover", rec, "--deltaw", deltaw, "--pattern", "2:4"] + common)
+        assert r[0]["recovered"]["step"] == 2 and len(r[0]["kept"]) == 2
+    prune.main(["--method", "index", "--kept", "1,2"] + common)
+    assert dit.load_checkpoint(str(tmp_path / "d4_s0_k1-2_finetune.pt"), kinds=["dit"])["kept"] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# prune.py, Section 2: DiP-GO
+# --------------------------------------------------------------------------------------------------
+
+
+
+def tiny_base(path):
+    return dit.build_dit(dit.load_checkpoint(path)).requires_grad_(False)
+
+
+def test_dipgo_no_reuse_plan_is_the_plain_sampler_bit_for_bit(tiny_teacher):
+    """A plan that computes every block (and the SuperNet with every gate at "keep") reproduces the plain
+    DDIM + CFG sampler exactly."""
+    base, K = tiny_base(tiny_teacher), 6
+    z, y = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    plain = sample.sample(base, z, y, K, cfg_scale=1.5)
+    assert torch.equal(sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5), plain)
+    net = prune.CachedDiT(base, K)
+    net.gates = prune.st_gate(torch.tensor([0.0, 1.0]).repeat(K - 1, len(base.blocks), 1))
+    assert torch.equal(sample.sample(net, z, y, K, cfg_scale=1.5), plain)
+    with pytest.raises(ValueError):  # the plan knows its schedule: another step count is an error
+        sample.sample(prune.CachedDiT(base, K), z, y, K + 1)
+
+
+class ConstBlock(nn.Module):
+    """A block whose residual update is the same at every step: h -> h + d."""
+    def __init__(self, d):
+        super().__init__()
+        self.d = nn.Parameter(d, requires_grad=False)
+
+    def forward(self, h, c):
+        return h + self.d
+
+
+def test_dipgo_reusing_an_exact_cached_update_changes_nothing(tiny_teacher):
+    """Cache rule h <- h + D[t-1, b]: when block b's update does not change between steps, reusing it at
+    every step >= 1 gives the computed output (exactly for D = 0, the adaLN-Zero fresh block; to float
+    rounding for a constant D), while the other blocks still run."""
+    base, K = tiny_base(tiny_teacher), 6
+    z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 4])
+    N = len(base.blocks)
+    reuse_b1 = torch.ones(K, N, dtype=torch.bool)
+    reuse_b1[1:, 1] = False
+    base.blocks[1] = dit.DiT(**dit.PRESETS["tiny"]).blocks[1]  # adaLN-Zero fresh block: the identity, D = 0
+    full = sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
+    assert torch.equal(sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5), full)
+    base.blocks[1] = ConstBlock(0.1 * torch.randn(16, 64, generator=torch.Generator().manual_seed(2)))
+    full = sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
+    cached = sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5)
+    assert torch.allclose(cached, full, atol=1e-5)
+    # ... whereas reusing a real block of the teacher does change the output
+    base = tiny_base(tiny_teacher)
+    assert not torch.allclose(sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5),
+                              sample.sample(base, z, y, K, cfg_scale=1.5), atol=1e-3)
+
+
+def test_dipgo_postprocess_hits_the_ratio_and_reuses_the_highest_scores():
+    """Greedy falling threshold: exactly round(r (K-1) N) reused slots (within 2% of r), step 0 computed,
+    and every slot scoring above the last threshold used is reused before any below it."""
+    g = torch.Generator().manual_seed(0)
+    for K, N in ((20, 6), (10, 4), (50, 12)):
+        score = torch.rand(K - 1, N, generator=g)
+        for r in (0.3, 0.5, 0.7):
+            plan = prune.postprocess(score, r)
+            reused = ~plan[1:]
+            assert plan.shape == (K, N) and plan[0].all()
+            assert int(reused.sum()) == round(r * (K - 1) * N)
+            assert abs(reused.float().mean().item() - r) <= 0.02
+            # within 0.05 of the threshold band, nothing kept scores above a reused slot's band
+            assert score[~reused].max() < score[reused].min() + 0.05 + 1e-6
+    for K, N, r in ((20, 6, 0.5), (20, 6, 0.3), (11, 4, 0.7)):  # the baselines' budgets
+        assert abs((~prune.random_plan(K, N, r)[1:]).float().mean().item() - r) <= 0.02
+        u = prune.uniform_plan(K, N, r)
+        assert u[0].all() and u[-1].all() and abs((~u[1:]).float().mean().item() - r) <= 0.5 / (K - 1) + 1e-6
+
+
+def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
+    """Straight-through gates: the consistency loss through the whole K-step sampler sends a gradient to
+    every gated (step, block) logit, to the heads, and through the SA+FFN encoder to the queries."""
+    base, K = tiny_base(tiny_teacher), 4
+    N = len(base.blocks)
+    pruner = prune.Pruner(K, N, dim=32)
+    logits0 = pruner()
+    assert torch.allclose(logits0, torch.tensor([0.0, 1.0]).expand_as(logits0))  # starts at "keep"
+    with torch.no_grad():
+        pruner.w3.normal_(0, 0.5)  # as after a few steps: per-slot logits, some reuse
+        pruner.b3[::2] = torch.tensor([1.0, 0.0])
+    logits = pruner()
+    logits.retain_grad()
+    net = prune.CachedDiT(base, K)
+    net.gates = prune.st_gate(logits)
+    assert set(net.gates.detach().unique().tolist()) == {0.0, 1.0}  # hard in the forward pass
+    z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = sample.sample(base, z, y, K, cfg_scale=1.5)
+    loss = prune.consistency_loss(sample.sample(net, z, y, K, cfg_scale=1.5), ref, "ssim")
+    assert loss.item() > 0
+    loss.backward()
+    assert (logits.grad.abs().sum(-1) > 0).all()
+    for p in (pruner.query.weight, pruner.q.weight, pruner.k.weight, pruner.ffn[0].weight, pruner.w1, pruner.w3):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.parameters())  # the DiT stays frozen
+
+
+def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
+    """dipgo main on the tiny teacher: learns a plan, saves a kind "dipgo" checkpoint whose plan hits the
+    ratio, build_dipgo rebuilds it, sample.generate runs it, and the table has DiP-GO + 3 baselines."""
+    out = str(tmp_path)
+    rows = prune.main(["--method", "dipgo", "--teacher", tiny_teacher, "--out", out, "--eval-steps", "5", "--dipgo-steps", "2",
+                       "--dipgo-batch", "2", "--eval-n", "0", "--speed-batch", "2", "--ratio", "0.5"])
+    assert [r["variant"].split()[0] for r in rows] == ["full", "DiP-GO", "uniform", "random", "DDIM-3"]
+    ck = dit.load_checkpoint(os.path.join(out, "dipgo_r0.5.pt"), kinds=["dipgo"])
+    assert ck["steps"] == 5 and ck["plan"].shape == (5, 4) and int((~ck["plan"][1:]).sum()) == 8
+    model = prune.build_dipgo(ck)
+    imgs = sample.generate(model, torch.arange(3), seed=0, steps=5, cfg_scale=1.5)
+    assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
+    for f in ("dipgo_r0.5_plan.png", "dipgo_samples.png", "dipgo_results.json"):
+        assert os.path.exists(os.path.join(out, f))
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic.py
+# --------------------------------------------------------------------------------------------------
+
+
+
+def mixed_dydit(ckpt, seed=0):
+    """A DyDiT on the tiny teacher whose routers switch some heads / groups / tokens off: TDW biases
+    N(0, 1) and SDT biases 0 instead of the +15 / +35 that keep everything on."""
+    torch.manual_seed(seed)
+    model = dynamic.DyDiT(dit.build_dit(ckpt), "dydit", 0.5).eval()
+    with torch.no_grad():
+        for lin in list(model.routers.attn) + list(model.routers.mlp):
+            lin.bias.normal_(0, 1.0)
+        for r in model.routers.token:
+            r[-1].bias.zero_()
+    return model
+
+
+def dy_inputs(B, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 16, 16, generator=g), torch.full((B,), t), torch.randint(0, 10, (B,), generator=g)
+
+
+def test_sliced_gathered_equals_masked_at_batch_1_and_ragged_batch_16(tiny_teacher):
+    """Deployment is exact (DyDiT Sec. 3, our sliced recipe): sliced weights + the flattened token gather
+    give the masked training graph's output to fp32 rounding, at batch 1 and at batch 16 whose samples
+    keep different numbers of tokens, over timesteps whose width patterns differ."""
+    model = mixed_dydit(dit.load_checkpoint(tiny_teacher))
+    H, patterns, worst = model.dit.num_heads, set(), 0.0
+    with torch.no_grad():
+        for B in (1, 16):
+            for t in (999, 700, 400, 150, 0):
+                x, tt, y = dy_inputs(B, t, seed=t)
+                model.sliced = False
+                ref = model(x, tt, y)
+                model.sliced, model.trace = True, []
+                out = model(x, tt, y)
+                worst = max(worst, (out - ref).abs().max().item())
+                keep = model.trace[0]["keep"]  # (L, B, T)
+                if B == 16:
+                    assert len(set(keep.sum((0, 2)).tolist())) > 1, "samples should keep different token counts"
+                    assert 0 < keep.float().mean() < 1
+                patterns.add(tuple((w["k"], w["g"]) for w in model.plan(t)))
+    model.trace = None
+    assert worst < 1e-5, worst
+    assert len(patterns) > 1 and any(k < H or g < H for p in patterns for k, g in p)
+
+
+def test_all_on_routers_reproduce_the_base_dit(tiny_teacher):
+    """Fresh routers (biases +15 / +35) keep every head, group and token on: the masked graph equals
+    dit.DiT bit for bit, the sliced graph to fp32 rounding, and the FLOPs ratio is exactly 1."""
+    ckpt = dit.load_checkpoint(tiny_teacher)
+    base = dit.build_dit(ckpt)
+    model = dynamic.DyDiT(dit.build_dit(ckpt), "dydit", 0.5).eval()
+    x, t, y = dy_inputs(8, 0)
+    t = torch.tensor([0, 100, 250, 400, 600, 750, 900, 999])
+    with torch.no_grad():
+        ref = base(x, t, y)
+        model.sliced = False
+        out, ratio = model(x, t, y, return_ratio=True)
+        assert torch.equal(out, ref) and torch.equal(ratio, torch.ones(8))
+        model.sliced = True
+        assert (model(x, t, y) - ref).abs().max() < 1e-5
+        assert all(w["k"] == w["g"] == base.num_heads for tv in t.tolist() for w in model.plan(tv))
+
+
+def test_flops_ratio_formula_equals_a_direct_count(tiny_teacher):
+    """The Sec. 3.3 ratio r_b (MACs of attention and MLP from the masks) matches a direct count of the
+    sliced model, torch's FLOP counter (every matmul, attention included):
+    count(sliced) - count(dense DiT) = 2 B L (F_attn + F_mlp)(mean r - 1) + the SDT routers' matmuls."""
+    ckpt = dit.load_checkpoint(tiny_teacher)
+    model, base = mixed_dydit(ckpt, seed=1), dit.build_dit(ckpt)
+    L = len(base.blocks)
+    T, D = base.pos_embed.shape[1], base.pos_embed.shape[2]
+    fa, fm = dynamic.block_macs(base.blocks[0], T)
+    for B, t in ((3, 999), (5, 300)):
+        x, tt, y = dy_inputs(B, t, seed=B)
+        model.trace = []
+        with torch.no_grad():
+            model(x, tt, y)  # builds the plan (the router / slicing work happens once per t, not per call)
+        ratio = model.trace[0]["ratio"]
+        model.trace = None
+        counted = dit.count_flops(model, x, tt, y) - dit.count_flops(base, x, tt, y)
+        routers = 2 * B * L * T * (D * (D // 16) + D // 16)
+        expected = 2 * B * L * (fa + fm) * (ratio.mean().item() - 1) + routers
+        assert ratio.min() < 1
+        assert abs(counted - expected) < 1e-6 * 2 * B * L * (fa + fm), (counted, expected)
+
+
+def test_straight_through_masks_are_binary_and_give_router_gradients(tiny_teacher):
+    """Gumbel-sigmoid STE (Sec. 3.1): the forward masks are exactly 0/1, yet the FLOPs loss and the
+    diffusion loss send finite, non-zero gradients to every router's weights and biases."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5, requires_grad=True)
+    m = dynamic.gumbel_sigmoid(logits, 5.0, training=True)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    m.sum().backward()
+    assert (logits.grad > 0).all()
+    model = mixed_dydit(dit.load_checkpoint(tiny_teacher)).train()
+    x, _, y = dy_inputs(8, 0)
+    out, ratio = model(x, dynamic.stratified_steps(8, "cpu"), y, return_ratio=True)
+    (out.pow(2).mean() + 2 * (ratio.mean() - 0.3) ** 2).backward()
+    for name, p in model.routers.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_reorder_is_function_preserving_and_sorts_by_importance(tiny_teacher):
+    """Importance re-ordering permutes Q/K/V/proj and fc1/fc2 together: same output; head 0 the largest."""
+    ckpt = dit.load_checkpoint(tiny_teacher)
+    base, net = dit.build_dit(ckpt), dynamic.reorder_(dit.build_dit(ckpt))
+    x, t, y = dy_inputs(4, 500)
+    with torch.no_grad():
+        assert torch.allclose(net(x, t, y), base(x, t, y), atol=1e-5)
+    fc2 = net.blocks[0].mlp.fc2.weight.abs().sum(0) + net.blocks[0].mlp.fc1.weight.abs().sum(1)
+    assert (fc2[:-1] >= fc2[1:]).all()
+
+
+def test_lambda_schedule_and_strata():
+    """Target 1 for lam_hold steps, linear to lambda over lam_ramp; sample b's t lies in bin b mod 4."""
+    cfg = dynamic.DyConfig(lam=0.5, lam_hold=10, lam_ramp=20)
+    assert [dynamic.lam_target(s, cfg) for s in (0, 10, 20, 30, 99)] == [1.0, 1.0, 0.75, 0.5, 0.5]
+    i = dynamic.stratified_steps(400, "cpu")
+    assert ((i // 250) == torch.arange(400) % 4).all()
+
+
+def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
+    """python dynamic.py on the tiny preset: fine-tunes (the FLOPs term drives the ratio below 1), saves a
+    "dydit" checkpoint that build_dydit rebuilds, samples, times and writes both pictures. fid.evaluate
+    is replaced by a stub that only generates (its own tests live in fid's file)."""
+    import fid
+    import sample
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_evaluate(model, n=500, steps=50, cfg_scale=1.5, seed=0, **kw):
+        imgs = sample.generate(model, torch.arange(n) % 10, seed, steps, cfg_scale=cfg_scale)
+        calls.append(imgs.shape)
+        return dict(metric="FD-clf", score=float(imgs.float().std()), acc=None, n=n)
+    monkeypatch.setattr(fid, "evaluate", fake_evaluate)
+    out = str(tmp_path / "dy.pt")
+    dynamic.main(["--teacher", tiny_teacher, "--out", out, "--steps", "8", "--batch-size", "8",
+                  "--lam-hold", "0", "--lam-ramp", "2", "--complete-steps", "2", "--router-lr", "1.0",
+                  "--eval-n", "4", "--eval-steps", "3", "--bench-batches", "2,1", "--bench-reps", "1", "--lam", "0.3"])
+    ck = dit.load_checkpoint(out, kinds=["dydit"])
+    assert ck["step"] == 8 and ck["lam"] == 0.3 and len(calls) == 2
+    model = dynamic.build_dydit(ck)
+    x, t, y = dy_inputs(8, 0)
+    model.sliced = False
+    with torch.no_grad():
+        _, ratio = model(x, dynamic.stratified_steps(8, "cpu"), y, return_ratio=True)
+    assert ratio.mean() < 0.95  # the FLOPs term switched units / tokens off
+    for name in ("widths", "tokens"):
+        assert os.path.exists(tmp_path / f"dy_{name}.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# jetson_bench.py
+# --------------------------------------------------------------------------------------------------
+
+def analytic_forward_flops(cfg, B=1):
+    """2*M*N*K of every matmul in one DiT forward, counted by hand (embedding lookups and elementwise ops: 0)."""
+    D, p, S, C = cfg["hidden_size"], cfg["patch_size"], cfg["input_size"], cfg["in_channels"]
+    T, out_ch = (S // p) ** 2, C * (2 if cfg["learn_sigma"] else 1)
+    f = 2 * T * (C * p * p) * D                      # patch-embed conv = (T, Cpp) @ (Cpp, D)
+    f += 2 * 256 * D + 2 * D * D                     # timestep MLP
+    per_block = (2 * D * 6 * D                       # adaLN modulation
+                 + 2 * T * D * 3 * D                 # qkv
+                 + 2 * T * T * D + 2 * T * T * D     # Q K^T and A V over all heads
+                 + 2 * T * D * D                     # proj
+                 + 2 * T * D * 4 * D * 2)            # fc1 + fc2
+    f += cfg["depth"] * per_block
+    f += 2 * D * 2 * D + 2 * T * D * p * p * out_ch  # final adaLN + linear
+    return B * f
+
+
+def pruned_copy(path, out, keep):
+    """A TinyFusion-style pruned checkpoint: keep blocks `keep` of the DiT at `path`, renumbered."""
+    ck = dit.load_checkpoint(path)
+
+    def sub(state):
+        new = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+        for j, b in enumerate(keep):
+            new.update({f"blocks.{j}." + k[len(f"blocks.{b}."):]: v for k, v in state.items()
+                        if k.startswith(f"blocks.{b}.")})
+        return new
+    dit.save_checkpoint(dict(kind="dit", config=dict(ck["config"], depth=len(keep)), model=sub(ck["ema"]),
+                             ema=sub(ck["ema"]), kept=list(keep), method="tinyfusion"), out)
+    return out
+
+
+def test_flop_counter_matches_analytic_matmul_count():
+    """dit.count_flops (torch.utils.flop_counter) on a tiny DiT forward == the hand count of its matmuls,
+    and the per-image count of the sampler == steps x (CFG pair) x one forward."""
+    cfg = dict(dit.PRESETS["tiny"], in_channels=3, num_classes=10, learn_sigma=True)
+    torch.manual_seed(0)
+    model = dit.DiT(**cfg).eval()
+    x, t, y = torch.randn(1, 3, 16, 16), torch.tensor([500]), torch.tensor([3])
+    assert jetson_bench.count_flops(lambda: model(x, t, y)) == analytic_forward_flops(cfg)
+    per_img = jetson_bench.count_flops(lambda: jetson_bench.generate_once(model, x, y, 3, 1.5))
+    assert per_img == 3 * analytic_forward_flops(cfg, B=2)
+
+
+def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_path):
+    pruned = pruned_copy(tiny_teacher, str(tmp_path / "tiny_pruned.pt"), keep=[0, 2])
+    junk = tmp_path / "junk.pt"
+    torch.save({"not": "a model"}, junk)
+    out = tmp_path / "bench"
+    rows = jetson_bench.main([tiny_teacher, pruned, str(junk), "--out", str(out), "--device", "cpu", "--steps", "3",
+                              "--batch", "4", "--reps", "2", "--warmup", "1", "--n", "20"])
+    assert [r["model"] for r in rows] == [os.path.relpath(tiny_teacher), os.path.relpath(pruned)]
+    full, half = rows
+    assert half["GFLOPs/img"] < full["GFLOPs/img"] and half["params (M)"] < full["params (M)"]
+    assert full["calls/img"] == 3 and full["b4 img/s"] > 0 and full["score"] is not None
+    for name in ("bench.md", "bench.csv", "bench.json", "pareto.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "bench.md").read_text()
+    assert "torch " + torch.__version__ in md and "| model |" in md and "tiny_pruned" in md
+    assert len((out / "bench.csv").read_text().strip().splitlines()) == 3
+    assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2
+    from PIL import Image
+    assert Image.open(out / "pareto.png").size == (720, 480)
+
+
+def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
+    """dit, student (one-step), dipgo and dydit checkpoints are found, loaded by sample.load_model and
+    measured with the right number of network calls per image."""
+    ck = dit.load_checkpoint(tiny_teacher)
+    paths = {"dit": tiny_teacher}
+    try:
+        import prune  # noqa: F401
+        plan = torch.ones(4, ck["config"]["depth"], dtype=torch.bool)
+        plan[1:, 1:3] = False
+        paths["dipgo"] = str(tmp_path / "dipgo.pt")
+        dit.save_checkpoint(dict(kind="dipgo", config=ck["config"], model=ck["ema"], ema=ck["ema"], plan=plan, steps=4),
+                            paths["dipgo"])
+    except ImportError as e:
+        print(f"dipgo kind skipped: prune not importable ({e})")
+    try:
+        import dynamic
+        m = dynamic.DyDiT(dit.build_dit(ck), "dydit", 0.5, 5.0)
+        paths["dydit"] = str(tmp_path / "dydit.pt")
+        dit.save_checkpoint(dict(kind="dydit", config=ck["config"], mode="dydit", lam=0.5, tau=5.0,
+                                 model=m.state_dict(), ema=m.state_dict()), paths["dydit"])
+    except ImportError as e:
+        print(f"dydit kind skipped: dynamic not importable ({e})")
+    try:
+        import distill
+        conf = dict(ck["config"], depth=2)
+        s = distill.OneStepDiT(**conf)
+        state = {"student." + k: v for k, v in s.state_dict().items()}
+        paths["student"] = str(tmp_path / "student.pt")
+        dit.save_checkpoint(dict(kind="student", config=dict(conf, arch="onestep"), model=state, ema=state),
+                            paths["student"])
+    except ImportError as e:
+        print(f"student kind skipped: distill not importable ({e})")
+    found = jetson_bench.find_checkpoints(list(paths.values()))
+    assert [k for _, k in found] == list(paths)
+    cfg = jetson_bench.BenchConfig(steps=3, batch=2, reps=1, warmup=0, quality=False)
+    for p, kind in found:
+        row = jetson_bench.bench_model(p, kind, cfg, torch.device("cpu"))[0]
+        want = {"dit": 3, "dipgo": 4, "dydit": 3, "student": 1}[kind]
+        assert row["calls/img"] == want and row["GFLOPs/img"] > 0, (kind, row)
+    if "dipgo" in paths:  # the plan skips blocks: fewer FLOPs per call than the full DiT on the same schedule
+        full = jetson_bench.count_flops(lambda: jetson_bench.generate_once(sample.load_model(tiny_teacher), *[
+            torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
+        plan_flops = jetson_bench.count_flops(lambda: jetson_bench.generate_once(sample.load_model(paths["dipgo"]), *[
+            torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
+        assert plan_flops < full
+
+
+@pytest.mark.parametrize("kind", ["dipgo"])
+def test_stack_tinyfusion_dipgo_builds_a_plan_checkpoint(tiny_teacher, tmp_path, kind):
+    pruned = pruned_copy(tiny_teacher, str(tmp_path / "tf.pt"), keep=[0, 1, 3])
+    cfg = jetson_bench.BenchConfig(out=str(tmp_path), steps=3, stack_steps=2, quality=False)
+    new = jetson_bench.build_stacks([(pruned, "dit")], cfg, torch.device("cpu"))
+    assert [k for _, k in new] == [kind]
+    model = sample.load_model(new[0][0])
+    assert len(model.dit.blocks) == 3 and model.steps == 3 and model.plan.shape == (3, 3)

@@ -1,0 +1,506 @@
+"""
+distill.py: one-step "DiT-Nano" students distilled from a multi-step DiT, with the TA and MI1 feature methods.
+
+Paper: "Designing Parameter and Compute Efficient Diffusion Transformers using Distillation", Vignesh
+Sundaresha, 2025, arXiv 2502.14226. Only the abstract and third-party summaries are available, so almost
+every detail below is [inferred] (spec ../shared/specs/dit_and_distill.md, Part 2). The idea: a teacher's
+deterministic sampler turns noise z into images x; a small DiT with no timestep input learns z -> x in ONE
+forward pass (GET-style offline pairs), helped by feature distillation through a Teaching Assistant (TA) or
+Multi-In-One (MI1); then depth, width and heads are swept for the quality / size / latency trade-off.
+
+    paper / spec -> here
+    offline teacher signals (GET-style pairs)          -> make_pairs (DDIM eta=0, cached in out/distill/)
+    one-step DiT, no timestep input (spec 2.2 item 3)  -> OneStepDiT (dit.DiT's embedders, blocks and head)
+    large one-step teacher DiT (spec 2.2 item 2)       -> stage "onestep-teacher" (init from the DiT at t=999)
+    output + feature KD, learned projectors (2.3, 2.4) -> distill_loss, Distiller
+    block mapping knob                                 -> block_map (uniform | first | last)
+    TA, two hops: depth then width (2.4)               -> --ta hop: TA (L_S, D_T) from teacher blocks m(i)
+    TA, classic intermediate size (TAKD, 2.4)          -> --ta mid: TA of size halfway, then the student
+    MI1, one student block <- k teacher blocks (2.5)   -> mi1_groups, Distiller(groups=...) then end to end
+    BK-SDM style multi-step student (2.8)              -> --setup multistep (task + eps KD + feature KD)
+    three-way trade-off, Pareto (2.6)                  -> --sweep, evaluate_rows, pareto_png
+
+Our readings [inferred]: the output loss is weight-free (no LPIPS can be downloaded): pseudo-Huber by
+default (Song & Dhariwal 2023, iCT Sec. 3.3, divided by sqrt(dim): sqrt(mean((a-b)^2) + c^2) - c, c =
+0.00054), or l2 / l1. Features are the token states h_l after block l (h_0 = patch embedding), each put
+through a LayerNorm without affine before the MSE so lambda_f = 1 weighs every layer alike; the feature
+loss is averaged over matched layers. Block mapping: student layer i -> teacher layer m(i), 1-indexed;
+uniform m(i) = round_half_up(i L_T / L_S); first m(i) = i (naive 1-to-1); last: only L_S -> L_T.
+MI1 reading: "one student block packs a group of consecutive teacher blocks": group j is teacher layers
+(m(j-1), m(j)]; stage A trains student block j alone on the teacher state h_T,m(j-1) (the student's own
+embedding for j = 1; a learned Linear down-projection if widths differ) to reproduce h_T,m(j) through
+the same up-projector W_j that stage B (end to end, output + uniform feature KD) keeps; stage A takes
+--local-frac of the student's steps. The one-step teacher (the feature source for fkd / ta / mi1) is the
+base DiT fine-tuned on the pairs with the timestep embedding frozen to a learned constant c0 = t_emb(999).
+
+Run:
+    python distill.py --method ta                     # ~4 min teacher (if absent) + ~5-6 min (estimated), 2 CPU cores
+    python distill.py --method mi1 --depth 2 --width 96 --heads 2
+    python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
+    python distill.py --method ta --ta mid            # classic TAKD (intermediate-size assistant)
+    python distill.py --setup multistep --method fkd  # BK-SDM style multi-step student
+    python distill.py --sweep --method kd             # depth/width/heads grid + out/distill/pareto.png
+Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per generated
+image, fid.py quality) and out/distill/<run>_grid.png (teacher | helpers | student, same noise per row).
+Measured results: frag_distill.md.
+"""
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dit
+import fid
+import sample
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
+    setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
+    ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
+    mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
+    depth: int = 3               # student blocks (teacher: 6)
+    width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
+    heads: int = 2               # student attention heads
+    out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
+    feat_weight: float = 1.0     # lambda_f on the feature loss (spec 2.4 default 1)
+    local_frac: float = 0.3      # mi1: share of the student steps spent in the block-local stage A
+    steps: int = 300             # student training steps (equal for every method)
+    aux_steps: int = 150         # steps of each helper network: the one-step teacher, the TA
+    batch_size: int = 64         # pairs (or images) per step
+    lr: float = 1e-3             # AdamW learning rate (constant after a 20-step warm-up)
+    ema_decay: float = 0.999     # EMA of the weights (the evaluated model)
+    pairs: int = 1000            # offline (noise, image, label) pairs from the teacher
+    sample_steps: int = 10       # teacher DDIM steps (eta 0): the pairs, and the teacher's quality/latency
+    cfg_scale: float = 1.5       # classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
+    eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
+    sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
+    teacher: str = "out/dit.pt"  # base DiT checkpoint (trained first, ~4 min, when absent)
+    data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
+    data_dir: str = "data"       # where cifar10 lives
+    out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
+    seed: int = 0                # training seed; evaluation noise uses seed, the pairs seed + 1
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
+    log_every: int = 100         # training log line every N steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: the one-step student, block mappings, the distillation loss
+# --------------------------------------------------------------------------------------------------
+
+class OneStepDiT(nn.Module):
+    """One-step generator x = G(z, y), spec 2.2 item 3: a DiT with no timestep input. The conditioning is
+    c = c0 + y_emb with a learned constant c0; no label dropout (the pairs already carry the teacher's CFG)."""
+    one_step = True
+
+    def __init__(self, **config):  # dit.DiT keyword arguments
+        super().__init__()
+        self.dit = dit.DiT(**dict(config, class_dropout_prob=0.0, learn_sigma=False))
+        self.dit.t_embedder = None
+        self.c0 = nn.Parameter(torch.zeros(self.dit.pos_embed.shape[-1]))
+        self.num_classes, self.in_channels, self.input_size = self.dit.num_classes, self.dit.in_channels, self.dit.input_size
+
+    def forward(self, z, y, return_features=False):
+        out, feats = features(self, z, y)
+        return (out, feats) if return_features else out
+
+
+def embed(model, x, y, t=None):
+    """(h_0 (B, T, D), c (B, D), the DiT holding the blocks) for a OneStepDiT (t None: c = c0 + y_emb) or a
+    dit.DiT at timesteps t (c = t_emb + y_emb). Labels are used as given (no random CFG drop)."""
+    net = model.dit if t is None else model
+    c = (model.c0 if t is None else net.t_embedder(t)) + net.y_embedder(y, False)
+    return net.x_embedder(x) + net.pos_embed, c, net
+
+
+def features(model, x, y, t=None):
+    """(output, [h_0, h_1, .., h_L]): h_l = the tokens (B, T, D) after block l, h_0 = the patch embedding."""
+    h, c, net = embed(model, x, y, t)
+    feats = [h]
+    for block in net.blocks:
+        h = block(h, c)
+        feats.append(h)
+    return net.head(h, c), feats
+
+
+def shape_of(model):
+    """(depth, width, heads) of a dit.DiT or a OneStepDiT."""
+    net = getattr(model, "dit", model)
+    return len(net.blocks), net.pos_embed.shape[-1], net.num_heads
+
+
+def block_map(n_student, n_teacher, how="uniform"):
+    """Student layer i -> teacher layer m(i), 1-indexed (layer 0 = the embedding), spec 2.4:
+    uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1); last: only (L_S, L_T)."""
+    if how == "uniform":
+        return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
+    if how == "first":
+        return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]
+    if how == "last":
+        return [(n_student, n_teacher)]
+    sys.exit(f"error: --mapping must be uniform, first or last, not {how!r}")
+
+
+def mi1_groups(n_student, n_teacher):
+    """MI1 block groups (our reading of spec 2.5): student block j reproduces teacher layers (a_j, b_j],
+    i.e. it maps h_T,a_j to h_T,b_j, with b_j = the uniform m(j) and a_j = b_(j-1) (a_1 = 0)."""
+    ends = [m for _, m in block_map(n_student, n_teacher)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def output_distance(a, b, how="huber"):
+    """Weight-free output loss, per batch mean. huber: pseudo-Huber of iCT (Song & Dhariwal 2023, Sec. 3.3)
+    per sample, divided by sqrt(dim); l2: MSE; l1: mean absolute error."""
+    if how == "huber":
+        c = 0.00054
+        # d(a, b) = sqrt(||a - b||^2 / dim + c^2) - c
+        return (((a - b) ** 2).flatten(1).mean(1) + c * c).sqrt().sub(c).mean()
+    if how == "l2":
+        return F.mse_loss(a, b)
+    if how == "l1":
+        return F.l1_loss(a, b)
+    sys.exit(f"error: --out-loss must be huber, l2 or l1, not {how!r}")
+
+
+def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0):
+    """Output + feature distillation (spec 2.4; GET + BK-SDM):
+        L = d(out, target) + lambda_f * mean_k MSE(LN(W_k h_S,i_k), LN(h_T,j_k)),  (i_k, j_k) = pairs[k]
+    s_feats[k] is the student state of pair k, already projected to the teacher width by W_k. out None =
+    no output term (MI1 stage A); t_feats None or no pairs = output only (kd)."""
+    terms, loss = {}, 0.0
+    if out is not None:
+        terms["out"] = output_distance(out, target, out_loss)
+        loss = terms["out"]
+    if t_feats is not None and pairs:
+        norm = lambda h: F.layer_norm(h, h.shape[-1:])  # (B, T, D_T), no affine
+        terms["feat"] = sum(F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs)) / len(pairs)
+        loss = loss + feat_weight * terms["feat"]
+    terms["loss"] = loss
+    return terms
+
+
+class Distiller(nn.Module):
+    """What one stage trains: the student plus its feature projectors W_k: Linear(D_S -> D_T) (Identity when
+    the widths match; discarded after training). With `groups` set (MI1 stage A) each student block runs
+    alone on the teacher state at the start of its group, brought to D_S by a learned Linear `down`."""
+    def __init__(self, student, d_teacher, pairs, groups=None):
+        super().__init__()
+        d = shape_of(student)[1]
+        make = lambda a, b: nn.Identity() if a == b else nn.Linear(a, b)
+        self.student, self.pairs, self.groups = student, pairs, groups
+        self.up = nn.ModuleList(make(d, d_teacher) for _ in pairs)
+        self.down = nn.ModuleList(make(d_teacher, d) for _ in (groups or []))
+
+    def forward(self, x, y, t=None, t_feats=None):
+        if self.groups is None:
+            out, feats = features(self.student, x, y, t)
+            return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.pairs)]
+        h, c, net = embed(self.student, x, y, t)
+        outs = []
+        for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
+            h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
+            outs.append(self.up[j](block(h_in, c)))
+        return None, outs
+
+
+# --------------------------------------------------------------------------------------------------
+# Train: offline pairs, initialisation, the stages of each method
+# --------------------------------------------------------------------------------------------------
+
+def weights_tag(state):
+    """8 hex digits naming a set of weights (keys the pairs cache and the stage checkpoints)."""
+    h = hashlib.sha1()
+    for k, v in sorted(state.items()):
+        h.update(k.encode() + v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+@torch.no_grad()
+def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
+    """GET-style offline teacher signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, labels
+    cycling over the classes, noise from torch.Generator(seed). Cached at `path` and reused."""
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    device = next(teacher.parameters()).device
+    C, S = teacher.in_channels, teacher.input_size
+    z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(n) % teacher.num_classes
+    xs = [sample.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
+                        0.0, cfg_scale).clamp(-1, 1).cpu()
+          for k in tqdm(range(0, n, batch_size), desc=f"pairs ({steps} DDIM steps)", dynamic_ncols=True)]
+    pairs = dict(z=z, x=torch.cat(xs), y=y)
+    dit.save_checkpoint(pairs, path)
+    return pairs
+
+
+@torch.no_grad()
+def init_from(dst, src, keep):
+    """Copy src's weights into dst wherever names and shapes match, src block keep[i] -> dst block i
+    (BK-SDM / TinyFusion block removal, spec 2.4 hop 1). The label table keeps its first rows (a one-step
+    model has no "null" class); a one-step dst of a multi-step src gets c0 = t_emb(999), its first step."""
+    src_sd = {k.removeprefix("dit."): v for k, v in src.state_dict().items()}
+    new = {}
+    for k, v in dst.state_dict().items():
+        name = k.removeprefix("dit.")
+        if name.startswith("blocks."):
+            i, rest = name[len("blocks."):].split(".", 1)
+            name = f"blocks.{keep[int(i)]}.{rest}"
+        w = src_sd.get(name)
+        ok = w is not None and (w.shape == v.shape or (name.startswith("y_embedder") and w.shape[1:] == v.shape[1:]))
+        new[k] = w[:len(v)] if ok else v
+    if isinstance(dst, OneStepDiT) and not isinstance(src, OneStepDiT):
+        new["c0"] = src.t_embedder(torch.tensor([999], device=src.pos_embed.device))[0]
+    dst.load_state_dict(new)
+
+
+def build_student(ckpt, ema=True):
+    """The model of a "student" checkpoint (any stage of distill.py), EMA weights, eval mode; the feature
+    projectors in the checkpoint are dropped. For sample.load_model."""
+    config = dict(ckpt["config"])
+    arch = config.pop("arch")
+    model = OneStepDiT(**config) if arch == "onestep" else dit.DiT(**config)
+    state = ckpt["ema"] if ema else ckpt["model"]
+    model.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    return model.eval()
+
+
+def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None):
+    """Train one network with dit.train and return (EMA model, checkpoint). shape = (depth, width, heads);
+    teacher = the frozen feature/output source (None: learn from the pairs only); how = block mapping
+    (None: output only); init/keep: copy weights from init's blocks keep; mi1: stage A then stage B.
+    The checkpoint path is a hash of everything the stage depends on, so stages are shared across runs."""
+    onestep, device = cfg.setup == "onestep", dit.pick_device(cfg.device)
+    steps = steps or cfg.steps
+    config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
+    torch.manual_seed(cfg.seed)
+    student = OneStepDiT(**config) if onestep else dit.DiT(**config)
+    if init is not None:
+        init_from(student, init, keep)
+    L_T, D_T, _ = shape_of(teacher) if teacher is not None else (0, 0, 0)
+    pairs = block_map(shape[0], L_T, how) if how else []
+    key = dict(name=name, config=config, setup=cfg.setup, pairs=pairs, mi1=mi1, data=base["data_tag"],
+               teacher=getattr(teacher, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
+               **{k: getattr(cfg, k) for k in ("out_loss", "feat_weight", "local_frac", "batch_size", "lr",
+                                               "ema_decay", "seed", "dtype")})
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
+    diffusion = dit.Diffusion()
+
+    def loss_fn(net, xb, yb):
+        if onestep:  # yb indexes the pairs; xb (the same images as uint8) is unused
+            x, t, target, y = base["z"][yb], None, base["x"][yb], base["y"][yb]
+        else:  # BK-SDM: the student's diffusion loss + the teacher's eps and features at the same (x_t, t)
+            y = torch.where(torch.rand(len(yb), device=yb.device) < 0.1, base["config"]["num_classes"], yb)
+            i = torch.randint(0, diffusion.num_steps, (len(xb),), device=xb.device)
+            noise = torch.randn_like(xb)
+            x, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
+        t_out, t_feats = None, None
+        if teacher is not None:
+            with torch.no_grad():
+                t_out, t_feats = features(teacher, x, y, t)
+        out, s_feats = net(x, y, t, t_feats)
+        if onestep:
+            return distill_loss(out, target, s_feats, t_feats, pairs, cfg.out_loss, cfg.feat_weight)
+        C = xb.shape[1]
+        terms = distill_loss(None if out is None else out[:, :C], t_out[:, :C], s_feats, t_feats, pairs,
+                             cfg.out_loss, cfg.feat_weight)
+        if out is not None:
+            terms["task"] = diffusion.loss_from_output(out, xb, x, i, noise)["loss"]
+            terms["loss"] = terms["loss"] + terms["task"]
+        return terms
+
+    phases = [(f"{name}_{tag}", steps)]
+    if mi1:  # stage A (block-local) then stage B (end to end), the same total steps
+        n_local = max(1, round(cfg.local_frac * steps))
+        phases = [(f"{name}_{tag}_local", n_local), (f"{name}_{tag}", steps - n_local)]
+    meta = dict(kind="student", config=dict(config, arch="onestep" if onestep else "dit"), stage=name,
+                method=cfg.method, setup=cfg.setup, key=json.dumps(key))
+    wall = 0.0
+    for k, (run, n) in enumerate(phases):
+        net.groups = net.groups if k == 0 and mi1 else None
+        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n, batch_size=cfg.batch_size,
+                               lr=cfg.lr, warmup=20, ema_decay=cfg.ema_decay, log_every=cfg.log_every,
+                               ckpt_every=10 ** 9, seed=cfg.seed + k, device=cfg.device, dtype=cfg.dtype)
+        print(f"[{name}] {run}: {n} steps, {shape[0]} blocks, width {shape[1]}, {shape[2]} heads, "
+              f"teacher {getattr(teacher, 'name', None)}, mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
+        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta)
+        net = ema.train().requires_grad_(True)
+        wall += ck.get("metrics", {}).get("wall_s") or 0.0
+    model = net.student.eval().requires_grad_(False).to(device)
+    model.tag, model.name = tag, name
+    return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
+
+
+def run_method(cfg, base, shape):
+    """The stages of cfg.method for a student of shape (depth, width, heads). The feature source is the
+    multi-step teacher itself (multistep) or a one-step teacher trained on the pairs (onestep).
+    Returns [(name, model, checkpoint)] in training order."""
+    T, onestep = base["teacher"], cfg.setup == "onestep"
+    L_T, D_T, H_T = shape_of(T)
+    stages = []
+
+    def stage(name, shp, teacher, how, **kw):
+        stages.append((name, *train_stage(cfg, name, shp, teacher, how, base, **kw)))
+        return stages[-1][1]
+
+    if cfg.method not in ("kd", "fkd", "ta", "mi1"):
+        sys.exit(f"error: --method must be kd, fkd, ta or mi1, not {cfg.method!r}")
+    if cfg.method == "kd":
+        stage("student", shape, None if onestep else T, None)
+        return stages
+    big = T
+    if onestep:
+        big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)), steps=cfg.aux_steps)
+    if cfg.method == "fkd":
+        stage("student", shape, big, cfg.mapping)
+    elif cfg.method == "mi1":
+        stage("student", shape, big, "uniform", mi1=True)
+    elif cfg.ta == "hop":  # hop 1: depth L_T -> L_S at width D_T (init from blocks m(i)); hop 2: width D_T -> D_S
+        keep = [j - 1 for _, j in block_map(shape[0], L_T)]
+        ta = stage("ta", (shape[0], D_T, H_T), big, "uniform", init=big, keep=keep, steps=cfg.aux_steps)
+        stage("student", shape, ta, "first")
+    elif cfg.ta == "mid":  # classic TAKD: an assistant of halfway depth and width, distilled like the student
+        h = shape[2]
+        mid = ((L_T + shape[0] + 1) // 2, (D_T + shape[1]) // 2 // (4 * h) * (4 * h), h)
+        ta = stage("ta", mid, big, cfg.mapping, steps=cfg.aux_steps)
+        stage("student", shape, ta, cfg.mapping)
+    else:
+        sys.exit(f"error: --ta must be hop or mid, not {cfg.ta!r}")
+    return stages
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: params, GFLOPs and latency per generated image, quality, grids, the Pareto plot
+# --------------------------------------------------------------------------------------------------
+
+def measure(cfg, name, model, ck, device):
+    """One table row. A multi-step model (the teacher, a multistep student) is charged its whole DDIM +
+    CFG sampler; a one-step model one forward. Latency = ms per generated image at batch 1 and 64."""
+    one = getattr(model, "one_step", False)
+    C, S, nc = model.in_channels, model.input_size, model.num_classes
+    nfe = 1 if one else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
+    y1 = torch.zeros(1, dtype=torch.long, device=device)
+    fwd = (lambda z: model(z, y1)) if one else (lambda z: model(z, y1, y1))
+    gflops = dit.count_flops(fwd, torch.zeros(1, C, S, S, device=device)) / 1e9 * nfe
+
+    @torch.no_grad()
+    def latency(batch, reps):
+        z, y = torch.randn(batch, C, S, S, device=device), torch.arange(batch, device=device) % nc
+        gen = (lambda: model(z, y)) if one else (lambda: sample.sample(model, z, y, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale))
+        return 1000 * dit.timeit(gen, device, reps, warmup=1) / reps / batch
+
+    L, D, H = shape_of(model)
+    row = {"model": name, "L x D x heads": f"{L} x {D} x {H}", "params": f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M",
+           "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}", "ms/img b1": f"{latency(1, 20 if one else 2):.2f}",
+           "ms/img b64": f"{latency(64, 5 if one else 1):.2f}",
+           "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
+    if cfg.eval_n:
+        q = fid.evaluate(model, cfg.data, cfg.data_dir, S, n=cfg.eval_n, steps=cfg.sample_steps,
+                         cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+        row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
+        row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
+    return row
+
+
+def side_by_side(cfg, models, path, per=4):
+    """Grid: one row per class, `per` samples of each model side by side, all from the same noise."""
+    nc = min(models[0].num_classes, 10)
+    labels = torch.arange(nc).repeat_interleave(per)
+    imgs = [sample.generate(m, labels, cfg.seed, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale) for m in models]
+    imgs = torch.stack([i.view(nc, per, *i.shape[1:]) for i in imgs], 1)  # (nc, models, per, 3, S, S)
+    dit.save_grid(imgs.flatten(0, 2), path, nrow=per * len(models))
+
+
+def pareto_png(points, path, size=(640, 440), m=60):
+    """Quality vs batch-1 latency scatter, labelled with shape and params; red = on the Pareto front
+    (better quality than every faster point). points = [(latency, quality, label)]. Pillow only."""
+    from PIL import Image, ImageDraw
+    (W, H), img = size, Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    (x0, y0), (x1, y1) = [(min(v), max(v)) for v in zip(*[p[:2] for p in points])]
+    px = lambda x: m + (x - x0) / ((x1 - x0) or 1) * (W - 2 * m)
+    py = lambda y: H - m - (y - y0) / ((y1 - y0) or 1) * (H - 2 * m)
+    d.line([(m, m // 2), (m, H - m), (W - m // 2, H - m)], fill="black")
+    for x, y in ((x0, y0), (x1, y1)):
+        d.text((px(x) - 10, H - m + 8), f"{x:.2f}", fill="black")
+        d.text((4, py(y) - 6), f"{y:.2f}", fill="black")
+    d.text((W // 2 - 80, H - 24), "latency, ms/img at batch 1", fill="black")
+    d.text((4, 8), "quality (lower is better)", fill="black")
+    best = float("inf")
+    for x, y, label in sorted(points):
+        d.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill="red" if y < best else "gray")
+        d.text((px(x) + 6, py(y) - 6), label, fill="black")
+        best = min(best, y)
+    img.save(path)
+
+
+# depth vs width at ~equal 18 L D^2 (6x64, 3x92, 2x112: +-4%), and 1/2/4/8 heads at L=3, D=64
+SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4), (3, 64, 8)]
+
+
+def sweep(cfg, base, device):
+    """Train cfg.method for every SWEEP shape; the three-way table and the Pareto plot."""
+    rows, points = [], []
+    for shape in SWEEP:
+        name, model, ck = run_method(cfg, base, shape)[-1]
+        rows.append(measure(cfg, f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck, device))
+        quality = [v for k, v in rows[-1].items() if "lower better" in k]
+        if quality:
+            points.append((float(rows[-1]["ms/img b1"]), float(quality[0]), f"{shape[0]}x{shape[1]}x{shape[2]} {rows[-1]['params']}"))
+    if points:
+        pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = dit.parse_args(DistillConfig, argv)
+    print(json.dumps(asdict(cfg)))
+    device = dit.pick_device(cfg.device)
+    print(f"device {device}")
+    ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
+    T = dit.build_dit(ck).to(device).requires_grad_(False)
+    T.tag, T.name = weights_tag(ck["ema"]), "teacher"
+    base = dict(teacher=T, config=ck["config"])
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.setup == "onestep":
+        path = os.path.join(cfg.out, f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.seed + 1}.pt")
+        p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1, path)
+        base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=os.path.basename(path),
+                    data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
+    elif cfg.setup == "multistep":
+        x, y, _ = dit.load_data(cfg.data, cfg.data_dir, T.input_size)
+        base.update(data=(x, y), data_tag=f"{cfg.data}-{os.path.basename(os.path.normpath(cfg.data_dir))}")
+    else:
+        sys.exit(f"error: --setup must be onestep or multistep, not {cfg.setup!r}")
+    header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
+    if cfg.sweep:
+        rows = sweep(cfg, base, device)
+        print(f"\n{header}\n{dit.markdown_table([measure(cfg, 'teacher', T, None, device)] + rows)}")
+        return rows
+    stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
+    grid = os.path.join(cfg.out, f"{cfg.setup}_{cfg.method}_grid.png")
+    side_by_side(cfg, [T] + [m for _, m, _ in stages], grid)
+    rows = [measure(cfg, "teacher", T, None, device)] + [measure(cfg, n, m, c, device) for n, m, c in stages]
+    print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (teacher | {' | '.join(n for n, _, _ in stages)}, "
+          f"same noise per row): {grid}\nstudent checkpoint: {stages[-1][2]['path']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""
+dynamic.py: DyDiT, a DiT whose width follows the timestep and whose MLPs skip easy tokens.
+
+Paper: "Dynamic Diffusion Transformer", Wangbo Zhao, Yizeng Han, Jiasheng Tang, Kai Wang, Yibing Song,
+Gao Huang, Fan Wang, Yang You, ICLR 2025, arXiv 2410.03456. Two routers per block decide how much of the
+block to run. Timestep-wise Dynamic Width (TDW) reads only the timestep embedding E_t and switches
+attention heads and MLP channel groups on or off, so the width is a pure function of t. Spatial-wise
+Dynamic Token (SDT) reads each token after the attention residual and lets it skip the MLP. A FLOPs loss
+pulls the batch-mean compute ratio to a target lambda while the pretrained DiT is fine-tuned.
+The released code only multiplies activations by the masks, which saves nothing. Here the inference path
+slices the weights per sampling step (the masks depend on t alone) and runs each MLP only on the kept
+tokens of the whole batch. It equals the masked training graph to fp32 rounding (test_dynamic.py).
+
+Paper / reference code -> this file
+    Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers, DyDiT.width_masks
+    Sec. 3.1 Gumbel-sigmoid, tau 5, straight-through          -> gumbel_sigmoid
+    Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers, DyDiT.token_mask
+    Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> masked_forward (r_b), dydit_loss
+    Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
+    importance ordering (paper; commented out in the code)    -> reorder_
+    inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.plan, sliced_forward
+    batched token gather / scatter (DyFLUX code)              -> sliced_forward
+
+Our choices ([inferred]): the slicing recipe and its per-pattern cache; the importance score (L1 norm
+of a unit's weights); random routers = Bernoulli masks at the keep rate that meets lambda; the half-width
+baseline = reorder, keep the first H/2 heads and groups (magnitude pruning of 50% of heads and channels);
+a larger router lr and EMA 0.99, because in a few hundred CPU steps (paper: 50k-200k) a +15 bias cannot
+reach 0 at lr 1e-4; lam_hold / lam_ramp / complete_steps keep the paper's shape, scaled down.
+
+Run:
+    python dynamic.py --lam 0.5             # fine-tune out/dit.pt (~3 min, 2 CPU cores), evaluate vs the base
+    python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
+    python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
+    python sample.py --ckpt out/dydit_dydit_0.5.pt   # once sample.load_model knows the "dydit" kind
+Expected on 2 CPU cores: see frag_dynamic.md for the measured table.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dit
+from dit import modulate
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DyConfig:
+    teacher: str = "out/dit.pt"   # base DiT checkpoint (trained with dit.py's defaults if absent)
+    out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>.pt); --sweep: prefix of <out>_<mode>_<lam>.pt
+    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (plain fine-tune)
+    lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
+    sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
+    variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
+    steps: int = 200              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL)
+    batch_size: int = 64          # fine-tuning batch (paper: 256)
+    lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
+    router_lr: float = 0.05       # AdamW lr of the routers [inferred, see the docstring]
+    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps)
+    lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
+    lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
+    complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
+    flops_weight: float = 2.0     # w in w (mean_b r_b - lambda)^2 (paper: 2)
+    tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
+    reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
+    eval_n: int = 500             # images per quality score (fid.evaluate)
+    eval_steps: int = 50          # DDIM steps for quality and for the speed benchmark
+    cfg_scale: float = 1.5        # classifier-free guidance scale (paper FID setting: 1.5)
+    bench_batches: str = "64,1"   # batch sizes of the sampling-speed benchmark (comma-separated)
+    bench_reps: int = 3           # timed sampling runs per model and batch (min is reported)
+    seed: int = 0                 # seeds fine-tuning; evaluation noise comes from fid / sample generators
+    device: str = "auto"          # auto | cpu | cuda | mps
+    data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
+    data_dir: str = "data"        # where the data set lives
+
+# --------------------------------------------------------------------------------------------------
+# Method: routers, masks, the masked (training) graph and the sliced (inference) graph
+# --------------------------------------------------------------------------------------------------
+
+
+def block_macs(block, T):
+    """Static MACs of one block, DyDiT Sec. 3.3 (code loss.py): attention 4*N*D^2 + 2*N^2*D, MLP 2*N*D*hidden."""
+    D, hidden = block.attn.qkv.in_features, block.mlp.fc1.out_features
+    return 4 * T * D * D + 2 * T * T * D, 2 * T * D * hidden
+
+
+def gumbel_sigmoid(logits, tau, training):
+    """Binary mask from router logits, DyDiT Sec. 3.1: Gumbel-sigmoid with a straight-through estimator
+    in training, deterministic 1[sigmoid(l) > 0.5] = 1[l > 0] at inference."""
+    if not training:
+        return (logits > 0).float()
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    # y_soft = sigmoid((l + log u - log(1 - u)) / tau); logistic noise = a difference of two Gumbels
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).float()
+    return hard - soft.detach() + soft  # forward: hard; backward: d soft
+
+
+class Routers(nn.Module):
+    """Per block: TDW routers D -> H-1 head / group logits on E_t, the SDT router D -> D/16 -> ReLU -> 1
+    per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code)."""
+    def __init__(self, D, H, depth):
+        super().__init__()
+        self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
+        self.mlp = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
+        self.token = nn.ModuleList(nn.Sequential(nn.Linear(D, D // 16), nn.ReLU(), nn.Linear(D // 16, 1))
+                                   for _ in range(depth))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in list(self.attn) + list(self.mlp):
+            nn.init.constant_(lin.bias, 15.0)
+        for r in self.token:
+            nn.init.constant_(r[-1].bias, 35.0)
+
+
+class DyDiT(nn.Module):
+    """A dit.DiT plus routers. Training (or sliced=False): the masked graph, masks multiply activations.
+    Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
+    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0):
+        super().__init__()
+        if mode not in ("dydit", "tdw", "sdt", "random", "halfwidth"):
+            raise ValueError(f"unknown DyDiT mode {mode!r}")
+        self.dit, self.mode, self.lam, self.tau = model, mode, lam, tau
+        D, H, L = model.pos_embed.shape[-1], model.num_heads, len(model.blocks)
+        self.routers = Routers(D, H, L)
+        self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
+        self.num_classes, self.in_channels, self.input_size = model.num_classes, model.in_channels, model.input_size
+        self.sliced, self.plans, self.weights, self.trace = True, {}, {}, None
+
+    def _apply(self, fn, *args, **kw):  # .to(device) / .half() invalidate the cached weight slices
+        self.plans, self.weights = {}, {}
+        return super()._apply(fn, *args, **kw)
+
+    def train(self, mode=True):  # weights are about to change (or did): drop the slices
+        self.plans, self.weights = {}, {}
+        return super().train(mode)
+
+    def p_random(self):
+        """Keep rate p of the random-router ablation: F_attn p + F_mlp p^2 = lambda (F_attn + F_mlp)."""
+        fa, fm = block_macs(self.dit.blocks[0], self.dit.pos_embed.shape[1])
+        return (-fa + math.sqrt(fa * fa + 4 * fm * self.lam * (fa + fm))) / (2 * fm)
+
+    def width_masks(self, l, e, gen=None):
+        """TDW masks of block l, DyDiT Sec. 3.1: (B, H) head mask and (B, H) MLP-group mask from E_t (B, D);
+        entry 0 is a constant 1 (the always-on head / group)."""
+        B, H = e.shape[0], self.dit.num_heads
+        if self.mode == "sdt":
+            return e.new_ones(B, H), e.new_ones(B, H)
+        if self.mode == "halfwidth":
+            return self.fixed[0, l].expand(B, H), self.fixed[1, l].expand(B, H)
+        if self.mode == "random":  # Bernoulli(q) on units 1..H-1 so that the expected kept fraction is p
+            q = min(max((self.p_random() * H - 1) / (H - 1), 0.0), 1.0)
+            ma, mm = (torch.rand(2, B, H - 1, generator=gen) < q).float().to(e)
+        else:
+            ma = gumbel_sigmoid(self.routers.attn[l](e), self.tau, self.training)
+            mm = gumbel_sigmoid(self.routers.mlp[l](e), self.tau, self.training)
+        one = e.new_ones(B, 1)
+        return torch.cat([one, ma], 1), torch.cat([one, mm], 1)
+
+    def token_mask(self, l, h, gen=None):
+        """SDT mask of block l, DyDiT Sec. 3.2: (B, T), 1 = the token goes through the MLP; None = all do."""
+        if self.mode in ("tdw", "halfwidth"):
+            return None
+        if self.mode == "random":
+            return (torch.rand(h.shape[:2], generator=gen) < self.p_random()).float().to(h)
+        return gumbel_sigmoid(self.routers.token[l](h).squeeze(-1), self.tau, self.training)
+
+    @torch.no_grad()
+    def plan(self, t):
+        """Per-block sliced weights for timestep t (an int). TDW masks depend on t only, so they are computed
+        once per distinct t; weight slices are cached per distinct (block, heads, groups) pattern."""
+        if t not in self.plans:
+            e = self.dit.t_embedder(torch.tensor([t], device=self.fixed.device))  # E_t (1, D)
+            steps = []
+            for l, block in enumerate(self.dit.blocks):
+                hm, gm = self.width_masks(l, e, torch.Generator().manual_seed(1000 * t + l))
+                key = (l, tuple(hm[0].nonzero().flatten().tolist()), tuple(gm[0].nonzero().flatten().tolist()))
+                if key not in self.weights:
+                    self.weights[key] = slice_block(block, key[1], key[2], self.dit.num_heads)
+                steps.append(self.weights[key])
+            self.plans[t] = steps
+        return self.plans[t]
+
+    def forward(self, x, t, y, complete=False, return_ratio=False):
+        if self.training or not self.sliced or complete:
+            out, ratio = masked_forward(self, x, t, y, complete)
+            return (out, ratio) if return_ratio else out
+        if (t != t[0]).any():  # samplers share t across the batch; anything else is split by t
+            out = torch.empty(x.shape[0], self.dit.out_channels, *x.shape[2:], device=x.device)
+            for tv in t.unique():
+                s = t == tv
+                out[s] = sliced_forward(self, x[s], t[s], y[s])
+            return out
+        return sliced_forward(self, x, t, y)
+
+
+def masked_forward(model, x, t, y, complete=False):
+    """The DyDiT training graph, Sec. 3: masks multiply head outputs (before proj), fc1 outputs (before GELU)
+    and the MLP update of each token. Returns the DiT output and the per-sample FLOPs ratio r_b, Sec. 3.3.
+    complete=True bypasses the routers: the plain DiT (the complete model of the warm-up)."""
+    net = model.dit
+    h, c = net.embed(x, t, y)
+    e = net.t_embedder(t)  # E_t (B, D): the TDW router input, timestep only
+    B, T, D = h.shape
+    H = net.num_heads
+    frac = lambda m: 1.0 if m is None else m.mean(1)  # noqa: E731  (B,) fraction of ones
+    cost, total = h.new_zeros(B), 0.0
+    for l, block in enumerate(net.blocks):
+        mod = block.modulation(c)
+        hm, gm = (None, None) if complete else model.width_masks(l, e)
+        a = modulate(block.norm1(h), mod[0], mod[1])
+        qkv = block.attn.qkv(a).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D/H)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
+        if hm is not None:
+            o = o * hm[:, :, None, None]
+        h = h + mod[2].unsqueeze(1) * block.attn.proj(o.transpose(1, 2).reshape(B, T, D))
+        tm = None if complete else model.token_mask(l, h)  # (B, T), on the state after the attention residual
+        z = block.mlp.fc1(modulate(block.norm2(h), mod[3], mod[4]))  # (B, T, hidden)
+        if gm is not None:
+            z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]  # group g = channels [g G, (g+1) G)
+        z = mod[5].unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
+        h = h + (z if tm is None else tm.unsqueeze(-1) * z)
+        fa, fm = block_macs(block, T)
+        # r_b = sum_l [F_attn sum(m_head)/H + F_mlp sum(m_group)/H * sum(m_token)/N] / (L (F_attn + F_mlp))
+        cost = cost + fa * frac(hm) + fm * frac(gm) * frac(tm)
+        total += fa + fm
+    return net.head(h, c), cost / total
+
+
+@torch.no_grad()
+def slice_block(block, heads, groups, H):
+    """The weights of `block` restricted to the kept heads and MLP groups [inferred recipe, exact]:
+    qkv rows and proj columns of the kept heads, fc1 rows / biases and fc2 columns of the kept groups."""
+    D = block.attn.qkv.in_features
+    hd, G = D // H, block.mlp.fc1.out_features // H
+    hi = torch.tensor(heads, device=block.attn.qkv.weight.device)
+    gi = torch.tensor(groups, device=hi.device)
+    return dict(
+        k=len(heads), g=len(groups),
+        qkv_w=block.attn.qkv.weight.view(3, H, hd, D)[:, hi].reshape(-1, D),    # (3 k hd, D)
+        qkv_b=block.attn.qkv.bias.view(3, H, hd)[:, hi].reshape(-1),
+        proj_w=block.attn.proj.weight.view(D, H, hd)[:, hi].reshape(D, -1).contiguous(),  # (D, k hd)
+        fc1_w=block.mlp.fc1.weight.view(H, G, D)[gi].reshape(-1, D),            # (g G, D)
+        fc1_b=block.mlp.fc1.bias.view(H, G)[gi].reshape(-1),
+        fc2_w=block.mlp.fc2.weight.view(D, H, G)[:, gi].reshape(D, -1).contiguous())  # (D, g G)
+
+
+def sliced_forward(model, x, t, y):
+    """The DyDiT inference graph for a batch that shares t: sliced attention / MLP weights from the per-t
+    plan; the MLP runs only on the kept tokens of the whole batch, flattened to (B T, D), gathered, and
+    scattered back with the gate (DyFLUX code). Logs the realised FLOPs ratio when model.trace is a list."""
+    net = model.dit
+    h, c = net.embed(x, t, y)
+    B, T, D = h.shape
+    tv, H = int(t[0]), net.num_heads
+    cost, total, keeps = h.new_zeros(B), 0.0, []
+    for l, (block, w) in enumerate(zip(net.blocks, model.plan(tv))):
+        mod = block.modulation(c)
+        a = modulate(block.norm1(h), mod[0], mod[1])
+        qkv = F.linear(a, w["qkv_w"], w["qkv_b"]).reshape(B, T, 3, w["k"], D // H).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, T, -1)  # (B, T, k hd)
+        h = h + mod[2].unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
+        tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l))
+        mlp = lambda v: F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"),  # noqa: E731
+                                 w["fc2_w"], block.mlp.fc2.bias)
+        if tm is None:
+            h = h + mod[5].unsqueeze(1) * mlp(modulate(block.norm2(h), mod[3], mod[4]))
+            kept = h.new_ones(B)
+        else:
+            hf = h.reshape(B * T, D)
+            idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
+            b = idx // T  # the sample each kept token belongs to
+            v = block.norm2(hf[idx]) * (1 + mod[4][b]) + mod[3][b]  # modulate per kept token
+            h = hf.index_add(0, idx, mod[5][b] * mlp(v)).view(B, T, D)
+            kept = tm.mean(1)
+            keeps.append(tm.bool().cpu())
+        fa, fm = block_macs(block, T)
+        cost = cost + fa * w["k"] / H + fm * w["g"] / H * kept
+        total += fa + fm
+    if model.trace is not None:
+        model.trace.append(dict(t=tv, ratio=(cost / total).cpu(), keep=torch.stack(keeps) if keeps else None))
+    return net.head(h, c)
+
+
+@torch.no_grad()
+def reorder_(net):
+    """Sort every block's heads and MLP channels by importance, most important first (DyDiT Sec. 3.1,
+    [paper]; commented out in the released code). Score = L1 norm of the unit's weights [inferred]. A
+    permutation of Q/K/V/proj and fc1/fc2 together, so the function of the DiT is unchanged."""
+    for block in net.blocks:
+        D, H = block.attn.qkv.in_features, net.num_heads
+        qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+        hs = qkv.weight.view(3, H, D // H, D).abs().sum((0, 2, 3)) + proj.weight.view(D, H, D // H).abs().sum((0, 2))
+        hp = hs.argsort(descending=True)
+        qkv.weight.copy_(qkv.weight.view(3, H, D // H, D)[:, hp].reshape(3 * D, D))
+        qkv.bias.copy_(qkv.bias.view(3, H, D // H)[:, hp].reshape(-1))
+        proj.weight.copy_(proj.weight.view(D, H, D // H)[:, hp].reshape(D, D))
+        cp = (fc1.weight.abs().sum(1) + fc2.weight.abs().sum(0)).argsort(descending=True)
+        fc1.weight.copy_(fc1.weight[cp])
+        fc1.bias.copy_(fc1.bias[cp])
+        fc2.weight.copy_(fc2.weight[:, cp])
+    return net
+
+# --------------------------------------------------------------------------------------------------
+# Train: the FLOPs-constrained fine-tuning loss, run by dit.train
+# --------------------------------------------------------------------------------------------------
+
+
+def stratified_steps(B, device, num_steps=1000, bins=4):
+    """Diffusion steps for a batch: sample b draws from bin (b mod 4) of [0, 1000) (DyDiT code, --t_sample)."""
+    width = num_steps // bins
+    return (torch.arange(B) % bins * width + torch.randint(0, width, (B,))).to(device)
+
+
+def lam_target(step, cfg):
+    """Target of the FLOPs loss, DyDiT code: 1 for lam_hold steps, then linear to lambda over lam_ramp."""
+    s = min(max((step - cfg.lam_hold) / max(cfg.lam_ramp, 1), 0.0), 1.0)
+    return 1.0 - (1.0 - cfg.lam) * s
+
+
+def dydit_loss(net, xb, yb, diffusion, cfg, state):
+    """Fine-tuning objective, DyDiT Sec. 3.3-3.4: L_diff(dynamic) + w (mean_b r_b - lambda_t)^2, plus
+    L_diff(complete model) on the same x_t for the first complete_steps steps. state["step"] counts calls."""
+    i = stratified_steps(xb.shape[0], xb.device)
+    noise = torch.randn_like(xb)
+    xt, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
+    out, ratio = net(xt, t, yb, return_ratio=True)
+    terms = diffusion.loss_from_output(out, xb, xt, i, noise)
+    lam = lam_target(state["step"], cfg)
+    flops_loss = cfg.flops_weight * (ratio.mean() - lam) ** 2  # squared error of the batch mean
+    loss = terms["loss"] + flops_loss
+    if state["step"] < cfg.complete_steps and cfg.mode != "halfwidth":
+        out_c = net(xt, t, yb, complete=True)
+        loss = loss + diffusion.loss_from_output(out_c, xb, xt, i, noise)["loss"]
+    state["step"] += 1
+    return dict(loss=loss, mse=terms["mse"], flops=ratio.mean().detach(), lam=torch.tensor(lam))
+
+
+def finetune(cfg, teacher, quiet=False):
+    """Full fine-tuning of the base DiT into a DyDiT (or a static / half-width baseline) with dit.train.
+    Returns the checkpoint dict (kind "dydit", or "dit" for mode static)."""
+    x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
+    diffusion, out = dit.Diffusion(), cfg.out or f"out/dydit_{cfg.mode}_{cfg.lam}.pt"
+    torch.manual_seed(cfg.seed)
+    net = dit.build_dit(teacher).train()
+    if cfg.reorder or cfg.mode == "halfwidth":
+        reorder_(net)
+    tc = dit.TrainConfig(data=cfg.data, data_dir=cfg.data_dir, out=out, steps=cfg.steps, batch_size=cfg.batch_size,
+                         lr=cfg.lr, warmup=0, ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
+                         ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
+    state = dict(step=dit.load_checkpoint(out)["step"] if os.path.exists(out) else 0)
+    if cfg.mode == "static":  # the control: the same steps and t strata, no routers
+        loss = lambda m, xb, yb: diffusion.loss(m, xb, yb, i=stratified_steps(xb.shape[0], xb.device))  # noqa
+        return dit.train(net, loss, (x, y), tc, dict(kind="dit", config=teacher["config"]), quiet=quiet)[2]
+    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
+    if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_, the first H/2 heads / groups are the largest
+        model.fixed[:, :, net.num_heads // 2:] = 0
+    groups = [dict(params=list(net.parameters())), dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
+    meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau)
+    _, _, ck = dit.train(model, lambda m, xb, yb: dydit_loss(m, xb, yb, diffusion, cfg, state), (x, y), tc, meta,
+                         param_groups=[g for g in groups if g["params"]], quiet=quiet)
+    return ck
+
+
+def build_dydit(ckpt, ema=True):
+    """The sliced DyDiT inference model of a "dydit" checkpoint (EMA weights by default), in eval mode."""
+    model = DyDiT(dit.DiT(**ckpt["config"]), ckpt["mode"], ckpt["lam"], ckpt["tau"])
+    model.load_state_dict(ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"])
+    return model.eval()
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: realised FLOPs, sampling speed, quality, pictures
+# --------------------------------------------------------------------------------------------------
+
+
+def time_sampling(models, batch, steps, reps, cfg_scale, device):
+    """Seconds of one sample.sample run (DDIM + CFG) per model: min over reps, the models interleaved in
+    every round so they see the same machine load. Round 0 warms up and fills the weight caches."""
+    import sample
+    m0 = models[0]
+    z = torch.randn(batch, m0.in_channels, m0.input_size, m0.input_size, generator=torch.Generator().manual_seed(0))
+    z, y = z.to(device), (torch.arange(batch) % m0.num_classes).to(device)
+    best = [float("inf")] * len(models)
+    with torch.no_grad():
+        for r in range(reps + 1):
+            for k, m in enumerate(models):
+                s = dit.timeit(lambda: sample.sample(m, z, y, steps, "ddim", cfg_scale=cfg_scale), device, 1, 0)
+                best[k] = min(best[k], s) if r else best[k]
+    return best
+
+
+@torch.no_grad()
+def width_profile(model, ts):
+    """(2, L, len(ts)): active fraction of heads [0] and MLP groups [1] per block at each timestep t."""
+    H = model.dit.num_heads
+    return torch.tensor([[[w[k] / H for w in model.plan(int(t))] for t in ts] for k in ("k", "g")]).transpose(1, 2)
+
+
+def heat(a, cell):
+    """(R, C) values in [0, 1] -> a uint8 (3, R cell, C cell) gray picture, white = 1."""
+    img = (a.clamp(0, 1) * 255).round().to(torch.uint8).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return img.expand(3, -1, -1)
+
+
+def save_pictures(model, prefix, cfg, n=4, cols=5):
+    """<prefix>_widths.png: heads (top) and MLP groups (bottom) active per block (rows) per DDIM step
+    (columns, t = 999 on the left). <prefix>_tokens.png: per image, the fraction of blocks that ran the
+    MLP on each token at `cols` steps of its trajectory, then the image."""
+    import sample
+    ts = dit.Diffusion().respace(cfg.eval_steps).timestep_map[::-1]
+    prof = width_profile(model, ts)
+    dit.save_grid(torch.stack([heat(prof[0], 8), heat(prof[1], 8)]), prefix + "_widths.png", nrow=1)
+    if model.mode in ("tdw", "halfwidth"):
+        return [prefix + "_widths.png"]
+    model.trace = []
+    imgs = sample.generate(model, torch.arange(n) % model.num_classes, cfg.seed, cfg.eval_steps,
+                           cfg_scale=cfg.cfg_scale, batch_size=n)
+    trace, model.trace = model.trace, None
+    g, S = model.input_size // model.dit.patch_size, model.input_size
+    tiles = []
+    for b in range(n):
+        for j in range(cols):
+            keep = trace[round(j * (len(trace) - 1) / (cols - 1))]["keep"][:, b].float().mean(0)  # (T,)
+            tiles.append(heat(keep.view(g, g), S // g))
+        tiles.append(imgs[b])
+    dit.save_grid(torch.stack(tiles), prefix + "_tokens.png", nrow=cols + 1)
+    return [prefix + "_widths.png", prefix + "_tokens.png"]
+
+
+@torch.no_grad()
+def sliced_vs_masked(model, batch=16, seed=0):
+    """max |sliced - masked| over a batch of noise at a few timesteps (the deployment check, fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    dev, worst = model.fixed.device, 0.0
+    for tv in (999, 500, 100):
+        x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(dev)
+        t, y = torch.full((batch,), tv, device=dev), torch.randint(0, model.num_classes, (batch,), generator=g).to(dev)
+        model.sliced = False
+        ref = model(x, t, y)
+        model.sliced = True
+        worst = max(worst, (model(x, t, y) - ref).abs().max().item())
+    return worst
+
+
+def evaluate(name, model, static, cfg, device, lam="1"):
+    """One row of the results table: realised FLOPs ratio (Sec. 3.3 formula over the quality run's
+    sampling steps), sampling speedup over `static` at batch 64 and 1, and fid.evaluate's score."""
+    import fid
+    dyn = isinstance(model, DyDiT)
+    if dyn:
+        model.trace = []
+    q = fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size, n=cfg.eval_n,
+                     steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+    ratio = torch.cat([r["ratio"] for r in model.trace]).mean().item() if dyn else 1.0
+    if dyn:
+        model.trace = None
+    row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}"}
+    for k, B in enumerate(int(b) for b in cfg.bench_batches.split(",")):
+        ts, td = time_sampling([static, model], B, cfg.eval_steps, cfg.bench_reps, cfg.cfg_scale, device)
+        row[f"speedup b{B}"] = f"{ts / td:.2f}x"
+        if k == 0:  # measured speedup / ideal speedup 1 / ratio
+            row["of FLOPs cut"] = f"{ts / td * ratio:.2f}"
+    return {**row, q["metric"]: f"{q['score']:.2f}",
+            "acc": "-" if q["acc"] is None else f"{q['acc']:.3f}",
+            "max|sliced-masked|": f"{sliced_vs_masked(model):.1e}" if dyn else "-"}
+
+
+def direction(model):
+    """Mean active width for t in [750, 1000) minus t in [0, 250), heads and groups (Fig. 5 direction)."""
+    p = width_profile(model, range(0, 1000, 5)).mean(1)  # (2, 200): every 5th t
+    return [round((p[k, 150:].mean() - p[k, :50].mean()).item(), 3) for k in (0, 1)]
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = dit.parse_args(DyConfig, argv)
+    print(json.dumps(dataclasses.asdict(cfg)))
+    device = dit.pick_device(cfg.device)
+    teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
+    runs = [(m, float(v)) for m, v in (r.split(":") for r in cfg.variants.split(","))] if cfg.sweep \
+        else [(cfg.mode, cfg.lam)]
+    base = dit.build_dit(teacher).to(device)
+    static, rows, pictures, dirs = base, [], [], {}
+    if not cfg.sweep:
+        rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
+    for mode, lam in runs:
+        out = cfg.out if cfg.out and not cfg.sweep else f"{cfg.out or 'out/dydit'}_{mode}_{lam}.pt"
+        run = dataclasses.replace(cfg, mode=mode, lam=lam, out=out)
+        t0 = time.time()
+        ck = finetune(run, teacher)
+        print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
+        if mode == "static":  # the control: speedups of every later row are measured against it
+            static = dit.build_dit(ck).to(device)
+            rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
+                     evaluate("base (not fine-tuned)", base, static, cfg, device)]
+        else:
+            model = build_dydit(ck).to(device)
+            rows.append(evaluate(mode, model, static, cfg, device, lam))
+            pictures += save_pictures(model, os.path.splitext(out)[0], cfg)
+            dirs[f"{mode} {lam}"] = direction(model)
+        print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
+        print(f"{cfg.steps} fine-tuning steps per variant; quality: fid.evaluate n={cfg.eval_n}, {cfg.eval_steps} "
+              f"DDIM steps, cfg {cfg.cfg_scale}; speed: the same sampling, vs the first static row\n"
+              + dit.markdown_table(rows))
+        print("active width, t in [750,1000) minus t in [0,250) (heads, groups): " + json.dumps(dirs))
+        print("pictures: " + ", ".join(pictures))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""
+fid.py: one quality number for every tinydit model: the standard FID, or an honest offline stand-in.
+
+Paper: "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", Heusel,
+Ramsauer, Unterthiner, Nessler, Hochreiter, NeurIPS 2017, arXiv 1706.08500 (Sec. 3 / Eq. 6: FID). Fit a
+Gaussian (mu, Sigma) to network features of real and of generated images; the score is the Frechet
+distance between the two Gaussians. The network is the Inception-v3 graph of 2015-12-05 (Szegedy et al.,
+arXiv 1512.00567) as ported by pytorch-fid (mseitzer/pytorch-fid), whose numbers the literature quotes.
+
+    paper / reference -> here
+    FID, Heusel et al. Eq. 6                          -> frechet_distance (scipy sqrtm, eps offset, imag check)
+    Gaussian fit of the 2048-d pool3 features         -> gaussian_stats (float64)
+    Inception-v3 "FID" variant (pytorch-fid)          -> FIDInception (Mixed_5b..7c pooling quirks, 1008-way fc)
+    pytorch-fid preprocessing                         -> inception_preprocess (bilinear 299, align_corners=False, [-1, 1])
+    offline metric (ours, [inferred] design)          -> Classifier, train_classifier -> "FD-clf" + class accuracy
+    the API every script scores its variants with     -> evaluate()
+
+Which metric: "FID" whenever the Inception weights file is found (--inception-weights PATH, $TINYDIT_INCEPTION,
+or ~/.cache/tinydit/); otherwise "FD-clf": the same Frechet distance in the 128-d feature space of a small CNN
+trained (once, deterministically, ~10-30 s on 2 CPU cores) on the train split of the same data set and
+cached under out/fid_cache/, plus the accuracy of that CNN on class-conditional samples. FD-clf is
+[inferred], our choice for offline machines: it ranks models of one data set, but its values are NOT
+comparable to published FIDs, and it is never printed as "FID". Reference statistics (both metrics) are the
+whole train split of the data set, cached next to the classifier.
+
+Run:
+    python fid.py --ckpt out/dit.pt                      # 500 samples (50 DDIM steps, CFG 1.5) vs shapes train
+    python fid.py data:test:500 data:train               # the real-data floor: 500 test images vs train
+    python fid.py samples.npz ref_folder/                # folders of images | .npz (arr_0 uint8 NHWC) | stats .npz
+    python fid.py --save-stats data:train out/shapes_stats.npz
+    python fid.py --download                             # fetch the Inception weights once (online machines)
+The real Inception file: pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub release (URL below),
+put at ~/.cache/tinydit/ or passed with --inception-weights. Measured results: frag_fid.md / README.
+"""
+import hashlib
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+from tqdm import tqdm
+
+import dit
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+INCEPTION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tinydit", os.path.basename(INCEPTION_URL))
+CLF_STEPS, CLF_BATCH, CLF_LR, CLF_WIDTH = 150, 64, 2e-3, 32  # the FD-clf classifier (part of its cache key)
+IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class FIDConfig:
+    ckpt: str = ""                # score this checkpoint: generate --n samples vs the data set's train split
+    save_stats: bool = False      # `fid.py --save-stats A out.npz`: write A's (mu, sigma) to out.npz
+    download: bool = False        # fetch the Inception weights into ~/.cache/tinydit (sha256-checked) first
+    metric: str = "auto"          # auto (FID when the weights are found, else FD-clf) | fid | clf
+    inception_weights: str = ""   # path of pt_inception-2015-12-05-6726825d.pth ("" = $TINYDIT_INCEPTION, cache)
+    data: str = ""                # data set of the reference / classifier; "" = the checkpoint's, else shapes
+    data_dir: str = "data"        # where cifar10 / imagenet64 live
+    image_size: int = 0           # classifier resolution; 0 = the model's (or the first input's)
+    cache_dir: str = ""           # classifier + reference stats cache; "" = $TINYDIT_FID_CACHE or out/fid_cache
+    n: int = 500                  # samples generated for --ckpt (labels cycle through the classes)
+    steps: int = 50               # sampling steps for --ckpt
+    method: str = "ddim"          # ddim | ddpm
+    cfg_scale: float = 1.5        # classifier-free guidance for --ckpt (DiT's FID setting)
+    seed: int = 0                 # sampling noise; also the data:SPLIT:N subset
+    batch_size: int = 100         # images per sampling / feature batch
+    device: str = "auto"          # auto | cpu | cuda | mps
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: the Frechet distance between two Gaussians (Heusel et al. 2017, Eq. 6)
+# --------------------------------------------------------------------------------------------------
+
+def gaussian_stats(feats):
+    """(mu, Sigma) of (N, D) features, in float64; Sigma is the unbiased sample covariance."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between N(mu1, S1) and N(mu2, S2), FID Heusel et al. Eq. 6, computed as pytorch-fid:
+    scipy sqrtm of S1 S2; if that is not finite, add eps*I to both covariances; a complex result is accepted
+    only when its diagonal is real to 1e-3 (else ValueError)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        print(f"fid: S1 S2 is near-singular; adding {eps} to the covariance diagonals")
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    # d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: the Inception-v3 FID network (state-dict names as torchvision / pt_inception-2015-12-05)
+# --------------------------------------------------------------------------------------------------
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU."""
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):
+    """The FID graph's 3x3 average pool: padding not counted (TF 'SAME'), unlike torchvision."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b..5d: 35x35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(cin, 48, 1), BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e: 17x17, factorised 7x7
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for k in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{k}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(cin, 192, 1), BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b (avg pool, padding not counted) and Mixed_7c (max pool): 8x8
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 as the TF FID graph (pytorch-fid's fid_inception_v3): torchvision names, no AuxLogits,
+    a 1008-way fc (unused by FID, kept so the weights file loads strict). forward -> (B, 2048) pool3."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):  # x: (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (B, 192, 35, 35)
+        for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
+            x = getattr(self, "Mixed_" + name)(x)  # ... -> (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3))  # (B, 2048)
+
+
+def inception_preprocess(images):
+    """uint8 (B, 3, H, W) -> float (B, 3, 299, 299) in [-1, 1], as pytorch-fid: [0, 1], bilinear resize
+    with align_corners=False (no antialias), then 2x - 1."""
+    x = images.float() / 255
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+def find_inception_weights(path=""):
+    """The weights file: `path`, else $TINYDIT_INCEPTION, else the cache file; None when none exists."""
+    for p in (path, os.environ.get("TINYDIT_INCEPTION", ""), INCEPTION_CACHE):
+        if p and os.path.exists(p):
+            return p
+    if path:
+        sys.exit(f"error: --inception-weights {path} does not exist")
+    return None
+
+
+def download_inception(dest=INCEPTION_CACHE):
+    """Fetch the pytorch-fid release file with a tqdm bar; keep it only if its sha256 matches."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as r, open(dest + ".part", "wb") as f:
+            bar = tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True, desc="inception")
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        print(f"fid: could not download {INCEPTION_URL} ({e}); put the file at {dest}")
+        return None
+    if h.hexdigest() != INCEPTION_SHA256:
+        os.remove(dest + ".part")
+        sys.exit(f"error: sha256 mismatch for {INCEPTION_URL}; the download is corrupt, try again")
+    os.replace(dest + ".part", dest)
+    return dest
+
+
+def load_inception(path, device="cpu"):
+    """FIDInception with the file's weights: torch.load(weights_only=True) reads the legacy (non-zip)
+    format too; strict=True so a wrong file fails loudly."""
+    model = FIDInception()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: the offline metric's classifier ([inferred]: our design, not from a paper)
+# --------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """A small CNN: three stride-2 conv-BN-ReLU stages (w, 2w, 4w channels), global average pool -> 4w-d
+    features -> linear class logits. ~5 MFLOPs per 32x32 image; works at any resolution >= 8."""
+    def __init__(self, num_classes, width=CLF_WIDTH):
+        super().__init__()
+        w = width
+
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*stage(3, w), *stage(w, 2 * w), *stage(2 * w, 4 * w),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x, features=False):  # x: (B, 3, S, S) in [-1, 1]
+        f = self.features(x)  # (B, 4w)
+        return f if features else self.fc(f)
+
+
+def train_classifier(images, labels, num_classes, steps=None, batch_size=CLF_BATCH, lr=CLF_LR, seed=0):
+    """Adam on cross-entropy, cosine lr decay, a fixed number of steps, on one CPU thread from fixed
+    seeds: the same data gives the same classifier on any machine (one thread = one reduction order;
+    it is also the fastest for convs this small when other processes share the cores)."""
+    steps = steps or CLF_STEPS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = Classifier(num_classes)
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            it = dit.batches(images, labels, batch_size, seed)
+            model.train()
+            for step in range(steps):
+                xb, yb = next(it)
+                for g in opt.param_groups:  # lr_k = lr * (1 + cos(pi k / steps)) / 2
+                    g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Apply: features, cached classifier / reference statistics
+# --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract(net, images, batch_size=100, device="cpu", verbose=False):
+    """Run net over uint8 images in batches on `device` -> float64 numpy features (N, D)."""
+    t0, out = time.perf_counter(), []
+    for k in tqdm(range(0, len(images), batch_size), disable=not verbose, desc="features", leave=False):
+        out.append(net(images[k:k + batch_size].to(device)).double().cpu())
+    feats = torch.cat(out).numpy()
+    if verbose:
+        print(f"fid: {len(feats)} x {feats.shape[1]}-d features at {len(feats) / (time.perf_counter() - t0):.0f} images/s")
+    return feats
+
+
+def resize_uint8(images, size):
+    """uint8 (N, 3, H, W) -> (N, 3, size, size): area when shrinking (as dit.load_data), else bilinear."""
+    if images.shape[-1] == size:
+        return images
+    mode = dict(mode="area") if images.shape[-1] > size else dict(mode="bilinear", align_corners=False)
+    return F.interpolate(images.float(), size=(size, size), **mode).round().clamp(0, 255).to(torch.uint8)
+
+
+def get_scorer(metric="auto", data="shapes", data_dir="data", image_size=32, device="cpu", cache_dir="",
+               inception_weights=""):
+    """The feature network for `metric`: dict(metric, key (what the statistics depend on), net (uint8
+    images -> features), clf (FD-clf: the classifier, whose .fc turns features into logits), ref (the
+    cache file of the reference statistics)). Trains and caches the FD-clf classifier on first use."""
+    cache_dir = cache_dir or os.environ.get("TINYDIT_FID_CACHE", os.path.join("out", "fid_cache"))
+    tag = f"{data}-{image_size}" if data == "shapes" else f"{data}-{os.path.basename(os.path.normpath(data_dir))}-{image_size}"
+    weights = find_inception_weights(inception_weights) if metric in ("auto", "fid") else None
+    if metric == "fid" and weights is None:  # asked for FID explicitly: fetch the weights (online machines)
+        weights = download_inception()
+    if metric == "fid" and weights is None:
+        sys.exit(f"error: --metric fid needs the Inception weights; offline? get {INCEPTION_URL} "
+                 f"and pass --inception-weights PATH")
+    if weights is not None:
+        print(f"fid: metric FID (Inception-v3 pool3 features, {weights})")
+        inception = load_inception(weights, device)
+        return dict(metric="FID", key="FID", clf=None, ref=os.path.join(cache_dir, f"ref_FID_{tag}.npz"),
+                    net=lambda imgs: inception(inception_preprocess(imgs)))
+    if metric not in ("auto", "clf"):
+        sys.exit(f"error: --metric must be auto, fid or clf, not {metric!r}")
+    name = f"{tag}_s{CLF_STEPS}w{CLF_WIDTH}"
+    path = os.path.join(cache_dir, f"clf_{name}.pt")
+    if os.path.exists(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        clf = Classifier(ck["num_classes"])
+        clf.load_state_dict(ck["model"])
+    else:
+        t0 = time.perf_counter()
+        x, y, nc = dit.load_data(data, data_dir, image_size)
+        clf = train_classifier(x, y, nc)
+        xt, yt, _ = dit.load_data(data, data_dir, image_size, train=False)
+        with torch.no_grad():
+            acc = float((clf(dit.to_float(xt[:2000])).argmax(1) == yt[:2000]).float().mean())
+        dit.save_checkpoint(dict(model=clf.state_dict(), num_classes=nc, test_acc=acc), path)
+        print(f"fid: trained the FD-clf classifier in {time.perf_counter() - t0:.1f} s (test accuracy {acc:.3f})")
+    print(f"fid: metric FD-clf (no Inception weights found; NOT comparable to published FIDs; {path})")
+    clf = clf.eval().to(device)
+    return dict(metric="FD-clf", key=f"FD-clf/{tag}", clf=clf, ref=os.path.join(cache_dir, f"ref_{name}.npz"),
+                net=lambda imgs: clf(dit.to_float(resize_uint8(imgs, image_size)), features=True))
+
+
+def reference_stats(scorer, data="shapes", data_dir="data", image_size=32, batch_size=100, device="cpu",
+                    verbose=True):
+    """(mu, sigma) of the whole train split of the data set in the scorer's feature space, cached."""
+    if os.path.exists(scorer["ref"]):
+        d = np.load(scorer["ref"])
+        return d["mu"], d["sigma"]
+    x, _, _ = dit.load_data(data, data_dir, image_size)
+    mu, sigma = gaussian_stats(extract(scorer["net"], x, batch_size, device, verbose))
+    os.makedirs(os.path.dirname(scorer["ref"]) or ".", exist_ok=True)
+    np.savez(scorer["ref"], mu=mu, sigma=sigma, metric=scorer["key"])
+    return mu, sigma
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: the API every script scores its variants with
+# --------------------------------------------------------------------------------------------------
+
+def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=50, method="ddim",
+             cfg_scale=1.5, seed=0, batch_size=100, device=None, cache_dir="", metric="auto", verbose=False):
+    """Score a model: n class-conditional samples (labels arange(n) % num_classes, noise from `seed`, via
+    sample.generate, so every variant sees the same noise) against the data set's train split.
+    Returns dict(metric="FID" | "FD-clf", score (lower is better), acc (FD-clf: classifier accuracy on
+    the samples w.r.t. the asked labels; None for FID), n)."""
+    import sample
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if model.input_size != image_size:
+        print(f"fid: the model makes {model.input_size}px images; scoring at {model.input_size}, not {image_size}")
+        image_size = model.input_size
+    scorer = get_scorer(metric, data, data_dir, image_size, device, cache_dir)
+    mu_r, sigma_r = reference_stats(scorer, data, data_dir, image_size, batch_size, device, verbose)
+    labels = torch.arange(n) % model.num_classes
+    imgs = sample.generate(model, labels, seed, steps, method, 0.0, cfg_scale, batch_size, progress=verbose)
+    feats = extract(scorer["net"], imgs, batch_size, device, verbose)
+    acc = None
+    if scorer["clf"] is not None:
+        with torch.no_grad():
+            logits = scorer["clf"].fc(torch.from_numpy(feats).float().to(device))
+        acc = float((logits.argmax(1).cpu() == labels).float().mean())
+    score = frechet_distance(*gaussian_stats(feats), mu_r, sigma_r)
+    return dict(metric=scorer["metric"], score=score, acc=acc, n=n)
+
+
+def load_images(spec, data, data_dir, image_size, seed):
+    """uint8 (N, 3, H, W) from a folder of images, an .npz with arr_0 (N, H, W, 3) uint8, or
+    `data:SPLIT[:N]` (the --data set's train/test split, N random images of it)."""
+    if spec.startswith("data:"):
+        parts = spec.split(":")
+        size = image_size or (64 if data == "imagenet64" else 32)
+        x, _, _ = dit.load_data(data, data_dir, size, train=parts[1] == "train")
+        if len(parts) > 2:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(parts[2])]]
+        return x
+    if os.path.isdir(spec):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            sys.exit(f"error: no images in {spec}")
+        arr = np.stack([np.asarray(Image.open(os.path.join(spec, f)).convert("RGB")) for f in files])
+    elif spec.endswith(".npz"):
+        arr = np.load(spec)["arr_0"]
+    else:
+        sys.exit(f"error: {spec} is not a folder, an .npz or data:SPLIT")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def split_argv(argv):
+    """Separate the positional paths from the --flags (dit.parse_args takes flags only)."""
+    valued = {"--" + f.replace("_", "-") for f, t in FIDConfig.__annotations__.items() if t is not bool}
+    flags, paths, k = [], [], 0
+    while k < len(argv):
+        a = argv[k]
+        if a.startswith("--"):
+            flags.append(a)
+            if a in valued and k + 1 < len(argv):
+                flags.append(argv[k + 1])
+                k += 1
+        else:
+            paths.append(a)
+        k += 1
+    return flags, paths
+
+
+def main(argv=None):
+    flags, paths = split_argv(sys.argv[1:] if argv is None else argv)
+    cfg = dit.parse_args(FIDConfig, flags)
+    device = dit.pick_device(cfg.device)
+    if cfg.download and find_inception_weights(cfg.inception_weights) is None:
+        download_inception()
+    rows = []
+    if cfg.ckpt:
+        import sample
+        model = sample.load_model(cfg.ckpt, device)
+        tc = dit.load_checkpoint(cfg.ckpt).get("train_config", {})
+        data, data_dir = cfg.data or tc.get("data", "shapes"), cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
+        t0 = time.perf_counter()
+        r = evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale, cfg.seed,
+                     cfg.batch_size, device, cfg.cache_dir, cfg.metric, verbose=True)
+        rows.append({"A": cfg.ckpt, "B": f"{data} train", "metric": r["metric"], "score": f"{r['score']:.3f}",
+                     "class acc": "-" if r["acc"] is None else f"{r['acc']:.3f}", "n": r["n"],
+                     "sampler": f"{cfg.steps} {cfg.method}, cfg {cfg.cfg_scale}",
+                     "wall": f"{time.perf_counter() - t0:.0f} s"})
+    else:
+        if len(paths) != 2:
+            sys.exit("error: give two inputs (A B), or --save-stats A OUT.npz, or --ckpt PATH")
+        data = cfg.data or "shapes"
+        stats, scorer = [], None
+        for p in paths[:1] if cfg.save_stats else paths:
+            d = np.load(p) if p.endswith(".npz") else {}
+            if "mu" in d:  # a stats file
+                stats.append((d["mu"], d["sigma"], str(d["metric"]) if "metric" in d else "?", "stats"))
+                continue
+            imgs = load_images(p, data, cfg.data_dir, cfg.image_size, cfg.seed)
+            if scorer is None:
+                scorer = get_scorer(cfg.metric, data, cfg.data_dir, cfg.image_size or imgs.shape[-1], device,
+                                    cfg.cache_dir, cfg.inception_weights)
+            mu, sigma = gaussian_stats(extract(scorer["net"], imgs, cfg.batch_size, device, verbose=True))
+            stats.append((mu, sigma, scorer["key"], len(imgs)))
+        if cfg.save_stats:
+            mu, sigma, key, n = stats[0]
+            os.makedirs(os.path.dirname(paths[1]) or ".", exist_ok=True)
+            np.savez(paths[1], mu=mu, sigma=sigma, metric=key)
+            return print(f"fid: wrote {key} statistics of {n} images of {paths[0]} to {paths[1]}")
+        if "?" not in (stats[0][2], stats[1][2]) and stats[0][2] != stats[1][2]:
+            sys.exit(f"error: the inputs were featurised differently ({stats[0][2]} vs {stats[1][2]})")
+        score = frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
+        rows.append({"A": paths[0], "B": paths[1], "metric": stats[0][2].split("/")[0], "score": f"{score:.3f}",
+                     "n A": stats[0][3], "n B": stats[1][3]})
+    print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
+    print(dit.markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

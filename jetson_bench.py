@@ -1,0 +1,379 @@
+"""
+jetson_bench.py: every tinydit variant measured side by side: size, FLOPs, latency, memory and quality.
+
+Context: "Designing Parameter and Compute Efficient Diffusion Transformers using Distillation" (Sundaresha
+2025, arXiv 2502.14226) reports its students on a Jetson Orin Nano with torch.compile and FP16. The other
+three papers (TinyFusion arXiv 2412.01199, DiP-GO arXiv 2410.16942, DyDiT arXiv 2410.03456) each report
+only their own axis. This script puts every checkpoint the repository writes into ONE table and ONE
+quality-vs-latency Pareto plot, on whatever device it runs on (an Orin, a desktop GPU, a laptop CPU).
+
+What is measured, per checkpoint (any kind sample.load_model knows: dit, student, dipgo, dydit):
+    params                       dit.param_count
+    GFLOPs/img                   torch.utils.flop_counter (dit.count_flops) over the WHOLE sampler for one
+                                 image: every step, CFG pair, DiP-GO cache hit and DyDiT slice as it runs
+                                 (SDPA on its math backend while counting: the fused kernels are uncounted)
+    calls/img, GFLOPs/call       network calls per image (one-step student: 1; diffusion: --steps, a DiP-GO
+                                 plan: its own K); a call under CFG carries the cond + uncond rows (NFE = 2x)
+    ms/call p50/p90              each network call timed inside real sampling (CUDA events on GPU)
+    ms/img p50/p90, img/s        whole generations at batch 1 and at --batch; warm-up runs excluded
+    peak MB                      CUDA: torch.cuda.max_memory_allocated at --batch; CPU: n/a (not measured)
+    quality                      fid.evaluate with one shared setting (--n, --steps, --cfg-scale, --seed)
+Stacking (--stack): a DiP-GO plan learned on each TinyFusion-pruned DiT (prune.learn_scores +
+postprocess), and DyDiT fine-tuned from each multi-step distilled student (dynamic.finetune). A one-step
+student has no timestep input, so DyDiT's timestep-wise width has nothing to route on: not stacked.
+
+Choices here ([inferred], no paper specifies them): per-call latency is the median over all calls of a
+trajectory (DyDiT and DiP-GO calls differ in cost by step); quality is always scored in float32 eager.
+
+Run:
+    python jetson_bench.py                                  # every checkpoint under out/, CPU ~minutes
+    python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
+    python jetson_bench.py --stack                          # build the stacked variants first
+    python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
+Writes out/bench/bench.md, bench.csv, bench.json and pareto.png. Measured tables: frag_bench.md.
+"""
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+import dit
+import sample
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+KINDS = ("dit", "student", "dipgo", "dydit")
+
+
+@dataclass
+class BenchConfig:
+    out: str = "out/bench"        # folder for bench.md / .csv / .json, pareto.png and stacked checkpoints
+    steps: int = 20               # DDIM steps of every diffusion model (a DiP-GO plan keeps its own K)
+    cfg_scale: float = 1.5        # classifier-free guidance for timing, FLOPs and quality (fid default)
+    batch: int = 64               # throughput batch (batch 1 is always measured too)
+    reps: int = 5                 # timed generations per (model, batch) after the warm-up
+    warmup: int = 1               # untimed generations first (torch.compile traces here)
+    compile: bool = False         # also time a torch.compile'd copy (rows "compile" beside "eager")
+    dtype: str = "float32"        # float32 | float16 | bfloat16 (autocast); on CPU only when asked
+    device: str = "auto"          # auto | cpu | cuda | mps
+    quality: bool = True          # score with fid.evaluate (--no-quality skips it)
+    n: int = 100                  # samples per quality score (shared by every model)
+    data: str = "shapes"          # data set of the quality metric
+    data_dir: str = "data"        # where cifar10 / imagenet64 live
+    seed: int = 0                 # noise of the timed inputs and of the quality samples
+    stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO, student + DyDiT)
+    stack_ratio: float = 0.5      # DiP-GO reuse ratio for the stacked plan; DyDiT lambda for the stack
+    stack_steps: int = 30         # DiP-GO pruner steps / DyDiT fine-tuning steps of the stack
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: one generation, timed per call
+# --------------------------------------------------------------------------------------------------
+
+class Timed(nn.Module):
+    """Wraps a model so that every network call the sampler makes is timed (CUDA events on GPU, else
+    perf_counter). `fn` is what actually runs (the model, or its torch.compile'd copy)."""
+    def __init__(self, model, fn=None):
+        super().__init__()
+        self.inner, self.fn, self.marks = model, fn or model, []
+        for a in ("num_classes", "in_channels", "input_size"):
+            setattr(self, a, getattr(model, a))
+        self.one_step = getattr(model, "one_step", False)
+
+    def forward(self, *args):
+        self.marks.append(clock(args[0].device))
+        out = self.fn(*args)
+        self.marks.append(clock(args[0].device))
+        return out
+
+    def call_ms(self):
+        return [elapsed_ms(a, b) for a, b in zip(self.marks[::2], self.marks[1::2])]
+
+
+def clock(device):
+    if device.type == "cuda":
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return time.perf_counter()
+
+
+def elapsed_ms(a, b):
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1000
+
+
+count_flops = dit.count_flops  # torch.utils.flop_counter, attention included (SDPA math backend)
+
+
+def generate_once(model, z, y, steps, cfg_scale):
+    """One batch of images from noise z: one call for a one-step model, else the DDIM sampler + CFG."""
+    if getattr(model, "one_step", False):
+        return model(z, y)
+    return sample.sample(model, z, y, steps, "ddim", 0.0, cfg_scale)
+
+
+def sampler_steps(model, steps):
+    """(steps the sampler is run with, network calls per image) for this model."""
+    if getattr(model, "one_step", False):
+        return 1, 1
+    plan = isinstance(getattr(model, "plan", None), torch.Tensor)
+    s = model.steps if plan else steps  # a DiP-GO plan only runs on the K-step schedule it was learned for
+    return s, s
+
+
+@torch.no_grad()
+def time_generation(model, fn, device, dtype, batch, steps, cfg_scale, reps, warmup, seed):
+    """Latencies of whole generations of `batch` images and of every network call inside them (ms),
+    warm-up excluded; peak CUDA memory (MB) over the timed runs, None elsewhere."""
+    timed = Timed(model, fn)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
+    y = (torch.arange(batch) % model.num_classes).to(device)
+    gen_ms, call_ms = [], []
+    for r in range(warmup + reps):
+        if r == warmup and device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        timed.marks = []
+        a = clock(device)
+        with dit.autocast(device, dtype):
+            generate_once(timed, z, y, steps, cfg_scale)
+        b = clock(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if r >= warmup:
+            gen_ms.append(elapsed_ms(a, b))
+            call_ms += timed.call_ms()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return gen_ms, call_ms, peak
+
+
+def pct(xs, q):
+    """q-th percentile (nearest rank) of a list."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Apply: find checkpoints, build the stacked variants
+# --------------------------------------------------------------------------------------------------
+
+def find_checkpoints(paths, root="out"):
+    """[(path, kind)] of the tinydit checkpoints among `paths` (default: every *.pt under root); others
+    are skipped with a one-line note."""
+    paths = paths or sorted(glob.glob(os.path.join(root, "**", "*.pt"), recursive=True))
+    found = []
+    for p in paths:
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            print(f"skip {p}: not readable ({type(e).__name__})")
+            continue
+        kind = ck.get("kind") if isinstance(ck, dict) else None
+        if kind in KINDS and "config" in ck:
+            found.append((p, kind))
+        else:
+            print(f"skip {p}: not a model checkpoint (kind {kind!r})")
+    return found
+
+
+def stack_dipgo(path, cfg, device):
+    """TinyFusion + DiP-GO: learn a DiP-GO plan (pruner + falling threshold) on a pruned DiT checkpoint
+    and save it as a kind "dipgo" checkpoint. Returns its path."""
+    import prune as dg
+    ck = dit.load_checkpoint(path, kinds=["dit"])
+    base = dit.build_dit(ck).to(device).requires_grad_(False)
+    dcfg = dg.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale, ratio=cfg.stack_ratio,
+                          dipgo_steps=cfg.stack_steps, seed=cfg.seed, device=str(device), data=cfg.data)
+    score, _ = dg.learn_scores(base, dcfg, log=None)
+    plan = dg.postprocess(score, cfg.stack_ratio)
+    out = os.path.join(cfg.out, "stack", f"{os.path.splitext(os.path.basename(path))[0]}+dipgo_r{cfg.stack_ratio}.pt")
+    dg.save_dipgo(ck, plan, score, dcfg, cfg.stack_ratio, out)
+    return out
+
+
+def stack_dydit(path, cfg, device):
+    """Distilled multi-step student + DyDiT: the student (a dit.DiT) is fine-tuned into a DyDiT at
+    lambda = --stack-ratio by dynamic.finetune. Returns the path, or None for a one-step student."""
+    import dynamic
+    ck = dit.load_checkpoint(path, kinds=["student"])
+    config = dict(ck["config"])
+    if config.pop("arch") == "onestep":
+        return None
+    as_dit = dict(kind="dit", config=config,
+                  ema={k[len("student."):]: v for k, v in ck["ema"].items() if k.startswith("student.")})
+    out = os.path.join(cfg.out, "stack", f"{os.path.splitext(os.path.basename(path))[0]}+dydit_{cfg.stack_ratio}.pt")
+    dcfg = dynamic.DyConfig(out=out, lam=cfg.stack_ratio, steps=cfg.stack_steps, device=str(device), data=cfg.data,
+                            data_dir=cfg.data_dir, seed=cfg.seed, lam_hold=0, lam_ramp=max(cfg.stack_steps // 2, 1),
+                            complete_steps=0)
+    dynamic.finetune(dcfg, as_dit, quiet=True)
+    return out
+
+
+def build_stacks(found, cfg, device):
+    """The stacked checkpoints for `found`, with a note per pair that cannot be stacked."""
+    new = []
+    for p, kind in found:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        if kind == "dit" and ck.get("method") == "tinyfusion":
+            print(f"stack: learning a DiP-GO plan on {p} ({cfg.stack_steps} pruner steps)")
+            new.append((stack_dipgo(p, cfg, device), "dipgo"))
+        elif kind == "student":
+            print(f"stack: fine-tuning DyDiT from the student {p} ({cfg.stack_steps} steps)")
+            q = stack_dydit(p, cfg, device)
+            if q is None:
+                print(f"stack: {p} is a one-step student (no timestep): DyDiT's width router has no input; skipped")
+            else:
+                new.append((q, "dydit"))
+    if not any(k == "dipgo" for _, k in new):
+        print("stack: no TinyFusion checkpoint (kind dit, method tinyfusion) found: nothing to stack with DiP-GO")
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluate: one row per (checkpoint, mode), the table, CSV / JSON, the Pareto plot
+# --------------------------------------------------------------------------------------------------
+
+def bench_model(path, kind, cfg, device):
+    """The rows (eager, and compile with --compile) of one checkpoint."""
+    model = sample.load_model(path, device)
+    steps, calls = sampler_steps(model, cfg.steps)
+    z1 = torch.randn(1, model.in_channels, model.input_size, model.input_size,
+                     generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    y1 = torch.zeros(1, dtype=torch.long, device=device)
+    flops = count_flops(lambda: generate_once(model, z1, y1, steps, cfg.cfg_scale))
+    q = dict(score=None, acc=None, metric="-")
+    if cfg.quality:
+        import fid
+        q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.n, steps=steps, cfg_scale=cfg.cfg_scale,
+                         seed=cfg.seed, batch_size=min(100, cfg.n), device=device)
+    rows = []
+    for mode in ("eager", "compile") if cfg.compile else ("eager",):
+        fn = torch.compile(model) if mode == "compile" else model
+        r1, c1, _ = time_generation(model, fn, device, cfg.dtype, 1, steps, cfg.cfg_scale, cfg.reps, cfg.warmup, cfg.seed)
+        rb, cb, peak = time_generation(model, fn, device, cfg.dtype, cfg.batch, steps, cfg.cfg_scale, cfg.reps,
+                                       cfg.warmup, cfg.seed)
+        B = cfg.batch
+        rows.append({"model": os.path.relpath(path), "kind": kind, "mode": mode,
+                     "params (M)": round(dit.param_count(model) / 1e6, 3), "steps": steps, "calls/img": calls,
+                     "GFLOPs/call": round(flops / calls / 1e9, 4), "GFLOPs/img": round(flops / 1e9, 3),
+                     "b1 ms/call p50": round(pct(c1, 50), 2), "b1 ms/call p90": round(pct(c1, 90), 2),
+                     "b1 ms/img p50": round(pct(r1, 50), 1), "b1 ms/img p90": round(pct(r1, 90), 1),
+                     f"b{B} ms/call p50": round(pct(cb, 50), 2), f"b{B} ms/call p90": round(pct(cb, 90), 2),
+                     f"b{B} ms/img p50": round(pct(rb, 50) / B, 2), f"b{B} ms/img p90": round(pct(rb, 90) / B, 2),
+                     f"b{B} img/s": round(1000 * B / statistics.median(rb), 1),
+                     "peak MB": "n/a" if peak is None else round(peak, 1),
+                     "quality": "-" if q["score"] is None else f"{q['metric']} {q['score']:.2f}",
+                     "class acc": "-" if q["acc"] is None else round(q["acc"], 3),
+                     "score": q["score"]})
+    return rows
+
+
+def pareto_png(rows, path, batch, size=(720, 480), m=70):
+    """Quality score (lower is better) vs ms per image at the throughput batch (log x), one labelled dot per
+    model (eager rows), the Pareto front joined by a line. PNG via pillow."""
+    from PIL import Image, ImageDraw
+    pts = [(r[f"b{batch} ms/img p50"], r["score"], f"{os.path.basename(r['model'])[:-3]} {r['params (M)']}M")
+           for r in rows if r["mode"] == "eager" and r["score"] is not None]
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    W, H = size
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    d.text((W // 2 - 90, H - m + 25), f"ms per image (batch {batch}, log scale)", fill="black")
+    d.text((8, m // 2 - 20), "quality score (lower is better) vs latency; labels: model, params", fill="black")
+    if not pts:
+        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
+        return img.save(path)
+    lx = [math.log10(max(p[0], 1e-6)) for p in pts]
+    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
+    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
+    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
+    for k in range(5):  # axis ticks
+        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
+        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
+        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
+    front, best = [], float("inf")
+    for p in sorted(pts):  # the Pareto front: faster points that no faster point beats on quality
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    if len(front) > 1:
+        d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
+    for x, y, label in pts:
+        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(0, 70, 200))
+        d.text((X(x) + 6, Y(y) - 12), label, fill="black")
+    img.save(path)
+
+
+def split_argv(argv):
+    """Separate the checkpoint paths from the --flags (dit.parse_args takes flags only)."""
+    valued = {"--" + f.replace("_", "-") for f, t in BenchConfig.__annotations__.items() if t is not bool}
+    flags, paths, k = [], [], 0
+    while k < len(argv):
+        if argv[k].startswith("--"):
+            flags.append(argv[k])
+            if argv[k] in valued and k + 1 < len(argv):
+                flags.append(argv[k + 1])
+                k += 1
+        else:
+            paths.append(argv[k])
+        k += 1
+    return flags, paths
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    flags, paths = split_argv(sys.argv[1:] if argv is None else argv)
+    cfg = dit.parse_args(BenchConfig, flags)
+    print(json.dumps(asdict(cfg)))
+    device = dit.pick_device(cfg.device)
+    if device.type == "cpu" and cfg.dtype != "float32":
+        print(f"note: {cfg.dtype} autocast on CPU, as asked; on many CPUs half precision is SLOWER than float32")
+    os.makedirs(cfg.out, exist_ok=True)
+    found = find_checkpoints(paths)
+    if cfg.stack:
+        found += build_stacks(found, cfg, device)
+    if not found:
+        sys.exit("error: no tinydit checkpoints to benchmark (train some, or pass paths)")
+    rows = []
+    for p, kind in found:
+        print(f"bench {p} ({kind})")
+        rows += bench_model(p, kind, cfg, device)
+    header = dit.run_header(device, cfg.dtype, f"1 and {cfg.batch}", cfg.seed)
+    note = (f"{cfg.steps} DDIM steps (DiP-GO: its plan's K), CFG {cfg.cfg_scale}; latency: p50/p90 of {cfg.reps} runs "
+            f"after {cfg.warmup} warm-up; quality: fid.evaluate n={cfg.n}, float32 eager; peak MB: "
+            + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on CPU (not measured)")
+            + ("; CPU half precision as asked (often slower than fp32)" if device.type == "cpu" and cfg.dtype != "float32" else ""))
+    table = dit.markdown_table([{k: v for k, v in r.items() if k != "score"} for r in rows])
+    text = f"{header}\n\n{note}\n\n{table}\n"
+    print("\n" + text)
+    with open(os.path.join(cfg.out, "bench.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out, "bench.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+        json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
+    pareto_png(rows, os.path.join(cfg.out, "pareto.png"), cfg.batch)
+    print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,988 @@
+"""
+prune.py: make a DiT cheaper by removing block computations. Section 1: TinyFusion learnable depth
+pruning, its baselines and recovery. Section 2: DiP-GO step-wise block reuse with a feature cache.
+
+Paper: "TinyFusion: Diffusion Transformers Learned Shallow", Gongfan Fang, Kunjun Li, Xinyin Ma, Xinchao
+Wang, CVPR 2025, arXiv 2412.01199. Whole blocks are removed. Which ones is *learned*: every local group of
+M blocks keeps N of them (N:M), one logit per allowed keep-pattern; a hard straight-through Gumbel-softmax
+draws a pattern per example, the masked DiT (dropped block = identity) is trained on the plain diffusion
+loss while a LoRA update "simulates" the fine-tuning that follows, so masks that are cheap to *repair*
+win, not masks with the lowest loss right after pruning. The argmax of the EMA logits is the mask; LoRA
+is thrown away, the shallow DiT is rebuilt from the ORIGINAL weights and fine-tuned (Masked KD optional).
+
+Paper (spec ../shared/specs/tinyfusion_dipgo.md) -> here
+    block-local N:M search space (spec 1.2)            -> parse_pattern
+    hard straight-through Gumbel-softmax, tau 4->0.1,
+      s = 100, per-example draws (spec 1.3)           -> st_gumbel_masks, MaskSearch.temperature
+    h <- m Block(h, c) + (1 - m) h (spec 1.3)          -> masked_forward (dit.DiT.embed / blocks / head)
+    recoverability dW = LoRA on every Linear (1.4)     -> LoRALinear, add_lora, learn_mask (deltaw lora|full|frozen)
+    EMA logits -> argmax mask; rebuild from the
+      original weights (1.3-1.4)                      -> MaskSearch.kept, export_pruned (a plain "dit" checkpoint)
+    baselines (1.6): first/last-k, uniform (oracle),
+      ShortGPT block influence, sensitivity, magnitude,
+      Taylor, min-calibration-loss random, random,
+      fixed indices                                   -> baseline_kept, block_influence, calib_loss
+    recovery: fine-tune / logits KD / Masked KD (1.5)  -> recovery_loss, masked_rep_loss, recover
+Shared harness (any variant, also DiP-GO's): score_model (fid.evaluate), sampling_seconds (speed-up vs the
+base in one interleaved run), save_sample_rows (same noise), save_mask_png, print_results.
+
+Run:
+    python prune.py --method tinyfusion                  # out/dit.pt (trained first if absent) 6 -> 3 blocks
+    python prune.py --method all --recover finetune      # every method, same depth, same recovery, one table
+    python prune.py --method tinyfusion --recover maskedkd --pattern 2:4 --deltaw full
+    python prune.py --method index --kept 0,2,5          # any fixed set of kept blocks (prune_by_index.py)
+Every stage writes a checkpoint under --out (named after method, seed, mask); re-running resumes or reuses
+it. The pruned/recovered checkpoints are kind "dit": sample.py and fid.py load them as any DiT.
+Default on 2 CPU cores (cpu preset, 6 -> 3 blocks): ~3-4 min after the base model exists. Measured
+numbers: frag_prune.md.
+
+Our choices for Section 1, [inferred] (the paper does not settle them or its scale does not fit a CPU):
+- Learning rates for CPU-minute runs: LoRA 1e-3, gates 1e-2 (the paper: 1e-4 / 1e-3, same 10x ratio; our
+  base DiT is trained at 1e-3 instead of 1e-4) and recovery at a constant 1e-3 (paper 2e-4, cosine to 1e-4;
+  dit.train has no cosine schedule). Budgets are a few hundred steps instead of 10K / 100K.
+- Masked-KD layer pairs: student block j <-> teacher block round((j + 1) L / k) - 1, i.e. the last block of
+  group j (the paper's 2j + 1 for 28 -> 14). The variance term of L_KD is KL(teacher || student) of the
+  two reverse Gaussians with the student's eps detached (as L_vb). --kd-sigma 0 = unmasked RepKD.
+- Baseline scores (magnitude: sum |W| of a block; Taylor: sum |W dL/dW|; sensitivity: loss increase when a
+  block alone is dropped) are not in the paper's tables. Block influence is measured along the base
+  model's own DDIM trajectories (the code: 128 samples, 250 steps; here --calib-n samples, --eval-steps).
+- LoRA A is initialised N(0, 1/in_features) (torchtune: Kaiming-uniform); B = 0 as LoRA.
+
+Section 2: DiP-GO timestep-aware block skipping with a feature cache.
+
+Paper: "DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization", Haowei Zhu, Dehua Tang, Ji Liu,
+Mingjie Lu, Jintu Zheng, Jinzhang Peng, Dong Li, Yu Wang, Fan Jiang, Lu Tian, Spandan Tiwari, Ashish
+Sirasao, Jun-Hai Yong, Bin Wang, Emad Barsoum; NeurIPS 2024; arXiv 2410.16942.
+
+Idea: the K-step sampling trajectory is a SuperNet. At every step after the first, every block either
+computes or takes a "backup connection" that reuses its contribution from the previous step. A small
+pruner (a learnable query per (step, block) -> self-attention + FFN encoder -> per-(step, block) heads)
+gives straight-through keep/reuse gates. It is trained for a few steps, with labels and noise only (no
+images), so that the gated sampler's final image matches the full sampler's (SSIM) while few blocks are
+computed. Its scores become a static plan by a greedy falling threshold; inference runs the plan with a
+feature cache, so a reused block costs one tensor add.
+
+Paper / reference code -> here (section numbers: ../shared/specs/tinyfusion_dipgo.md, Sec. 2)
+    2.2 SuperNet, backup connection to step t-1       -> gated_blocks (train), cached_blocks (inference)
+    2.3 pruner: queries, 1-layer SA+FFN, heads        -> Pruner
+    2.3 straight-through gate (no Gumbel noise)       -> st_gate
+    2.4-2.5 consistency (SSIM) + sparsity, few steps  -> consistency_loss, ssim, learn_scores
+    2.6 post-processing, falling threshold            -> postprocess
+    2.7 inference with the cache                      -> CachedDiT, build_dipgo
+    5 baselines (DeepCache/FORA-style, random,        -> uniform_plan, random_plan, fewer steps in
+      fewer sampling steps)                              dipgo_variants
+
+[inferred] choices (the public code is SD-UNet only; spec tinyfusion_dipgo.md Sec. 2.2-2.4, 4):
+  - the unit is one DiT block; "reuse" adds the block's previous residual update, h + D[t-1, b]
+    (Learning-to-Cache / FORA reading), not its previous output. A reused block keeps its old D.
+  - all blocks have equal FLOPs, so the cascade FLOPs ratio of each is 1/N and there is no cascade.
+  - --ratio r = fraction of the gated (step >= 1, block) evaluations reused; blocks kept overall
+    = 1 - r (K-1)/K. The sparsity term is dropped while the hard kept fraction is below 1 - r (the
+    code's early stop, with the threshold put at the target).
+  - Adam instead of SGD (a few dozen steps instead of 500), encoder residuals + post-LayerNorm,
+    value projection d -> d, query width 128, blocks visited first to last by the greedy pass.
+
+Run (Section 2):
+    python prune.py --method dipgo --ratio 0.5             # learn one plan for out/dit.pt, table + PNGs
+    python prune.py --method dipgo --ratios 0.3,0.5,0.7    # a plan per ratio vs the three baselines
+    python sample.py --ckpt out/prune/dipgo_r0.5.pt        # any sampler runs the plan with its cache
+"""
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import dit
+import sample
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+DEPTH_METHODS = ("tinyfusion", "first", "last", "uniform", "shortgpt", "sensitivity", "magnitude", "taylor",
+                 "randmin", "random", "index")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "tinyfusion"   # tinyfusion | first | last | uniform | shortgpt | sensitivity | magnitude | taylor
+    #                              | randmin | random | index, a comma list of them, or all (all but index);
+    #                              dipgo (Section 2)
+    teacher: str = "out/dit.pt"  # the base DiT; trained first (python dit.py --preset PRESET) when absent
+    preset: str = "cpu"          # model preset, only used when the teacher has to be trained
+    data: str = "shapes"         # shapes (embedded) | cifar10 | imagenet64, as dit.py
+    data_dir: str = "data"       # where cifar10 / imagenet64 live
+    out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
+    pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default, 2:4, 3:6 = global)
+    kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
+    batch_size: int = 64         # batch for mask learning and recovery (paper: 128 learning, 256 recovery)
+    learn_steps: int = 200       # mask-learning steps (paper: ~10K = 1 ImageNet epoch; 1 shapes epoch = 156)
+    deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
+    lora_rank: int = 8           # LoRA rank r (paper 8)
+    lora_alpha: float = 16.0     # LoRA alpha (paper 2r)
+    lora_lr: float = 1e-3        # lr of LoRA (or of all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
+    gate_lr: float = 1e-2        # lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
+    tau_start: float = 4.0       # Gumbel-softmax temperature at step 0 (paper 4) ...
+    tau_end: float = 0.1         # ... annealed linearly to this (paper 0.1)
+    scaling: float = 100.0       # logit multiplier s (paper 100, constant)
+    logit_init: float = 0.02     # every pattern logit starts here (uniform distribution; paper 0.02)
+    gate_ema: float = 0.999      # EMA decay of the logits (and LoRA); the final mask is argmax of the EMA
+    calib_n: int = 128           # calibration samples for the score-based baselines and the loss column
+    random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
+    recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
+    recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
+    recover_lr: float = 1e-3     # recovery lr, constant (paper 2e-4 cosine to 1e-4) [inferred for CPU]
+    kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
+    alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
+    alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
+    beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
+    eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
+    eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
+    cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
+    speed_batch: int = 64        # sampling batch for the speed-up column (the claim: 64)
+    speed_steps: int = 10        # DDIM steps timed per model, 3 interleaved repeats, median
+    # Section 2, DiP-GO (--method dipgo); it also uses teacher, out, eval_n, eval_steps (= K, the plan's DDIM
+    # schedule), cfg_scale, speed_batch and seed from above
+    ratio: float = 0.5           # target fraction of (step >= 1, block) evaluations reused (paper: 0.3-0.8)
+    ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
+    dipgo_steps: int = 30        # pruner optimisation steps (paper: 500)
+    dipgo_batch: int = 4         # (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
+    dipgo_lr: float = 0.02       # Adam learning rate of the pruner [inferred; paper SGD 0.2, cosine]
+    dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
+    dipgo_alpha: float = 1.0     # sparsity weight (paper 1.0, ablated 0.1-2.0)
+    dipgo_dim: int = 128         # pruner query width d (paper 512)
+    dipgo_encoder: bool = True   # apply the SA+FFN encoder (--no-dipgo-encoder = the released code's pruner)
+    dipgo_grad_ckpt: bool = False  # gradient checkpointing per block (less memory, ~1.3x the time)
+    seed: int = 0                # seeds masks, LoRA, data order; scores and grids always use noise seed 0
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
+
+
+# ==================================================================================================
+# Section 1: TinyFusion
+# ==================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# Method: search space, mask sampler, masked model, LoRA, export
+# --------------------------------------------------------------------------------------------------
+
+def parse_pattern(pattern, depth):
+    """Block-local N:M search space, TinyFusion spec 1.2: (options (K, M) 0/1 rows = every M-choose-N
+    keep-pattern of one group, number of groups G = depth / M)."""
+    try:
+        n, m = map(int, pattern.split(":"))
+    except ValueError:
+        sys.exit(f"error: --pattern must look like 1:2, not {pattern!r}")
+    if not 0 < n <= m or depth % m:
+        sys.exit(f"error: --pattern {pattern} does not tile {depth} blocks (need 0 < N <= M and M | depth)")
+    options = [[float(j in c) for j in range(m)] for c in itertools.combinations(range(m), n)]
+    return torch.tensor(options), depth // m
+
+
+def st_gumbel_masks(logits, options, batch, tau, scale):
+    """Per-example block masks by hard straight-through Gumbel-softmax, TinyFusion spec 1.3 (from MaskLLM).
+    logits (G, K), options (K, M) -> (mask (B, G*M) exactly 0/1 in the forward pass, one-hot (B, G, K))."""
+    G, K = logits.shape
+    gumbel = -torch.empty(batch, G, K, device=logits.device).exponential_().log()  # g ~ Gumbel(0, 1)
+    # y = softmax((s z + g) / tau), one independent draw per example and group
+    soft = torch.softmax((scale * logits + gumbel) / tau, dim=-1)  # (B, G, K)
+    hard = F.one_hot(soft.argmax(-1), K).to(soft.dtype)
+    # straight-through: the value is exactly `hard`, the gradient is d soft
+    onehot = hard + (soft - soft.detach())
+    return (onehot @ options).reshape(batch, -1), onehot  # (B, G, M) -> (B, L)
+
+
+def masked_forward(model, x, t, y, mask):
+    """The DiT with block mask m (B, L) or (L,), TinyFusion spec 1.3: h <- m_j Block_j(h, c) + (1 - m_j) h,
+    so a dropped block is exactly the identity. A block dropped (kept) for the whole batch by a mask that
+    needs no gradient is skipped (run plainly)."""
+    h, c = model.embed(x, t, y)
+    mask = mask.expand(x.shape[0], -1) if mask.dim() == 1 else mask
+    for j, block in enumerate(model.blocks):
+        m = mask[:, j].view(-1, 1, 1)  # (B, 1, 1)
+        if not m.requires_grad and (m.all() or not m.any()):
+            h = block(h, c) if m.all() else h
+        else:
+            h = m * block(h, c) + (1 - m) * h
+    return model.head(h, c)
+
+
+class LoRALinear(nn.Module):
+    """W x + b + (alpha / r) B A x with W, b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv 2106.09685,
+    Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion spec 1.4."""
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
+
+
+def add_lora(model, rank, alpha):
+    """Replace every nn.Linear (attention, MLP, adaLN, embedders, final layer) by a LoRALinear; freeze the rest.
+    Returns the LoRA parameters."""
+    model.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+    return [p for mod in model.modules() if isinstance(mod, LoRALinear) for p in (mod.A, mod.B)]
+
+
+class MaskSearch(nn.Module):
+    """A DiT (+ dW) with one learnable logit per keep-pattern per group, TinyFusion spec 1.3. forward(x, t, y)
+    draws a mask per example (training) and runs the masked DiT; `step` drives the temperature schedule."""
+    def __init__(self, model, options, groups, steps, cfg):
+        super().__init__()
+        self.model = model
+        self.register_buffer("options", options)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.logits = nn.Parameter(torch.full((groups, len(options)), cfg.logit_init))
+        self.steps, self.tau, self.scaling = steps, (cfg.tau_start, cfg.tau_end), cfg.scaling
+        for k in ("num_classes", "in_channels", "input_size", "out_channels"):
+            setattr(self, k, getattr(model, k))
+
+    def temperature(self):
+        # tau_n = tau_0 + (tau_1 - tau_0) n / (steps - 1)     (linear, 4 -> 0.1)
+        frac = min(self.step.item() / max(self.steps - 1, 1), 1.0)
+        return self.tau[0] + (self.tau[1] - self.tau[0]) * frac
+
+    def forward(self, x, t, y):
+        mask, _ = st_gumbel_masks(self.logits, self.options, x.shape[0], self.temperature(), self.scaling)
+        if self.training:
+            self.step += 1
+        return masked_forward(self.model, x, t, y, mask)
+
+    def confidence(self):
+        """Largest pattern probability softmax(s z_g) per group (G,)."""
+        return torch.softmax(self.scaling * self.logits.detach(), -1).max(-1).values
+
+    def kept(self):
+        """The most probable pattern of every group -> sorted kept block indices."""
+        return torch.nonzero(self.options[self.logits.argmax(-1)].reshape(-1)).flatten().tolist()
+
+
+def export_pruned(ckpt, kept, **info):
+    """A plain, shallower "dit" checkpoint from the ORIGINAL (EMA) weights: block kept[j] becomes block j;
+    embedders and final layer unchanged. Any LoRA is simply never looked at (spec 1.4)."""
+    def slim(state):
+        out = {}
+        for k, v in state.items():
+            if k.startswith("blocks."):
+                _, i, rest = k.split(".", 2)
+                if int(i) in kept:
+                    out[f"blocks.{kept.index(int(i))}.{rest}"] = v.clone()
+            else:
+                out[k] = v.clone()
+        return out
+    weights = slim(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    return dict(kind="dit", config=dict(ckpt["config"], depth=len(kept)), model=weights,
+                ema={k: v.clone() for k, v in weights.items()}, kept=list(kept), **info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: baselines (spec 1.6)
+# --------------------------------------------------------------------------------------------------
+
+def calib_batch(data, n, seed, device):
+    """A fixed calibration batch (x0, y, i, noise): the same images, timesteps and noise for every mask."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    idx = torch.randperm(len(data[0]), generator=g)[:n]
+    x0 = dit.to_float(data[0][idx])
+    i, noise = torch.randint(0, 1000, (n,), generator=g), torch.randn(x0.shape, generator=g)
+    return [v.to(device) for v in (x0, data[1][idx], i, noise)]
+
+
+def calib_loss(model, batch, mask):
+    """Diffusion loss right after pruning ("calibration loss", spec Table 3) of `model` under a fixed mask."""
+    x0, y, i, noise = batch
+    diffusion = dit.Diffusion()
+    with torch.no_grad():
+        xt = diffusion.q_sample(x0, i, noise)
+        out = masked_forward(model, xt, diffusion.model_t(i), y, mask)
+        return diffusion.loss_from_output(out, x0, xt, i, noise)["loss"].item()
+
+
+def keep_mask(kept, depth, device="cpu"):
+    return torch.tensor([float(j in kept) for j in range(depth)], device=device)
+
+
+@torch.no_grad()
+def block_influence(model, n, steps, cfg_scale):
+    """ShortGPT Block Influence BI_j = 1 - cos(h_in, h_out), averaged over tokens, samples and every step of
+    the base model's own DDIM trajectories (spec 1.6; the code generates its calibration samples)."""
+    sims, calls = torch.zeros(len(model.blocks)), torch.zeros(len(model.blocks))
+
+    def record(j, inp, out):
+        sims[j] += F.cosine_similarity(inp[0], out, dim=-1).mean().item()  # mean over tokens and samples
+        calls[j] += 1
+    hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out)) for j, b in enumerate(model.blocks)]
+    sample.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale)
+    for h in hooks:
+        h.remove()
+    return 1 - sims / calls
+
+
+def baseline_kept(method, model, k, batch, cfg):
+    """Kept block indices (sorted) of a baseline at depth k, spec 1.6. Higher score = more important."""
+    L, rng = len(model.blocks), np.random.default_rng(cfg.seed)
+    top = lambda score: sorted(torch.topk(torch.as_tensor(score, dtype=torch.float), k).indices.tolist())
+    if method == "first":
+        return list(range(k))
+    if method == "last":
+        return list(range(L - k, L))
+    if method == "uniform":  # BK-SDM-style oracle: first and last kept, the middle evenly (28 -> 14: the code's list)
+        return sorted(set(np.linspace(0, L - 1, k).round().astype(int).tolist()))
+    if method == "index":
+        kept = sorted(int(v) for v in cfg.kept.split(",") if v.strip())
+        if len(set(kept)) != k or not all(0 <= v < L for v in kept):
+            sys.exit(f"error: --kept {cfg.kept!r} must list {k} distinct blocks in 0..{L - 1} (--pattern {cfg.pattern})")
+        return kept
+    if method == "random":
+        return sorted(rng.choice(L, k, replace=False).tolist())
+    if method == "shortgpt":  # drop the most input-like blocks; never drop the last one
+        bi = block_influence(model, cfg.calib_n, cfg.eval_steps, cfg.cfg_scale)
+        bi[-1] = float("inf")
+        return top(bi)
+    if method == "sensitivity":  # loss increase when block j alone is dropped
+        full = calib_loss(model, batch, keep_mask(range(L), L, batch[0].device))
+        return top([calib_loss(model, batch, keep_mask([i for i in range(L) if i != j], L, batch[0].device)) - full
+                    for j in range(L)])
+    if method == "magnitude":  # sum |W| over the block's weights
+        return top([sum(p.abs().sum().item() for p in b.parameters()) for b in model.blocks])
+    if method == "taylor":  # first-order Taylor importance sum |W dL/dW| on the calibration batch
+        model.zero_grad()
+        x0, y, i, noise = batch
+        dit.Diffusion().loss(model, x0, y, i, noise)["loss"].backward()
+        score = [sum((p * p.grad).abs().sum().item() for p in b.parameters()) for b in model.blocks]
+        model.zero_grad()
+        return top(score)
+    if method == "randmin":  # lowest calibration loss among random k-of-L masks
+        combos = list(itertools.combinations(range(L), k))
+        if len(combos) > cfg.random_masks:
+            combos = [sorted(rng.choice(L, k, replace=False).tolist()) for _ in range(cfg.random_masks)]
+        losses = [calib_loss(model, batch, keep_mask(c, L, batch[0].device)) for c in combos]
+        return list(combos[int(np.argmin(losses))])
+    sys.exit(f"error: unknown --method {method!r}; choose from {', '.join(DEPTH_METHODS)}, all, dipgo")
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: recovery losses (spec 1.5)
+# --------------------------------------------------------------------------------------------------
+
+def masked_rep_loss(h_s, h_t, k):
+    """Masked hidden-state KD, TinyFusion spec 1.5: per sample, mu and sigma over tokens and channels; only
+    entries with |h - mu| < k sigma count, in student and teacher alike ("massive activations" ignored).
+        L_rep = mean (M_s * h_s - M_t * h_t)^2,   M = [|h - mu| < k sigma]          (k = 0: unmasked)"""
+    def keep(h):
+        mu, sd = h.mean(dim=(1, 2), keepdim=True), h.std(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+        return ((h - mu).abs() < k * sd).to(h.dtype) if k > 0 else torch.ones_like(h)
+    return ((keep(h_s) * h_s - keep(h_t) * h_t.detach()) ** 2).mean()
+
+
+def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
+    """Masked KD, TinyFusion spec 1.5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0 (1 - frac).
+    Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
+    KL between the two reverse Gaussians (student eps detached, as L_vb). cfg.recover == "kd": beta = 0."""
+    B, C = x0.shape[0], x0.shape[1]
+    i, noise = torch.randint(0, diffusion.num_steps, (B,), device=x0.device), torch.randn_like(x0)
+    drop = torch.rand(B, device=x0.device) < teacher.y_embedder.dropout_prob
+    y = torch.where(drop, teacher.num_classes, y)  # the student's own label drop is switched off
+    xt, t = diffusion.q_sample(x0, i, noise), diffusion.model_t(i)
+    out_s, feats_s = student(xt, t, y, return_features=True)
+    with torch.no_grad():
+        out_t, feats_t = teacher(xt, t, y, return_features=True)
+    gt = diffusion.loss_from_output(out_s, x0, xt, i, noise)
+    kd = ((out_s[:, :C] - out_t[:, :C]) ** 2).mean()
+    if out_s.shape[1] == 2 * C:
+        mean_s, logvar_s, _, _ = diffusion.p_mean_variance(torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1), xt, i)
+        mean_t, logvar_t, _, _ = diffusion.p_mean_variance(out_t, xt, i)
+        # KL(N_t || N_s) = 1/2 (log s2_s - log s2_t + s2_t / s2_s + (mu_t - mu_s)^2 / s2_s - 1), in bits/dim
+        kl = 0.5 * (logvar_s - logvar_t + torch.exp(logvar_t - logvar_s) + (mean_t - mean_s) ** 2 * torch.exp(-logvar_s) - 1)
+        kd = kd + kl.mean() / math.log(2.0)
+    k, L = len(feats_s), len(feats_t)
+    pairs = [(j, round((j + 1) * L / k) - 1) for j in range(k)]  # student j <-> last teacher block of group j
+    rep = sum(masked_rep_loss(feats_s[j], feats_t[jt], cfg.kd_sigma) for j, jt in pairs) / k
+    beta = cfg.beta_rep * (1 - frac) if cfg.recover == "maskedkd" else 0.0
+    loss = cfg.alpha_kd * kd + cfg.alpha_gt * gt["loss"] + beta * rep
+    return dict(loss=loss, kd=kd.detach(), gt=gt["loss"].detach(), rep=rep.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# Train / Apply: learn the mask, export, recover (every stage through dit.train)
+# --------------------------------------------------------------------------------------------------
+
+def train_config(cfg, out, steps, lr, ema_decay, grad_clip):
+    return dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir, out=out, steps=steps,
+                           batch_size=cfg.batch_size, lr=lr, warmup=0, weight_decay=0.0, grad_clip=grad_clip,
+                           ema_decay=ema_decay, log_every=max(steps // 4, 1), ckpt_every=steps, seed=cfg.seed,
+                           device=cfg.device, dtype=cfg.dtype)
+
+
+def learn_mask(cfg, teacher_ckpt, data, path):
+    """TinyFusion mask learning, spec 1.3-1.4: the masked DiT + dW trained jointly with the logits on the
+    diffusion loss (AdamW, wd 0, clip 1, LoRA lr / gate lr as param groups). Returns (kept, info)."""
+    torch.manual_seed(cfg.seed)
+    model = dit.build_dit(teacher_ckpt).train()
+    options, groups = parse_pattern(cfg.pattern, len(model.blocks))
+    if cfg.deltaw == "lora":
+        weights = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.deltaw == "full":
+        weights = list(model.parameters())
+    elif cfg.deltaw == "frozen":
+        model.requires_grad_(False)
+        weights = []
+    else:
+        sys.exit(f"error: --deltaw must be lora, full or frozen, not {cfg.deltaw!r}")
+    net = MaskSearch(model, options, groups, cfg.learn_steps, cfg)
+    groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}] + ([{"params": weights, "lr": cfg.lora_lr}] if weights else [])
+    diffusion = dit.Diffusion()
+
+    def loss_fn(m, xb, yb):
+        terms = diffusion.loss(m, xb, yb)
+        return dict(loss=terms["loss"], mse=terms["mse"], tau=torch.tensor(net.temperature()),
+                    conf=net.confidence().min())
+    meta = dict(kind="tinyfusion_search", config=dict(teacher_ckpt["config"], pattern=cfg.pattern, deltaw=cfg.deltaw,
+                                                       lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+    tcfg = train_config(cfg, path, cfg.learn_steps, cfg.gate_lr, cfg.gate_ema, 1.0)
+    _, ema, ck = dit.train(net, loss_fn, data, tcfg, meta, param_groups=groups_)
+    trainable = sum(p.numel() for g in groups_ for p in g["params"])
+    info = dict(confidence=[round(v, 3) for v in ema.confidence().tolist()], raw_kept=net.kept(),
+                trainable_frac=round(trainable / sum(p.numel() for p in model.parameters()), 4))
+    return ema.kept(), info
+
+
+def recover(cfg, pruned_ckpt, teacher, data, path):
+    """Recovery fine-tuning of the exported shallow DiT, spec 1.5: plain diffusion loss, logits KD or Masked KD.
+    Returns the checkpoint (kind "dit")."""
+    torch.manual_seed(cfg.seed)
+    student, diffusion, state = dit.build_dit(pruned_ckpt).train(), dit.Diffusion(), dict(step=0)
+    if cfg.recover == "finetune":
+        loss_fn = lambda m, xb, yb: {k: v for k, v in diffusion.loss(m, xb, yb).items() if k in ("loss", "mse", "vb")}
+    elif cfg.recover in ("kd", "maskedkd"):
+        student.y_embedder.dropout_prob = 0.0  # recovery_loss drops labels, the same ones for the teacher
+
+        def loss_fn(m, xb, yb):
+            state["step"] += 1
+            return recovery_loss(m, teacher, diffusion, xb, yb, (state["step"] - 1) / cfg.recover_steps, cfg)
+    else:
+        sys.exit(f"error: --recover must be none, finetune, kd or maskedkd, not {cfg.recover!r}")
+    meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
+    _, _, ck = dit.train(student, loss_fn, data, train_config(cfg, path, cfg.recover_steps, cfg.recover_lr,
+                                                              dit.PRESET_TRAIN[cfg.preset]["ema_decay"], 1.0), meta)
+    return ck
+
+
+def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
+    """One method end to end: choose the kept blocks, export the shallow DiT, recover it. Returns a dict."""
+    L = len(teacher.blocks)
+    options, groups = parse_pattern(cfg.pattern, L)
+    k, info = groups * int(options[0].sum()), {}
+    if method == "tinyfusion":
+        tag = f"tinyfusion_{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_s{cfg.seed}"
+        kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, tag + "_search.pt"))
+    else:
+        kept = baseline_kept(method, teacher, k, batch, cfg)
+    loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
+    pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
+    name = f"d{L}_s{cfg.seed}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
+    dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
+    print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
+    recovered = None
+    if cfg.recover != "none":
+        recovered = recover(cfg, pruned, teacher, data, os.path.join(cfg.out, f"{name}_{cfg.recover}.pt"))
+    return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
+
+
+# ==================================================================================================
+# Evaluate: shared by every pruning method (scores, speed, grids, the mask picture, the table)
+# ==================================================================================================
+
+def score_model(model, cfg):
+    """fid.evaluate with the same noise (seed 0) for every variant; None when --eval-n 0."""
+    if cfg.eval_n <= 0:
+        return None
+    import fid
+    return fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size, n=cfg.eval_n,
+                        steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=0, batch_size=100)
+
+
+def fmt_score(r):
+    return "-" if r is None else f"{r['score']:.2f}" + (f" (acc {r['acc']:.2f})" if r.get("acc") is not None else "")
+
+
+@torch.no_grad()
+def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
+    """Seconds per DDIM + CFG sampling call at `batch`, for every model in {name: model}, all in one run,
+    interleaved (base, a, b, base, a, b, ...) so machine noise hits all alike; median of reps. `steps` is
+    one step count, or {name: steps} (DiP-GO's fewer-steps baseline)."""
+    times = {name: [] for name in models}
+    for _ in range(reps + 1):  # the first round is warm-up
+        for name, m in models.items():
+            device, k = next(m.parameters()).device, steps[name] if isinstance(steps, dict) else steps
+            z = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
+            y = torch.arange(batch, device=device) % m.num_classes
+            times[name].append(dit.timeit(lambda: sample.sample(m, z, y, k, "ddim", 0.0, cfg_scale), device, 1, 0))
+    return {name: float(np.median(t[1:])) for name, t in times.items()}
+
+
+def save_sample_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
+    """One PNG, one row per model (in order), one image per class, all from the same noise."""
+    first = next(iter(models.values()))
+    labels = torch.arange(min(first.num_classes, 10))
+    imgs = torch.cat([sample.generate(m, labels, seed, steps, cfg_scale=cfg_scale) for m in models.values()])
+    dit.save_grid(imgs, path, nrow=len(labels))
+
+
+def save_mask_png(rows, depth, path, cell=22):
+    """Which blocks each method keeps: one row per (name, kept) pair, dark = kept, block index on top."""
+    from PIL import Image, ImageDraw
+    left = 8 * max(len(n) for n, _ in rows) + 8
+    img = Image.new("RGB", (left + depth * cell + 4, (len(rows) + 1) * cell + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for j in range(depth):
+        draw.text((left + j * cell + 7, 5), str(j), fill="black")
+    for r, (name, kept) in enumerate(rows, start=1):
+        draw.text((4, r * cell + 5), name, fill="black")
+        for j in range(depth):
+            box = (left + j * cell, r * cell, left + (j + 1) * cell - 2, (r + 1) * cell - 2)
+            draw.rectangle(box, fill=(40, 70, 160) if j in kept else (225, 225, 225))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+
+
+def print_results(rows, device, cfg, path):
+    """The final Markdown table (headed by dit.run_header) + results.json next to it."""
+    print("\n" + dit.run_header(device, cfg.dtype, cfg.speed_batch, cfg.seed))
+    print(dit.markdown_table(rows))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(config=asdict(cfg), rows=rows), f, indent=1)
+
+
+def model_stats(model, device):
+    x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    return dit.param_count(model) / 1e6, dit.count_flops(model, x, t, t) / 1e9
+
+
+def run_depth_pruning(cfg, methods, device):
+    """Prune the base DiT with every method in `methods`, recover each the same way, then score, time and
+    picture them all against the base in one run."""
+    teacher_ckpt = dit.get_teacher(cfg.teacher, cfg.preset, cfg.data, cfg.data_dir, cfg.device, cfg.seed)
+    teacher = dit.build_dit(teacher_ckpt).to(device)
+    data = dit.load_data(cfg.data, cfg.data_dir, teacher.input_size)[:2]
+    batch = calib_batch(data, cfg.calib_n, cfg.seed, device)
+    results = [prune_method(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
+
+    variants, timed, scores = {"base": teacher}, {"base": teacher}, {}
+    for r in results:
+        r["model"] = dit.build_dit(r["recovered"] or r["pruned"]).to(device)
+        variants[r["method"]] = r["model"]
+        timed.setdefault(f"depth {len(r['kept'])}", r["model"])  # same depth = the same network to time
+    secs = sampling_seconds(timed, cfg.speed_batch, cfg.speed_steps, cfg.cfg_scale)
+    L = len(teacher.blocks)
+    params, gflops = model_stats(teacher, device)
+    base_score = score_model(teacher, cfg)
+
+    def cached_score(key, model):  # methods that keep the same blocks are scored once
+        if key not in scores:
+            scores[key] = score_model(model, cfg)
+        return scores[key]
+    rows = [dict(method="base", kept=f"all {L}", params=f"{params:.2f}M", GFLOPs=f"{gflops:.3f}",
+                 sampling_s=f"{secs['base']:.2f}", speedup="1.00x",
+                 calib_loss=f"{calib_loss(teacher, batch, keep_mask(range(L), L, device)):.4f}",
+                 pruned=fmt_score(base_score), recovered=fmt_score(base_score))]
+    for r in results:
+        params, gflops = model_stats(r["model"], device)
+        pruned_score = cached_score(("pruned", *r["kept"]), dit.build_dit(r["pruned"]).to(device))
+        rec_score = cached_score(("recovered", *r["kept"]), r["model"]) if r["recovered"] is not None else None
+        r.update(pruned_score=pruned_score, recovered_score=rec_score)
+        sec = secs[f"depth {len(r['kept'])}"]
+        rows.append(dict(method=r["method"], kept=",".join(map(str, r["kept"])), params=f"{params:.2f}M",
+                         GFLOPs=f"{gflops:.3f}", sampling_s=f"{sec:.2f}", speedup=f"{secs['base'] / sec:.2f}x",
+                         calib_loss=f"{r['calib_loss']:.4f}", pruned=fmt_score(pruned_score),
+                         recovered=fmt_score(rec_score)))
+    save_mask_png([(r["method"], r["kept"]) for r in results], L, os.path.join(cfg.out, "kept_blocks.png"))
+    save_sample_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
+    metric = next((r["pruned_score"]["metric"] for r in results if r["pruned_score"]), "quality")
+    print(f"\nquality = {metric} (lower is better), {cfg.eval_n} samples, {cfg.eval_steps} DDIM steps, CFG "
+          f"{cfg.cfg_scale}; pruned = right after pruning, recovered = after {cfg.recover_steps} steps of "
+          f"{cfg.recover}; sampling_s = {cfg.speed_steps} DDIM steps + CFG at batch {cfg.speed_batch}")
+    print_results(rows, device, cfg, os.path.join(cfg.out, "results.json"))
+    print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
+    return results
+
+
+# ==================================================================================================
+# Section 2: DiP-GO
+# ==================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing
+# --------------------------------------------------------------------------------------------------
+
+def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
+    """SuperNet step over the block stack, DiP-GO spec 2.2 (DiT reading [inferred]). For block b:
+        h <- g_keep * Block_b(h, c) + g_reuse * (h + D[t-1, b]),   D[t, b] = h_out - h_in
+    gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values; None = step 0 (compute all).
+    Every block is computed so that g_keep gets a gradient. Returns (h, new cache)."""
+    new = []
+    for b, block in enumerate(blocks):
+        out = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False) if grad_ckpt else block(h, c)
+        if gate is not None:
+            out = gate[b, 1] * out + gate[b, 0] * (h + cache[b])
+        new.append(out - h)
+        h = out
+    return h, new
+
+
+def cached_blocks(blocks, h, c, cache, keep, store):
+    """Inference with the plan, DiP-GO spec 2.7: a kept block runs and, when a later step will reuse
+    it (store[b]), saves D = h_out - h_in; a skipped block costs one add: h <- h + D[b]."""
+    for b, block in enumerate(blocks):
+        if keep[b]:
+            out = block(h, c)
+            if store[b]:
+                cache[b] = out - h
+            h = out
+        else:
+            h = h + cache[b]
+    return h
+
+
+def st_gate(logits):
+    """Straight-through hard gate, DiP-GO spec 2.3: forward = one-hot argmax of softmax(logits) (exactly
+    0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the code)."""
+    p = logits.softmax(-1)
+    hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
+    return hard + (p - p.detach())
+
+
+class Pruner(nn.Module):
+    """Pruner network, DiP-GO spec 2.3: a learnable query per gated (step, block) -> a 1-layer single-head
+    self-attention across the blocks of each step (Q, K in d/4) + FFN (d -> d/4 -> d), LayerNorms ->
+    a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2) with logits [reuse, keep]
+    initialised to [0, 1] (P(keep) = 0.73). The released code skips the encoder; encoder=False does too."""
+    def __init__(self, steps, depth, dim=128, encoder=True):
+        super().__init__()
+        S, N, r = steps - 1, depth, dim // 4
+        self.shape, self.encoder = (S, N, dim), encoder
+        self.query = nn.Embedding(S * N, dim)
+        self.q, self.k, self.v = nn.Linear(dim, r), nn.Linear(dim, r), nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, r), nn.ReLU(), nn.Linear(r, dim))
+        M = S * N
+        self.w1 = nn.Parameter(torch.randn(M, dim, r) / dim ** 0.5)
+        self.b1 = nn.Parameter(torch.zeros(M, r))
+        self.w2 = nn.Parameter(torch.randn(M, r, r) / r ** 0.5)
+        self.b2 = nn.Parameter(torch.zeros(M, r))
+        self.w3 = nn.Parameter(torch.zeros(M, r, 2))
+        self.b3 = nn.Parameter(torch.tensor([0.0, 1.0]).repeat(M, 1))
+
+    def forward(self):
+        S, N, d = self.shape
+        x = self.query.weight.view(S, N, d)
+        if self.encoder:
+            # A = softmax(Q K^T / sqrt(d/4)) V across the N blocks of each step
+            att = (self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(d // 4)).softmax(-1)  # (S, N, N)
+            x = self.norm1(x + att @ self.v(x))
+            x = self.norm2(x + self.ffn(x))  # (S, N, d)
+        x = x.reshape(S * N, d)
+        h = F.relu(torch.einsum("md,mdr->mr", x, self.w1) + self.b1)
+        h = F.relu(torch.einsum("mr,mrs->ms", h, self.w2) + self.b2)
+        return (torch.einsum("mr,mrk->mk", h, self.w3) + self.b3).view(S, N, 2)
+
+
+def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) with an 11x11 Gaussian window, per channel, images in [-1, 1]."""
+    g = torch.exp(-(torch.arange(size, dtype=a.dtype, device=a.device) - size // 2) ** 2 / (2 * sigma ** 2))
+    w = (g[:, None] * g[None]) / g.sum() ** 2
+    w = w.expand(a.shape[1], 1, size, size)
+
+    def blur(x):
+        return F.conv2d(x, w, padding=size // 2, groups=a.shape[1])
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    # SSIM = (2 mu_a mu_b + c1)(2 cov + c2) / ((mu_a^2 + mu_b^2 + c1)(var_a + var_b + c2))
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.mean()
+
+
+def consistency_loss(x, ref, kind="ssim"):
+    """Consistency between the gated and the full sampler's final images, DiP-GO spec 2.4 (1 - SSIM by
+    default; MSE and L1 are the code's other options)."""
+    if kind == "ssim":
+        return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
+    if kind == "mse":
+        return F.mse_loss(x, ref)
+    if kind == "l1":
+        return F.l1_loss(x, ref)
+    raise ValueError(f"--loss must be ssim, mse or l1, not {kind!r}")
+
+
+def postprocess(score, ratio):
+    """Scores -> static plan, DiP-GO spec 2.6 (code): start with every block kept and theta = 0.95; for
+    each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
+    reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) = P(reuse). Returns plan (K, N) bool,
+    True = compute; row 0 (the first step) is always computed."""
+    S, N = score.shape
+    target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
+    for k in range(19, -1, -1):
+        theta = 0.05 * k
+        for b in range(N):
+            for t in score[:, b].argsort(descending=True).tolist():
+                if int(reuse.sum()) >= target:
+                    break
+                if score[t, b] > theta:
+                    reuse[t, b] = True
+    return torch.cat([torch.ones(1, N, dtype=torch.bool), ~reuse])
+
+
+def uniform_plan(steps, depth, ratio):
+    """Baseline (a), DeepCache / FORA style: whole steps reuse every block, spread evenly (Bresenham)
+    so that round(r (K-1)) of the K-1 steps reuse; the last step always computes."""
+    c = steps - 1 - round(ratio * (steps - 1))  # computed steps among 1..K-1
+    keep = [s == 0 or (s * c) // (steps - 1) > ((s - 1) * c) // (steps - 1) for s in range(steps)]
+    return torch.tensor(keep)[:, None].expand(steps, depth).clone()
+
+
+def random_plan(steps, depth, ratio, seed=0):
+    """Baseline (b): a random plan with DiP-GO's budget (round(r (K-1) N) reused slots)."""
+    S = steps - 1
+    idx = torch.randperm(S * depth, generator=torch.Generator().manual_seed(seed))[:round(ratio * S * depth)]
+    reuse = torch.zeros(S * depth, dtype=torch.bool)
+    reuse[idx] = True
+    return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse.view(S, depth)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 2: DiP-GO. Apply: the SuperNet / cached model, pruner training, checkpoint
+# --------------------------------------------------------------------------------------------------
+
+class CachedDiT(nn.Module):
+    """A DiT that runs a DiP-GO plan inside any sampler (sample.sample / generate / fid.evaluate). It knows
+    its step from t (the respaced schedule of `steps`, walked from its last entry down) and resets the cache
+    at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead."""
+    def __init__(self, model, steps, plan=None, grad_ckpt=False):
+        super().__init__()
+        self.dit, self.steps, self.grad_ckpt = model, steps, grad_ckpt
+        for a in ("num_classes", "in_channels", "input_size", "patch_size", "learn_sigma", "out_channels"):
+            setattr(self, a, getattr(model, a))
+        tmap = dit.Diffusion().respace(steps).timestep_map
+        self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
+        N = len(model.blocks)
+        plan = torch.ones(steps, N, dtype=torch.bool) if plan is None else plan.bool().cpu()
+        # store[s, b]: step s+1 reuses block b, so step s must save its update
+        self.plan, self.store = plan, torch.cat([~plan[1:], torch.zeros(1, N, dtype=torch.bool)])
+        self.gates, self.cache = None, None
+
+    def forward(self, x, t, y):
+        s = self.step_of.get(int(t[0]))
+        if s is None:
+            raise ValueError(f"t={int(t[0])} is not on the {self.steps}-step schedule this plan was made for; "
+                             f"sample with steps={self.steps}")
+        if s == 0:
+            self.cache = [None] * len(self.dit.blocks)
+        h, c = self.dit.embed(x, t, y)
+        if self.gates is not None:
+            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, None if s == 0 else self.gates[s - 1],
+                                         self.grad_ckpt)
+        else:
+            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan[s].tolist(), self.store[s].tolist())
+        return self.dit.head(h, c)
+
+
+def learn_scores(base, cfg, log=print):
+    """Few-step gradient optimisation of the pruner, DiP-GO spec 2.4-2.5 (code): per step, fresh labels and
+    noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
+        L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
+    (each block is 1/N of the stack's FLOPs, so the sparsity term is the mean keep probability; it is
+    dropped while the hard plan already computes less than 1 - r). Returns (P(reuse) (K-1, N), log rows)."""
+    K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
+    device = next(base.parameters()).device
+    torch.manual_seed(cfg.seed)
+    pruner = Pruner(K, N, cfg.dipgo_dim, cfg.dipgo_encoder).to(device)
+    opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)
+    net = CachedDiT(base, K, grad_ckpt=cfg.dipgo_grad_ckpt)
+    C, S, rows = base.in_channels, base.input_size, []
+    for it in range(cfg.dipgo_steps):
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + it)
+        y = torch.randint(0, base.num_classes, (B,), generator=g).to(device)
+        z = torch.randn(B, C, S, S, generator=g).to(device)
+        t0 = time.time()
+        with torch.no_grad():
+            ref = sample.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
+        logits = pruner()  # (K-1, N, 2)
+        net.gates = st_gate(logits)
+        x = sample.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
+        cons = consistency_loss(x, ref, cfg.dipgo_loss)
+        kept = net.gates[..., 1].detach().mean()
+        sparse = logits.softmax(-1)[..., 1].mean()
+        loss = cons + cfg.dipgo_alpha * sparse * (kept > 1 - cfg.ratio).float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
+        opt.step()
+        rows.append(dict(step=it + 1, cons=round(cons.item(), 4), sparse=round(sparse.item(), 4),
+                         kept=round(kept.item(), 3), s=round(time.time() - t0, 2)))
+        if log and (it % 5 == 4 or it == cfg.dipgo_steps - 1):
+            log(" ".join(f"{k} {v}" for k, v in rows[-1].items()))
+    with torch.no_grad():
+        return pruner().softmax(-1)[..., 0].cpu(), rows
+
+
+def build_dipgo(ckpt):
+    """A CachedDiT from a kind "dipgo" checkpoint (base DiT config + EMA weights + plan + steps), eval mode."""
+    return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"]).eval()
+
+
+def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None):
+    dit.save_checkpoint(dict(kind="dipgo", config=base_ckpt["config"], model=base_ckpt["ema"], ema=base_ckpt["ema"],
+                             plan=plan, score=score, steps=cfg.eval_steps, ratio=ratio, dipgo_config=dataclasses.asdict(cfg),
+                             metrics=metrics or {}), path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 2: DiP-GO. Evaluate: compute accounting, timing, quality, pictures
+# --------------------------------------------------------------------------------------------------
+
+def block_flops(model):
+    """(FLOPs of one block, FLOPs of everything else) for one image and one forward."""
+    S, dev = model.input_size, next(model.parameters()).device
+    x, t = torch.zeros(1, model.in_channels, S, S, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    h, c = model.embed(x, t, t)
+    fb = dit.count_flops(model.blocks[0], h, c)
+    return fb, dit.count_flops(model, x, t, t) - len(model.blocks) * fb
+
+
+def ideal_speedup(plan, fb, frest, steps):
+    """FLOPs(full sampler) / FLOPs(plan or fewer steps): embedding and head run at every step."""
+    N = plan.shape[1]
+    return steps * (frest + N * fb) / (len(plan) * frest + int(plan.sum()) * fb)
+
+
+@torch.no_grad()
+def save_heatmap(score, plan, path, cell=12):
+    """PNG: left P(reuse) in grey (white = 1), right the plan (black = compute, white = reuse, red = step 0);
+    rows = sampler steps (first step at the top), columns = blocks."""
+    from PIL import Image
+    K, N = plan.shape
+    img = torch.full((K * cell, (2 * N + 1) * cell, 3), 255, dtype=torch.uint8)
+    sc = torch.cat([torch.zeros(1, N), score])  # (K, N)
+    for s in range(K):
+        for b in range(N):
+            v = int(255 * sc[s, b]) if s else 0
+            img[s * cell:(s + 1) * cell, b * cell:(b + 1) * cell] = torch.tensor([v, v, v])
+            col = [200, 0, 0] if s == 0 else [0, 0, 0] if plan[s, b] else [255, 255, 255]
+            img[s * cell:(s + 1) * cell, (N + 1 + b) * cell:(N + 2 + b) * cell] = torch.tensor(col)
+    for s in range(K):  # thin grid lines on the plan side
+        img[s * cell, (N + 1) * cell:] = 160
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(img.numpy()).save(path)
+
+
+def dipgo_variants(base, score, ratio, cfg):
+    """DiP-GO's plan and the three matched-compute baselines for one ratio: [(name, model, steps, plan)]."""
+    K, N = cfg.eval_steps, len(base.blocks)
+    plan = postprocess(score, ratio)
+    fewer = max(1, round(K * plan.float().mean().item()))  # (c) the plain sampler, as many block calls
+    return [(f"DiP-GO r={ratio}", CachedDiT(base, K, plan).eval(), K, plan),
+            (f"uniform r={ratio}", CachedDiT(base, K, uniform_plan(K, N, ratio)).eval(), K, uniform_plan(K, N, ratio)),
+            (f"random r={ratio}", CachedDiT(base, K, random_plan(K, N, ratio, cfg.seed)).eval(), K,
+             random_plan(K, N, ratio, cfg.seed)),
+            (f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))]
+
+
+def dipgo_main(cfg):
+    """Learn a plan per ratio, save it (kind "dipgo"), and compare it with the three baselines at matched
+    compute in one run: blocks kept, ideal and measured speed-up (same batch), quality, PSNR vs full."""
+    device = dit.pick_device(cfg.device)
+    base_ckpt = dit.get_teacher(cfg.teacher, cfg.preset, cfg.data, cfg.data_dir, cfg.device, cfg.seed)
+    base = dit.build_dit(base_ckpt).to(device).requires_grad_(False)
+    K, N = cfg.eval_steps, len(base.blocks)
+    ratios = [float(r) for r in cfg.ratios.split(",")] if cfg.ratios else [cfg.ratio]
+    os.makedirs(cfg.out, exist_ok=True)
+    variants = [("full", base, K, torch.ones(K, N, dtype=torch.bool))]
+    for r in ratios:
+        print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, {K}-step DDIM")
+        t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
+        old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else None
+        if old is not None and old["steps"] == K and old["dipgo_config"]["teacher"] == cfg.teacher:
+            print(f"reusing the scores in {path} (delete it to learn again)")
+            score, log = old["score"], old["metrics"].get("log")
+        else:
+            score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r))
+        vs = dipgo_variants(base, score, r, cfg)
+        plan = vs[0][3]
+        if old is None or not torch.equal(old["score"], score):
+            save_dipgo(base_ckpt, plan, score, cfg, r, path, dict(learn_s=round(time.time() - t0, 1), log=log))
+        save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
+        print(f"{time.time() - t0:.0f} s; reused slots {int((~plan).sum())} of {(K - 1) * N} "
+              f"(target {r * (K - 1) * N:.1f})")
+        variants += vs
+    print(f"\ntiming {len(variants)} variants ({K} DDIM steps + CFG, batch {cfg.speed_batch}) ...")
+    secs = sampling_seconds({v[0]: v[1] for v in variants}, cfg.speed_batch, {v[0]: v[2] for v in variants},
+                            cfg.cfg_scale)
+    fb, frest = block_flops(base)
+    z = torch.randn(cfg.speed_batch, base.in_channels, base.input_size, base.input_size,
+                    generator=torch.Generator().manual_seed(1)).to(device)
+    yz = torch.arange(cfg.speed_batch, device=device) % base.num_classes
+    with torch.no_grad():
+        ref = sample.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
+    rows, grid, labels = [], [], torch.arange(min(base.num_classes, 10))
+    for name, model, steps, plan in variants:
+        with torch.no_grad():
+            x = sample.sample(model, z, yz, steps, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
+        # PSNR = 10 log10(range^2 / MSE), range 2 for [-1, 1] images, against the full sampler, same noise
+        psnr = 10 * math.log10(4 / max(F.mse_loss(x, ref).item(), 1e-20))
+        ideal = ideal_speedup(plan, fb, frest, K)
+        q = score_model(model, dataclasses.replace(cfg, eval_steps=steps))
+        rows.append({"variant": name, "blocks kept": f"{plan.sum().item() / (K * N):.3f}",
+                     "ideal speedup": f"{ideal:.2f}x", "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
+                     "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
+                     "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
+        grid.append(sample.generate(model, labels, 0, steps, cfg_scale=cfg.cfg_scale))
+    dit.save_grid(torch.cat(grid), os.path.join(cfg.out, "dipgo_samples.png"), nrow=len(labels))
+    print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate on "
+          f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} vs full; "
+          f"blocks kept = block calls / ({K} x {N}); grid rows = table rows ({cfg.out}/dipgo_samples.png)")
+    os.makedirs(cfg.out, exist_ok=True)
+    print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = dit.parse_args(PruneConfig, argv)
+    print(json.dumps(asdict(cfg)))
+    device = dit.pick_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.method == "dipgo":
+        return dipgo_main(cfg)
+    methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
+    if all(m in DEPTH_METHODS for m in methods):
+        return run_depth_pruning(cfg, methods, device)
+    else:
+        sys.exit(f"error: unknown --method {cfg.method!r}; choose from {', '.join(DEPTH_METHODS)}, all, dipgo")
+
+
+if __name__ == "__main__":
+    main()
