@@ -18,7 +18,7 @@ Multi-In-One (MI1); then depth, width and heads are swept for the quality / size
     TA, classic intermediate size (TAKD, 2.4)          -> --ta mid: TA of size halfway, then the student
     MI1, one student block <- k teacher blocks (2.5)   -> mi1_groups, Distiller(groups=...) then end to end
     BK-SDM style multi-step student (2.8)              -> --setup multistep (task + eps KD + feature KD)
-    three-way trade-off, Pareto (2.6)                  -> --sweep, evaluate_rows, pareto_png
+    three-way trade-off, Pareto (2.6)                  -> --sweep, sweep, measure, dit.pareto_png
 
 Our readings [inferred]: the output loss is weight-free (no LPIPS can be downloaded): pseudo-Huber by
 default (Song & Dhariwal 2023, iCT Sec. 3.3, divided by sqrt(dim): sqrt(mean((a-b)^2) + c^2) - c, c =
@@ -42,7 +42,7 @@ Run:
     python distill.py --sweep --method kd             # depth/width/heads grid + out/distill/pareto.png
 Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per generated
 image, fid.py quality) and out/distill/<run>_grid.png (teacher | helpers | student, same noise per row).
-Measured results: frag_distill.md.
+Measured results: README.md, distill.py section.
 """
 import hashlib
 import json
@@ -423,29 +423,6 @@ def side_by_side(cfg, models, path, per=4):
     dit.save_grid(imgs.flatten(0, 2), path, nrow=per * len(models))
 
 
-def pareto_png(points, path, size=(640, 440), m=60):
-    """Quality vs batch-1 latency scatter, labelled with shape and params; red = on the Pareto front
-    (better quality than every faster point). points = [(latency, quality, label)]. Pillow only."""
-    from PIL import Image, ImageDraw
-    (W, H), img = size, Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    (x0, y0), (x1, y1) = [(min(v), max(v)) for v in zip(*[p[:2] for p in points])]
-    px = lambda x: m + (x - x0) / ((x1 - x0) or 1) * (W - 2 * m)
-    py = lambda y: H - m - (y - y0) / ((y1 - y0) or 1) * (H - 2 * m)
-    d.line([(m, m // 2), (m, H - m), (W - m // 2, H - m)], fill="black")
-    for x, y in ((x0, y0), (x1, y1)):
-        d.text((px(x) - 10, H - m + 8), f"{x:.2f}", fill="black")
-        d.text((4, py(y) - 6), f"{y:.2f}", fill="black")
-    d.text((W // 2 - 80, H - 24), "latency, ms/img at batch 1", fill="black")
-    d.text((4, 8), "quality (lower is better)", fill="black")
-    best = float("inf")
-    for x, y, label in sorted(points):
-        d.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill="red" if y < best else "gray")
-        d.text((px(x) + 6, py(y) - 6), label, fill="black")
-        best = min(best, y)
-    img.save(path)
-
-
 # depth vs width at ~equal 18 L D^2 (6x64, 3x92, 2x112: +-4%), and 1/2/4/8 heads at L=3, D=64
 SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4), (3, 64, 8)]
 
@@ -460,7 +437,7 @@ def sweep(cfg, base, device):
         if quality:
             points.append((float(rows[-1]["ms/img b1"]), float(quality[0]), f"{shape[0]}x{shape[1]}x{shape[2]} {rows[-1]['params']}"))
     if points:
-        pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"))
+        dit.pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"), "ms per image at batch 1")
     return rows
 
 

@@ -841,6 +841,41 @@ def save_grid(images, path, nrow):
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def pareto_png(points, path, xlabel, size=(720, 480), m=70):
+    """Quality (lower is better) vs latency (log x) scatter, one labelled dot per (latency, quality, label),
+    the Pareto front (points no faster point beats on quality) joined in red. PNG via pillow."""
+    from PIL import Image, ImageDraw
+    (W, H), img = size, Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    d.text((W // 2 - 90, H - m + 25), xlabel + " (log scale)", fill="black")
+    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; dots labelled", fill="black")
+    if not points:
+        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
+        return img.save(path)
+    lx = [math.log10(max(p[0], 1e-6)) for p in points]
+    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
+    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
+    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
+    for k in range(5):  # axis ticks
+        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
+        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
+        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
+    front, best = [], float("inf")
+    for p in sorted(points):
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    if len(front) > 1:
+        d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
+    for x, y, label in points:
+        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(0, 70, 200))
+        d.text((X(x) + 6, Y(y) - 12), label, fill="black")
+    img.save(path)
+
+
 def run_header(device, dtype="float32", batch=None, seed=None):
     """The line that heads every results table: device, torch, dtype, batch, seed and the command."""
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"

@@ -30,7 +30,7 @@ Run:
     python fid.py --save-stats data:train out/shapes_stats.npz
     python fid.py --download                             # fetch the Inception weights once (online machines)
 The real Inception file: pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub release (URL below),
-put at ~/.cache/tinydit/ or passed with --inception-weights. Measured results: frag_fid.md / README.
+put at ~/.cache/tinydit/ or passed with --inception-weights. Measured results: README.md, fid.py section.
 """
 import hashlib
 import os

@@ -30,7 +30,7 @@ Run:
     python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
     python jetson_bench.py --stack                          # build the stacked variants first
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
-Writes out/bench/bench.md, bench.csv, bench.json and pareto.png. Measured tables: frag_bench.md.
+Writes out/bench/bench.md, bench.csv, bench.json and pareto.png. Measured tables: README.md, jetson_bench.py section.
 """
 import csv
 import glob
@@ -279,42 +279,10 @@ def bench_model(path, kind, cfg, device):
     return rows
 
 
-def pareto_png(rows, path, batch, size=(720, 480), m=70):
-    """Quality score (lower is better) vs ms per image at the throughput batch (log x), one labelled dot per
-    model (eager rows), the Pareto front joined by a line. PNG via pillow."""
-    from PIL import Image, ImageDraw
-    pts = [(r[f"b{batch} ms/img p50"], r["score"], f"{os.path.basename(r['model'])[:-3]} {r['params (M)']}M")
-           for r in rows if r["mode"] == "eager" and r["score"] is not None]
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    W, H = size
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
-    d.text((W // 2 - 90, H - m + 25), f"ms per image (batch {batch}, log scale)", fill="black")
-    d.text((8, m // 2 - 20), "quality score (lower is better) vs latency; labels: model, params", fill="black")
-    if not pts:
-        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
-        return img.save(path)
-    lx = [math.log10(max(p[0], 1e-6)) for p in pts]
-    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
-    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
-    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
-    for k in range(5):  # axis ticks
-        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
-        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
-        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
-    front, best = [], float("inf")
-    for p in sorted(pts):  # the Pareto front: faster points that no faster point beats on quality
-        if p[1] < best:
-            front.append(p)
-            best = p[1]
-    if len(front) > 1:
-        d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
-    for x, y, label in pts:
-        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(0, 70, 200))
-        d.text((X(x) + 6, Y(y) - 12), label, fill="black")
-    img.save(path)
+def pareto_points(rows, batch):
+    """(ms per image at the throughput batch, quality, "model params") for the eager rows with a score."""
+    return [(r[f"b{batch} ms/img p50"], r["score"], f"{os.path.basename(r['model'])[:-3]} {r['params (M)']}M")
+            for r in rows if r["mode"] == "eager" and r["score"] is not None]
 
 
 def split_argv(argv):
@@ -370,7 +338,8 @@ def main(argv=None):
         w.writerows(rows)
     with open(os.path.join(cfg.out, "bench.json"), "w") as f:
         json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
-    pareto_png(rows, os.path.join(cfg.out, "pareto.png"), cfg.batch)
+    dit.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
+                   f"ms per image (batch {cfg.batch})")
     print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png")
     return rows
 

@@ -34,7 +34,7 @@ Run:
 Every stage writes a checkpoint under --out (named after method, seed, mask); re-running resumes or reuses
 it. The pruned/recovered checkpoints are kind "dit": sample.py and fid.py load them as any DiT.
 Default on 2 CPU cores (cpu preset, 6 -> 3 blocks): ~3-4 min after the base model exists. Measured
-numbers: frag_prune.md.
+numbers: README.md, prune.py sections.
 
 Our choices for Section 1, [inferred] (the paper does not settle them or its scale does not fit a CPU):
 - Learning rates for CPU-minute runs: LoRA 1e-3, gates 1e-2 (the paper: 1e-4 / 1e-3, same 10x ratio; our
