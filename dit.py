@@ -80,6 +80,7 @@ class TrainConfig:
     batch_size: int = 0          # global batch; 0 = the preset's default
     lr: float = 0.0              # AdamW learning rate; 0 = the preset's default (paper: 1e-4)
     warmup: int = -1             # linear lr warm-up steps; -1 = the preset's default (paper: 0)
+    lr_end: float = 1.0          # after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant (paper)
     weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
     grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
     ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
@@ -672,6 +673,14 @@ def ema_update(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
+def lr_factor(step, cfg):
+    """lr multiplier at `step`: linear warm-up to 1, then constant (lr_end = 1, DiT) or a cosine to lr_end."""
+    if step < cfg.warmup or cfg.lr_end == 1.0:
+        return min(1.0, (step + 1) / max(cfg.warmup, 1))
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr_end + (1.0 - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
     """The one training loop. loss_fn(model, xb, yb) -> dict with 'loss' (a scalar tensor) and any other
     scalar terms to log. `data` = (images uint8, labels); `meta` = the checkpoint's 'kind' and 'config'
@@ -742,8 +751,8 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
         while step < cfg.steps:
             xb, yb = next(it)
             xb, yb = xb.to(device), yb.to(device)
-            for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule)
-                g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule) or cosine
+                g["lr"] = g["base_lr"] * lr_factor(step, cfg)
             with autocast(device, cfg.dtype):
                 terms = loss_fn(net, xb, yb)
             loss = terms["loss"]

@@ -38,8 +38,8 @@ numbers: README.md, prune.py sections.
 
 Our choices for Section 1, [inferred] (the paper does not settle them or its scale does not fit a CPU):
 - Learning rates for CPU-minute runs: LoRA 1e-3, gates 1e-2 (the paper: 1e-4 / 1e-3, same 10x ratio; our
-  base DiT is trained at 1e-3 instead of 1e-4) and recovery at a constant 1e-3 (paper 2e-4, cosine to 1e-4;
-  dit.train has no cosine schedule). Budgets are a few hundred steps instead of 10K / 100K.
+  base DiT is trained at 1e-3 instead of 1e-4) and recovery from 1e-3 cosine-annealed to 5e-4 (paper 2e-4
+  to 1e-4, the same halving). Budgets are a few hundred steps instead of 10K / 100K.
 - Masked-KD layer pairs: student block j <-> teacher block round((j + 1) L / k) - 1, i.e. the last block of
   group j (the paper's 2j + 1 for 28 -> 14). The variance term of L_KD is KL(teacher || student) of the
   two reverse Gaussians with the student's eps detached (as L_vb). --kd-sigma 0 = unmasked RepKD.
@@ -141,7 +141,8 @@ class PruneConfig:
     random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
     recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
     recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
-    recover_lr: float = 1e-3     # recovery lr, constant (paper 2e-4 cosine to 1e-4) [inferred for CPU]
+    recover_lr: float = 1e-3     # recovery peak lr (paper 2e-4) [inferred for CPU] ...
+    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper: 2e-4 -> 1e-4); 1 = constant
     kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
     alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
     alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
@@ -425,11 +426,11 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
 # Train / Apply: learn the mask, export, recover (every stage through dit.train)
 # --------------------------------------------------------------------------------------------------
 
-def train_config(cfg, out, steps, lr, ema_decay, grad_clip):
+def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
     return dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir, out=out, steps=steps,
-                           batch_size=cfg.batch_size, lr=lr, warmup=0, weight_decay=0.0, grad_clip=grad_clip,
-                           ema_decay=ema_decay, log_every=max(steps // 4, 1), ckpt_every=steps, seed=cfg.seed,
-                           device=cfg.device, dtype=cfg.dtype)
+                           batch_size=cfg.batch_size, lr=lr, warmup=0, lr_end=lr_end, weight_decay=0.0,
+                           grad_clip=grad_clip, ema_decay=ema_decay, log_every=max(steps // 4, 1), ckpt_every=steps,
+                           seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
 
 
 def learn_mask(cfg, teacher_ckpt, data, path):
@@ -481,8 +482,9 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     else:
         sys.exit(f"error: --recover must be none, finetune, kd or maskedkd, not {cfg.recover!r}")
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
-    _, _, ck = dit.train(student, loss_fn, data, train_config(cfg, path, cfg.recover_steps, cfg.recover_lr,
-                                                              dit.PRESET_TRAIN[cfg.preset]["ema_decay"], 1.0), meta)
+    tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, dit.PRESET_TRAIN[cfg.preset]["ema_decay"], 1.0,
+                        lr_end=cfg.recover_lr_end)
+    _, _, ck = dit.train(student, loss_fn, data, tcfg, meta)
     return ck
 
 

@@ -172,6 +172,15 @@ def test_vb_term_trains_only_the_variance_channels():
     assert g_mse[:, 3:].abs().max() == 0 and g_mse[:, :3].abs().max() > 0
 
 
+def test_lr_schedule_is_warmup_then_constant_or_cosine_to_lr_end():
+    const = dit.TrainConfig(steps=100, warmup=10)
+    assert dit.lr_factor(0, const) == 0.1 and dit.lr_factor(9, const) == 1.0 and dit.lr_factor(99, const) == 1.0
+    cos = dit.TrainConfig(steps=100, warmup=10, lr_end=0.5)
+    f = [dit.lr_factor(s, cos) for s in range(100)]
+    assert f[:10] == [dit.lr_factor(s, const) for s in range(10)] and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and abs(f[-1] - 0.5) < 1e-3 and abs(f[55] - 0.75) < 1e-9
+
+
 def test_tiny_training_lowers_the_loss(tmp_path):
     """60 steps of the shared training loop lower the diffusion loss on a fixed held-out batch."""
     cfg = tiny_cfg(tmp_path, steps=60)
