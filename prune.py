@@ -394,6 +394,21 @@ def masked_rep_loss(h_s, h_t, k):
     return ((keep(h_s) * h_s - keep(h_t) * h_t.detach()) ** 2).mean()
 
 
+@torch.no_grad()
+def massive_activations(model, batch, k):
+    """Spec Sec. 4 check: does this DiT have "massive activations" for Masked KD to ignore? Per block output
+    h_l on the calibration batch: max |h - mu| / sigma (per sample, as masked_rep_loss) and the share of
+    entries beyond k sigma. Returns [(max ratio, share)] per block."""
+    x0, y, i, noise = batch
+    diffusion = dit.Diffusion()
+    _, feats = model(diffusion.q_sample(x0, i, noise), diffusion.model_t(i), y, return_features=True)
+    rows = []
+    for h in feats:
+        z = (h - h.mean(dim=(1, 2), keepdim=True)).abs() / h.std(dim=(1, 2), keepdim=True)
+        rows.append((z.amax().item(), (z >= k).float().mean().item()))
+    return rows
+
+
 def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     """Masked KD, TinyFusion spec 1.5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0 (1 - frac).
     Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
@@ -588,6 +603,11 @@ def run_depth_pruning(cfg, methods, device):
     teacher = dit.build_dit(teacher_ckpt).to(device)
     data = dit.load_data(cfg.data, cfg.data_dir, teacher.input_size)[:2]
     batch = calib_batch(data, cfg.calib_n, cfg.seed, device)
+    if cfg.recover == "maskedkd":
+        ma = massive_activations(teacher, batch, cfg.kd_sigma)
+        print(f"massive activations of the base, per block: max |h - mu| / sigma = "
+              f"{', '.join(f'{m:.1f}' for m, _ in ma)}; share beyond {cfg.kd_sigma} sigma = "
+              f"{', '.join(f'{f:.3f}' for _, f in ma)}")
     results = [prune_method(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
 
     variants, timed, scores = {"base": teacher}, {"base": teacher}, {}

@@ -760,6 +760,20 @@ def test_masked_rep_loss_ignores_massive_activations():
     assert prune.masked_rep_loss(hs, ht, 0.0) > 100
 
 
+def test_massive_activation_probe_finds_a_planted_outlier():
+    """The spec's max |h|/sigma log: one block's output gets a huge entry; the probe reports it there only."""
+    torch.manual_seed(0)
+    model = dit.DiT(**dit.PRESETS["tiny"]).eval()
+    data = (torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.arange(8) % 10)
+    batch = prune.calib_batch(data, 8, 0, "cpu")
+    plain = prune.massive_activations(model, batch, 2.0)
+    assert len(plain) == len(model.blocks) and all(0 <= f <= 1 for _, f in plain)
+    model.blocks[1].register_forward_hook(lambda m, i, o: o.index_put((torch.tensor([0]),) * 3, torch.tensor(1e4)))
+    spiked = prune.massive_activations(model, batch, 2.0)
+    assert spiked[1][0] > 5 * max(m for m, _ in plain) and spiked[0] == plain[0]  # a lone outlier: <= sqrt(T D)
+    assert prune.massive_activations(model, batch, spiked[1][0] + 1)[1][1] == 0.0
+
+
 def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
     """All methods 4 -> 2 blocks with the same (tiny) recovery, one table; checkpoints are plain DiTs."""
     common = ["--teacher", tiny_teacher, "--preset", "tiny", "--out", str(tmp_path), "--batch-size", "8",
