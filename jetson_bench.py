@@ -30,7 +30,7 @@ Run:
     python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
     python jetson_bench.py --stack                          # build the stacked variants first
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
-Writes out/bench/bench.md, bench.csv, bench.json and pareto.png. Measured tables: README.md, jetson_bench.py section.
+Writes out/bench/bench.md, bench.csv, bench.json, pareto.png and samples.png (one row per model, same noise). Measured tables: README.md, jetson_bench.py section.
 """
 import csv
 import glob
@@ -340,7 +340,11 @@ def main(argv=None):
         json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
     dit.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
                    f"ms per image (batch {cfg.batch})")
-    print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png")
+    models = [sample.load_model(p, device) for p, _ in found]
+    sample.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
+                     [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
+    order = "\n".join(f"  row {k + 1}: {os.path.relpath(p)}" for k, (p, _) in enumerate(found))
+    print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png, samples.png (same noise per column):\n{order}")
     return rows
 
 
