@@ -24,7 +24,7 @@ Paper (spec ../shared/specs/tinyfusion_dipgo.md) -> here
       fixed indices                                   -> baseline_kept, block_influence, calib_loss
     recovery: fine-tune / logits KD / Masked KD (1.5)  -> recovery_loss, masked_rep_loss, recover
 Shared harness (any variant, also DiP-GO's): score_model (fid.evaluate), sampling_seconds (speed-up vs the
-base in one interleaved run), save_sample_rows (same noise), save_mask_png, print_results.
+base in one interleaved run), sample.save_rows (same noise), save_mask_png, print_results.
 
 Run:
     python prune.py --method tinyfusion                  # out/dit.pt (trained first if absent) 6 -> 3 blocks
@@ -556,14 +556,6 @@ def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
     return {name: float(np.median(t[1:])) for name, t in times.items()}
 
 
-def save_sample_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
-    """One PNG, one row per model (in order), one image per class, all from the same noise."""
-    first = next(iter(models.values()))
-    labels = torch.arange(min(first.num_classes, 10))
-    imgs = torch.cat([sample.generate(m, labels, seed, steps, cfg_scale=cfg_scale) for m in models.values()])
-    dit.save_grid(imgs, path, nrow=len(labels))
-
-
 def save_mask_png(rows, depth, path, cell=22):
     """Which blocks each method keeps: one row per (name, kept) pair, dark = kept, block index on top."""
     from PIL import Image, ImageDraw
@@ -639,7 +631,7 @@ def run_depth_pruning(cfg, methods, device):
                          calib_loss=f"{r['calib_loss']:.4f}", pruned=fmt_score(pruned_score),
                          recovered=fmt_score(rec_score)))
     save_mask_png([(r["method"], r["kept"]) for r in results], L, os.path.join(cfg.out, "kept_blocks.png"))
-    save_sample_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
+    sample.save_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
     metric = next((r["pruned_score"]["metric"] for r in results if r["pruned_score"]), "quality")
     print(f"\nquality = {metric} (lower is better), {cfg.eval_n} samples, {cfg.eval_steps} DDIM steps, CFG "
           f"{cfg.cfg_scale}; pruned = right after pruning, recovered = after {cfg.recover_steps} steps of "
