@@ -858,7 +858,8 @@ def pareto_png(points, path, xlabel, size=(720, 480), m=70):
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
     d.text((W // 2 - 90, H - m + 25), xlabel + " (log scale)", fill="black")
-    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; dots labelled", fill="black")
+    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; red = Pareto front; overlapping labels omitted",
+           fill="black")
     if not points:
         d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
         return img.save(path)
@@ -879,9 +880,13 @@ def pareto_png(points, path, xlabel, size=(720, 480), m=70):
             best = p[1]
     if len(front) > 1:
         d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
-    for x, y, label in points:
-        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(0, 70, 200))
-        d.text((X(x) + 6, Y(y) - 12), label, fill="black")
+    boxes = []  # labels that would overlap one already drawn are dropped; the front's are drawn first
+    for x, y, label in front + [p for p in points if p not in front]:
+        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(200, 0, 0) if (x, y, label) in front else (0, 70, 200))
+        box = (X(x) + 6, Y(y) - 12, X(x) + 6 + 6 * len(label), Y(y))
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+            d.text(box[:2], label, fill="black")
+            boxes.append(box)
     img.save(path)
 
 
