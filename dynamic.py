@@ -273,12 +273,14 @@ def sliced_forward(model, x, t, y):
         qkv = F.linear(a, w["qkv_w"], w["qkv_b"]).reshape(B, T, 3, w["k"], D // H).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, T, -1)  # (B, T, k hd)
         h = h + mod[2].unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
-        tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l))
+        tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None)
         mlp = lambda v: F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"),  # noqa: E731
                                  w["fc2_w"], block.mlp.fc2.bias)
-        if tm is None:
+        if tm is None or bool(tm.all()):  # every token runs the MLP: the dense path, no gather / scatter
             h = h + mod[5].unsqueeze(1) * mlp(modulate(block.norm2(h), mod[3], mod[4]))
             kept = h.new_ones(B)
+            if tm is not None:
+                keeps.append(tm.bool().cpu())
         else:
             hf = h.reshape(B * T, D)
             idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
