@@ -85,7 +85,7 @@ class Timed(nn.Module):
     perf_counter). `fn` is what actually runs (the model, or its torch.compile'd copy)."""
     def __init__(self, model, fn=None):
         super().__init__()
-        self.inner, self.fn, self.marks = model, fn or model, []
+        self.inner, self.fn, self.marks = model, model if fn is None else fn, []  # not `fn or`: compiled modules have no len()
         for a in ("num_classes", "in_channels", "input_size"):
             setattr(self, a, getattr(model, a))
         self.one_step = getattr(model, "one_step", False)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -1138,6 +1139,15 @@ def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_pat
     from PIL import Image
     assert Image.open(out / "pareto.png").size == (720, 480)
     assert Image.open(out / "samples.png").size == (10 * 18 + 2, 2 * 18 + 2)  # a row per model, a class per column
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
+def test_bench_compile_rows_run_beside_eager(tiny_teacher, tmp_path):
+    """--compile times a torch.compile'd copy next to the eager model (the GPU table's path, here on CPU)."""
+    rows = jetson_bench.main([tiny_teacher, "--out", str(tmp_path), "--device", "cpu", "--compile", "--no-quality",
+                              "--steps", "2", "--batch", "2", "--reps", "1", "--warmup", "1"])
+    assert [r["mode"] for r in rows] == ["eager", "compile"]
+    assert rows[1]["GFLOPs/img"] == rows[0]["GFLOPs/img"] and rows[1]["b2 img/s"] > 0
 
 
 def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
