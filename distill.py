@@ -34,7 +34,7 @@ the same up-projector W_j that stage B (end to end, output + uniform feature KD)
 base DiT fine-tuned on the pairs with the timestep embedding frozen to a learned constant c0 = t_emb(999).
 
 Run:
-    python distill.py --method ta                     # ~4 min teacher (if absent) + ~5-6 min (estimated), 2 CPU cores
+    python distill.py --method ta                     # ~4 min teacher (if absent) + 5.2 min measured, 2 CPU cores
     python distill.py --method mi1 --depth 2 --width 96 --heads 2
     python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
     python distill.py --method ta --ta mid            # classic TAKD (intermediate-size assistant)

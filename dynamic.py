@@ -33,7 +33,7 @@ Run:
     python dynamic.py --lam 0.5             # fine-tune out/dit.pt (~3 min, 2 CPU cores), evaluate vs the base
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
-    python sample.py --ckpt out/dydit_dydit_0.5.pt   # once sample.load_model knows the "dydit" kind
+    python sample.py --ckpt out/dydit_dydit_0.5.pt   # any sampler runs a DyDiT checkpoint (kind "dydit")
 Expected on 2 CPU cores: see the dynamic.py section of README.md for the measured table.
 """
 import dataclasses
