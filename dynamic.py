@@ -276,11 +276,11 @@ def sliced_forward(model, x, t, y):
         tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None)
         mlp = lambda v: F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"),  # noqa: E731
                                  w["fc2_w"], block.mlp.fc2.bias)
+        if tm is not None:
+            keeps.append(tm.bool().cpu())
         if tm is None or bool(tm.all()):  # every token runs the MLP: the dense path, no gather / scatter
             h = h + mod[5].unsqueeze(1) * mlp(modulate(block.norm2(h), mod[3], mod[4]))
             kept = h.new_ones(B)
-            if tm is not None:
-                keeps.append(tm.bool().cpu())
         else:
             hf = h.reshape(B * T, D)
             idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
@@ -288,7 +288,6 @@ def sliced_forward(model, x, t, y):
             v = block.norm2(hf[idx]) * (1 + mod[4][b]) + mod[3][b]  # modulate per kept token
             h = hf.index_add(0, idx, mod[5][b] * mlp(v)).view(B, T, D)
             kept = tm.mean(1)
-            keeps.append(tm.bool().cpu())
         fa, fm = block_macs(block, T)
         cost = cost + fa * w["k"] / H + fm * w["g"] / H * kept
         total += fa + fm

@@ -30,7 +30,8 @@ Run:
     python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
     python jetson_bench.py --stack                          # build the stacked variants first
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
-Writes out/bench/bench.md, bench.csv, bench.json, pareto.png and samples.png (one row per model, same noise). Measured tables: README.md, jetson_bench.py section.
+Writes out/bench/bench.md, bench.csv, bench.json, pareto.png and samples.png (one row per model, same noise).
+Measured tables: README.md, jetson_bench.py section.
 """
 import csv
 import glob
@@ -85,7 +86,8 @@ class Timed(nn.Module):
     perf_counter). `fn` is what actually runs (the model, or its torch.compile'd copy)."""
     def __init__(self, model, fn=None):
         super().__init__()
-        self.inner, self.fn, self.marks = model, model if fn is None else fn, []  # not `fn or`: compiled modules have no len()
+        # not `fn or model`: a torch.compile'd module has no len(), so its truth value raises
+        self.inner, self.fn, self.marks = model, model if fn is None else fn, []
         for a in ("num_classes", "in_channels", "input_size"):
             setattr(self, a, getattr(model, a))
         self.one_step = getattr(model, "one_step", False)
@@ -244,9 +246,8 @@ def build_stacks(found, cfg, device):
 # Evaluate: one row per (checkpoint, mode), the table, CSV / JSON, the Pareto plot
 # --------------------------------------------------------------------------------------------------
 
-def bench_model(path, kind, cfg, device):
-    """The rows (eager, and compile with --compile) of one checkpoint."""
-    model = sample.load_model(path, device)
+def bench_model(path, kind, model, cfg, device):
+    """The rows (eager, and compile with --compile) of one checkpoint, loaded as `model`."""
     steps, calls = sampler_steps(model, cfg.steps)
     z1 = torch.randn(1, model.in_channels, model.input_size, model.input_size,
                      generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -318,10 +319,11 @@ def main(argv=None):
         found += build_stacks(found, cfg, device)
     if not found:
         sys.exit("error: no tinydit checkpoints to benchmark (train some, or pass paths)")
-    rows = []
+    rows, models = [], []
     for p, kind in found:
         print(f"bench {p} ({kind})")
-        rows += bench_model(p, kind, cfg, device)
+        models.append(sample.load_model(p, device))
+        rows += bench_model(p, kind, models[-1], cfg, device)
     header = dit.run_header(device, cfg.dtype, f"1 and {cfg.batch}", cfg.seed)
     note = (f"{cfg.steps} DDIM steps (DiP-GO: its plan's K), CFG {cfg.cfg_scale}; latency: p50/p90 of {cfg.reps} runs "
             f"after {cfg.warmup} warm-up; quality: fid.evaluate n={cfg.n}, float32 eager; peak MB: "
@@ -340,7 +342,6 @@ def main(argv=None):
         json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
     dit.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
                    f"ms per image (batch {cfg.batch})")
-    models = [sample.load_model(p, device) for p, _ in found]
     sample.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
                      [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
     order = "\n".join(f"  row {k + 1}: {os.path.relpath(p)}" for k, (p, _) in enumerate(found))

@@ -958,7 +958,7 @@ def dipgo_main(cfg):
     yz = torch.arange(cfg.speed_batch, device=device) % base.num_classes
     with torch.no_grad():
         ref = sample.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
-    rows, grid, labels = [], [], torch.arange(min(base.num_classes, 10))
+    rows = []
     for name, model, steps, plan in variants:
         with torch.no_grad():
             x = sample.sample(model, z, yz, steps, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
@@ -970,8 +970,8 @@ def dipgo_main(cfg):
                      "ideal speedup": f"{ideal:.2f}x", "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
-        grid.append(sample.generate(model, labels, 0, steps, cfg_scale=cfg.cfg_scale))
-    dit.save_grid(torch.cat(grid), os.path.join(cfg.out, "dipgo_samples.png"), nrow=len(labels))
+    sample.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
+                     [v[2] for v in variants], cfg.cfg_scale)
     print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate on "
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} vs full; "
           f"blocks kept = block calls / ({K} x {N}); grid rows = table rows ({cfg.out}/dipgo_samples.png)")

@@ -104,7 +104,6 @@ def generate(model, labels, seed=0, steps=50, method="ddim", eta=0.0, cfg_scale=
     return torch.cat(out)
 
 
-
 def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
     """One PNG, one row per model (in order), one image per class (up to 10), all from the same noise:
     the side-by-side picture of prune.py and jetson_bench.py. models: {name: model} or a list; steps: one
@@ -114,6 +113,7 @@ def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
     labels = torch.arange(min(models[0].num_classes, 10))
     imgs = [generate(m, labels, seed, k, cfg_scale=cfg_scale) for m, k in zip(models, steps)]
     save_grid(torch.cat(imgs), path, nrow=len(labels))
+
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints of every kind -> a model

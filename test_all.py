@@ -1186,7 +1186,7 @@ def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
     assert [k for _, k in found] == list(paths)
     cfg = jetson_bench.BenchConfig(steps=3, batch=2, reps=1, warmup=0, quality=False)
     for p, kind in found:
-        row = jetson_bench.bench_model(p, kind, cfg, torch.device("cpu"))[0]
+        row = jetson_bench.bench_model(p, kind, sample.load_model(p), cfg, torch.device("cpu"))[0]
         want = {"dit": 3, "dipgo": 4, "dydit": 3, "student": 1}[kind]
         assert row["calls/img"] == want and row["GFLOPs/img"] > 0, (kind, row)
     if "dipgo" in paths:  # the plan skips blocks: fewer FLOPs per call than the full DiT on the same schedule
