@@ -3,22 +3,23 @@ distill.py: one-step "DiT-Nano" students distilled from a multi-step DiT, with t
 
 Paper: "Designing Parameter and Compute Efficient Diffusion Transformers using Distillation", Vignesh
 Sundaresha, 2025, arXiv 2502.14226. Only the abstract and third-party summaries are available, so almost
-every detail below is [inferred] (spec ../shared/specs/dit_and_distill.md, Part 2). The idea: a teacher's
+every detail below is [inferred] from it and from the methods it names. The idea: a teacher's
 deterministic sampler turns noise z into images x; a small DiT with no timestep input learns z -> x in ONE
 forward pass (GET-style offline pairs), helped by feature distillation through a Teaching Assistant (TA) or
 Multi-In-One (MI1); then depth, width and heads are swept for the quality / size / latency trade-off.
 
-    paper / spec -> here
+    paper (abstract) / the methods it builds on -> here
     offline teacher signals (GET-style pairs)          -> make_pairs (DDIM eta=0, cached in out/distill/)
-    one-step DiT, no timestep input (spec 2.2 item 3)  -> OneStepDiT (dit.DiT's embedders, blocks and head)
-    large one-step teacher DiT (spec 2.2 item 2)       -> stage "onestep-teacher" (init from the DiT at t=999)
-    output + feature KD, learned projectors (2.3, 2.4) -> distill_loss, Distiller
+    one-step DiT, no timestep input (GET, arXiv 2312.04453) -> OneStepDiT (dit.DiT's embedders, blocks, head)
+    large one-step teacher DiT                         -> stage "onestep-teacher" (init from the DiT at t=999)
+    output + feature KD, learned projectors (GET;
+      BK-SDM, arXiv 2305.15798, Sec. 3.2 "KD")         -> distill_loss, Distiller
     block mapping knob                                 -> block_map (uniform | first | last)
-    TA, two hops: depth then width (2.4)               -> --ta hop: TA (L_S, D_T) from teacher blocks m(i)
-    TA, classic intermediate size (TAKD, 2.4)          -> --ta mid: TA of size halfway, then the student
-    MI1, one student block <- k teacher blocks (2.5)   -> mi1_groups, Distiller(groups=...) then end to end
-    BK-SDM style multi-step student (2.8)              -> --setup multistep (task + eps KD + feature KD)
-    three-way trade-off, Pareto (2.6)                  -> --sweep, sweep, measure, dit.pareto_png
+    Teaching Assistant, two hops: depth then width     -> --ta hop: TA (L_S, D_T) from teacher blocks m(i)
+    TA of intermediate size (TAKD, arXiv 1902.03393)   -> --ta mid: TA of size halfway, then the student
+    Multi-In-One: one student block <- k teacher ones  -> mi1_groups, Distiller(groups=...) then end to end
+    BK-SDM style multi-step student (Sec. 3.2)         -> --setup multistep (task + eps KD + feature KD)
+    depth / width / heads trade-off (abstract)         -> --sweep, sweep, measure, fid.pareto_png
 
 Our readings [inferred]: the output loss is weight-free (no LPIPS can be downloaded): pseudo-Huber by
 default (Song & Dhariwal 2023, iCT Sec. 3.3, divided by sqrt(dim): sqrt(mean((a-b)^2) + c^2) - c, c =
@@ -44,9 +45,9 @@ Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs 
 image, fid.py quality) and out/distill/<run>_grid.png (teacher | helpers | student, same noise per row).
 Measured results: README.md, distill.py section.
 """
-import hashlib
 import json
 import os
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -57,7 +58,6 @@ from tqdm import tqdm
 
 import dit
 import fid
-import sample
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -74,7 +74,7 @@ class DistillConfig:
     width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
     heads: int = 2               # student attention heads
     out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
-    feat_weight: float = 1.0     # lambda_f on the feature loss (spec 2.4 default 1)
+    feat_weight: float = 1.0     # lambda_f on the feature loss (BK-SDM: 1)
     local_frac: float = 0.3      # mi1: share of the student steps spent in the block-local stage A
     steps: int = 300             # student training steps (equal for every method)
     aux_steps: int = 150         # steps of each helper network: the one-step teacher, the TA
@@ -85,6 +85,7 @@ class DistillConfig:
     sample_steps: int = 10       # teacher DDIM steps (eta 0): the pairs, and the teacher's quality/latency
     cfg_scale: float = 1.5       # classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
     eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
+    bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
     teacher: str = "out/dit.pt"  # base DiT checkpoint (trained first, ~4 min, when absent)
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
@@ -101,16 +102,16 @@ class DistillConfig:
 # --------------------------------------------------------------------------------------------------
 
 class OneStepDiT(nn.Module):
-    """One-step generator x = G(z, y), spec 2.2 item 3: a DiT with no timestep input. The conditioning is
+    """One-step generator x = G(z, y) (GET, arXiv 2312.04453): a DiT with no timestep input. The conditioning is
     c = c0 + y_emb with a learned constant c0; no label dropout (the pairs already carry the teacher's CFG)."""
-    one_step = True
 
     def __init__(self, **config):  # dit.DiT keyword arguments
         super().__init__()
         self.dit = dit.DiT(**dict(config, class_dropout_prob=0.0, learn_sigma=False))
         self.dit.t_embedder = None
         self.c0 = nn.Parameter(torch.zeros(self.dit.pos_embed.shape[-1]))
-        self.num_classes, self.in_channels, self.input_size = self.dit.num_classes, self.dit.in_channels, self.dit.input_size
+        dit.samples_like(self, self.dit)
+        self.one_step = True
 
     def forward(self, z, y, return_features=False):
         out, feats = features(self, z, y)
@@ -142,7 +143,7 @@ def shape_of(model):
 
 
 def block_map(n_student, n_teacher, how="uniform"):
-    """Student layer i -> teacher layer m(i), 1-indexed (layer 0 = the embedding), spec 2.4:
+    """Student layer i -> teacher layer m(i), 1-indexed (layer 0 = the embedding) [inferred]:
     uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1); last: only (L_S, L_T)."""
     if how == "uniform":
         return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
@@ -154,7 +155,7 @@ def block_map(n_student, n_teacher, how="uniform"):
 
 
 def mi1_groups(n_student, n_teacher):
-    """MI1 block groups (our reading of spec 2.5): student block j reproduces teacher layers (a_j, b_j],
+    """MI1 block groups [inferred reading of the abstract]: student block j reproduces teacher layers (a_j, b_j],
     i.e. it maps h_T,a_j to h_T,b_j, with b_j = the uniform m(j) and a_j = b_(j-1) (a_1 = 0)."""
     ends = [m for _, m in block_map(n_student, n_teacher)]
     return list(zip([0] + ends[:-1], ends))
@@ -175,7 +176,7 @@ def output_distance(a, b, how="huber"):
 
 
 def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0):
-    """Output + feature distillation (spec 2.4; GET + BK-SDM):
+    """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(LN(W_k h_S,i_k), LN(h_T,j_k)),  (i_k, j_k) = pairs[k]
     s_feats[k] is the student state of pair k, already projected to the teacher width by W_k. out None =
     no output term (MI1 stage A); t_feats None or no pairs = output only (kd)."""
@@ -219,14 +220,6 @@ class Distiller(nn.Module):
 # Train: offline pairs, initialisation, the stages of each method
 # --------------------------------------------------------------------------------------------------
 
-def weights_tag(state):
-    """8 hex digits naming a set of weights (keys the pairs cache and the stage checkpoints)."""
-    h = hashlib.sha1()
-    for k, v in sorted(state.items()):
-        h.update(k.encode() + v.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:8]
-
-
 @torch.no_grad()
 def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
     """GET-style offline teacher signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, labels
@@ -237,7 +230,7 @@ def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
     C, S = teacher.in_channels, teacher.input_size
     z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(n) % teacher.num_classes
-    xs = [sample.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
+    xs = [dit.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
                         0.0, cfg_scale).clamp(-1, 1).cpu()
           for k in tqdm(range(0, n, batch_size), desc=f"pairs ({steps} DDIM steps)", dynamic_ncols=True)]
     pairs = dict(z=z, x=torch.cat(xs), y=y)
@@ -248,8 +241,9 @@ def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
 @torch.no_grad()
 def init_from(dst, src, keep):
     """Copy src's weights into dst wherever names and shapes match, src block keep[i] -> dst block i
-    (BK-SDM / TinyFusion block removal, spec 2.4 hop 1). The label table keeps its first rows (a one-step
-    model has no "null" class); a one-step dst of a multi-step src gets c0 = t_emb(999), its first step."""
+    (BK-SDM Sec. 3.1 block removal, TA hop 1). The label table keeps its first rows (a one-step
+    model has no "null" class); a learned-sigma output layer gives its eps rows; a one-step dst of a
+    multi-step src gets c0 = t_emb(999), its first step."""
     src_sd = {k.removeprefix("dit."): v for k, v in src.state_dict().items()}
     new = {}
     for k, v in dst.state_dict().items():
@@ -258,7 +252,12 @@ def init_from(dst, src, keep):
             i, rest = name[len("blocks."):].split(".", 1)
             name = f"blocks.{keep[int(i)]}.{rest}"
         w = src_sd.get(name)
-        ok = w is not None and (w.shape == v.shape or (name.startswith("y_embedder") and w.shape[1:] == v.shape[1:]))
+        if w is not None and name.startswith("final_layer.linear") and len(w) == 2 * len(v):
+            # learned-sigma head (p*p*2C rows) -> eps-only head (p*p*C): keep the eps rows of every pixel
+            pp = src.patch_size ** 2
+            w = w.view(pp, 2, -1, *w.shape[1:])[:, 0].reshape(v.shape)
+        ok = w is not None and (w.shape == v.shape or (name.startswith("y_embedder")
+                                                       and w.shape[1:] == v.shape[1:]))
         new[k] = w[:len(v)] if ok else v
     if isinstance(dst, OneStepDiT) and not isinstance(src, OneStepDiT):
         new["c0"] = src.t_embedder(torch.tensor([999], device=src.pos_embed.device))[0]
@@ -294,11 +293,11 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
                teacher=getattr(teacher, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
                **{k: getattr(cfg, k) for k in ("out_loss", "feat_weight", "local_frac", "batch_size", "lr",
                                                "ema_decay", "seed", "dtype")})
-    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    tag = dit.settings_tag(key)
     net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
     diffusion = dit.Diffusion()
 
-    def loss_fn(net, xb, yb):
+    def loss_fn(net, xb, yb, step):
         if onestep:  # yb indexes the pairs; xb (the same images as uint8) is unused
             x, t, target, y = base["z"][yb], None, base["x"][yb], base["y"][yb]
         else:  # BK-SDM: the student's diffusion loss + the teacher's eps and features at the same (x_t, t)
@@ -335,7 +334,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
                                ckpt_every=10 ** 9, seed=cfg.seed + k, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, {shape[0]} blocks, width {shape[1]}, {shape[2]} heads, "
               f"teacher {getattr(teacher, 'name', None)}, mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
-        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta)
+        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
     model = net.student.eval().requires_grad_(False).to(device)
@@ -385,40 +384,38 @@ def run_method(cfg, base, shape):
 # Evaluate: params, GFLOPs and latency per generated image, quality, grids, the Pareto plot
 # --------------------------------------------------------------------------------------------------
 
-def measure(cfg, name, model, ck, device):
-    """One table row. A multi-step model (the teacher, a multistep student) is charged its whole DDIM +
-    CFG sampler; a one-step model one forward. Latency = ms per generated image at batch 1 and 64."""
-    one = getattr(model, "one_step", False)
-    C, S, nc = model.in_channels, model.input_size, model.num_classes
-    nfe = 1 if one else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
-    y1 = torch.zeros(1, dtype=torch.long, device=device)
-    fwd = (lambda z: model(z, y1)) if one else (lambda z: model(z, y1, y1))
-    gflops = dit.count_flops(fwd, torch.zeros(1, C, S, S, device=device)) / 1e9 * nfe
-
-    @torch.no_grad()
-    def latency(batch, reps):
-        z, y = torch.randn(batch, C, S, S, device=device), torch.arange(batch, device=device) % nc
-        gen = (lambda: model(z, y)) if one else (lambda: sample.sample(model, z, y, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale))
-        return 1000 * dit.timeit(gen, device, reps, warmup=1) / reps / batch
-
-    L, D, H = shape_of(model)
-    row = {"model": name, "L x D x heads": f"{L} x {D} x {H}", "params": f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M",
-           "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}", "ms/img b1": f"{latency(1, 20 if one else 2):.2f}",
-           "ms/img b64": f"{latency(64, 5 if one else 1):.2f}",
-           "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
-    if cfg.eval_n:
-        q = fid.evaluate(model, cfg.data, cfg.data_dir, S, n=cfg.eval_n, steps=cfg.sample_steps,
-                         cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
-        row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
-        row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
-    return row
+def measure(cfg, entries, device):
+    """One table row per (name, model, checkpoint). A multi-step model (the teacher, a multistep student) is
+    charged its whole DDIM + CFG sampler, a one-step model one forward. Latency = ms per generated image at
+    batch 1 and 64, median of --bench-reps rounds in which every model runs once (fid.time_sampling)."""
+    models = {name: model for name, model, _ in entries}
+    ms = {B: fid.time_sampling(models, B, cfg.sample_steps, cfg.cfg_scale, cfg.bench_reps) for B in (1, 64)}
+    rows = []
+    for name, model, ck in entries:
+        one, S = getattr(model, "one_step", False), model.input_size
+        nfe = 1 if one else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
+        y1 = torch.zeros(1, dtype=torch.long, device=device)
+        fwd = (lambda z: model(z, y1)) if one else (lambda z: model(z, y1, y1))
+        gflops = dit.count_flops(fwd, torch.zeros(1, model.in_channels, S, S, device=device)) / 1e9 * nfe
+        L, D, H = shape_of(model)
+        row = {"model": name, "L x D x heads": f"{L} x {D} x {H}", "params": f"{dit.param_count(model) / 1e6:.3f}M",
+               "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}",
+               **{f"ms/img b{B}": f"{1000 * statistics.median(t[name]) / B:.2f}" for B, t in ms.items()},
+               "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
+        if cfg.eval_n:
+            q = fid.evaluate(model, cfg.data, cfg.data_dir, S, n=cfg.eval_n, steps=cfg.sample_steps,
+                             cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+            row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
+            row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
+        rows.append(row)
+    return rows
 
 
 def side_by_side(cfg, models, path, per=4):
     """Grid: one row per class, `per` samples of each model side by side, all from the same noise."""
     nc = min(models[0].num_classes, 10)
     labels = torch.arange(nc).repeat_interleave(per)
-    imgs = [sample.generate(m, labels, cfg.seed, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale) for m in models]
+    imgs = [dit.generate(m, labels, cfg.seed, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale) for m in models]
     imgs = torch.stack([i.view(nc, per, *i.shape[1:]) for i in imgs], 1)  # (nc, models, per, 3, S, S)
     dit.save_grid(imgs.flatten(0, 2), path, nrow=per * len(models))
 
@@ -428,16 +425,18 @@ SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4)
 
 
 def sweep(cfg, base, device):
-    """Train cfg.method for every SWEEP shape; the three-way table and the Pareto plot."""
-    rows, points = [], []
+    """Train cfg.method for every SWEEP shape; the three-way table (teacher first, all timed interleaved)
+    and the Pareto plot."""
+    entries = [("teacher", base["teacher"], None)]
     for shape in SWEEP:
-        name, model, ck = run_method(cfg, base, shape)[-1]
-        rows.append(measure(cfg, f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck, device))
-        quality = [v for k, v in rows[-1].items() if "lower better" in k]
-        if quality:
-            points.append((float(rows[-1]["ms/img b1"]), float(quality[0]), f"{shape[0]}x{shape[1]}x{shape[2]} {rows[-1]['params']}"))
+        _, model, ck = run_method(cfg, base, shape)[-1]
+        entries.append((f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck))
+    rows = measure(cfg, entries, device)
+    points = [(float(r["ms/img b1"]), float(q), f"{r['model'][8:]} {r['params']}")
+              for r in rows[1:] for k, q in r.items() if "lower better" in k]
     if points:
-        dit.pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"), "ms per image at batch 1")
+        fid.pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"),
+                       "ms per image at batch 1")
     return rows
 
 
@@ -452,11 +451,12 @@ def main(argv=None):
     print(f"device {device}")
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
     T = dit.build_dit(ck).to(device).requires_grad_(False)
-    T.tag, T.name = weights_tag(ck["ema"]), "teacher"
+    T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
     base = dict(teacher=T, config=ck["config"])
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.setup == "onestep":
-        path = os.path.join(cfg.out, f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.seed + 1}.pt")
+        name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.seed + 1}.pt"
+        path = os.path.join(cfg.out, name)
         p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1, path)
         base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=os.path.basename(path),
                     data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
@@ -468,12 +468,12 @@ def main(argv=None):
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, base, device)
-        print(f"\n{header}\n{dit.markdown_table([measure(cfg, 'teacher', T, None, device)] + rows)}")
+        print(f"\n{header}\n{dit.markdown_table(rows)}")
         return rows
     stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
     grid = os.path.join(cfg.out, f"{cfg.setup}_{cfg.method}_grid.png")
     side_by_side(cfg, [T] + [m for _, m, _ in stages], grid)
-    rows = [measure(cfg, "teacher", T, None, device)] + [measure(cfg, n, m, c, device) for n, m, c in stages]
+    rows = measure(cfg, [("teacher", T, None)] + stages, device)
     print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (teacher | {' | '.join(n for n, _, _ in stages)}, "
           f"same noise per row): {grid}\nstudent checkpoint: {stages[-1][2]['path']}")
     return rows

@@ -1,27 +1,28 @@
 """
-dit.py: the tiny Diffusion Transformer that every other tinydit script builds on.
+dit.py: the tiny Diffusion Transformer that every other tinydit script builds on (the ground floor).
 
 Paper: "Scalable Diffusion Models with Transformers", William Peebles and Saining Xie, ICCV 2023,
 arXiv 2212.09748. A DiT cuts the image into p x p patches, runs a stack of transformer blocks whose
 LayerNorms are modulated by the timestep + class embedding (adaLN-Zero: every block starts as the
-identity), and predicts the noise (and a variance) for a Gaussian diffusion (Ho et al. 2020, with the
-learned variance of Nichol & Dhariwal 2021).
+identity), and predicts the noise and a variance for a Gaussian diffusion (Ho et al. 2020, arXiv
+2006.11239; learned variance of Nichol & Dhariwal 2021, arXiv 2102.09672).
 
-Paper / reference code -> this file
-    Sec. 3.1 patchify, 2-D sin-cos positions          -> PatchEmbed, sincos_pos_embed
-    Sec. 3.1 timestep and class embeddings, CFG drop  -> TimestepEmbedder, LabelEmbedder
-    Sec. 3.2 adaLN-Zero block (zero-initialised gates) -> DiTBlock (attn_branch / mlp_branch)
-    Sec. 3.2 final layer, unpatchify                  -> FinalLayer, DiT.head
-    Sec. 3.3 linear beta schedule, eps-MSE + L_vb      -> Diffusion.loss (IDDPM Eq. 16)
-    Sec. 3.3 AdamW 1e-4, EMA                           -> train()
-The state_dict names and constructor keywords equal facebookresearch/DiT models.py, so an official
-checkpoint loads with strict=True.
+Paper -> this file
+    Sec. 3.2 patchify (Fig. 4), 2-D sin-cos positions   -> PatchEmbed, sincos_pos_embed
+    Sec. 3.2 timestep / class embeddings                -> TimestepEmbedder, LabelEmbedder
+    Sec. 3.2 adaLN-Zero block (Fig. 3)                  -> DiTBlock (modulation, attn_branch, mlp_branch)
+    Sec. 3.2 transformer decoder, unpatchify            -> FinalLayer, DiT.head
+    Sec. 3.1 / 4 linear betas, L_simple + L_vb          -> Diffusion.loss (IDDPM Eq. 16)
+    Sec. 3.1 classifier-free guidance                   -> forward_with_cfg
+    DDPM Alg. 2, DDIM Eq. 12, IDDPM respacing           -> Diffusion.respace, sample, generate
+    Sec. 4 training: AdamW 1e-4, no decay, EMA 0.9999   -> train (torchrun + DDP, resumable)
+State-dict names and constructor keywords equal facebookresearch/DiT models.py (an official checkpoint
+loads with strict=True); Diffusion.respace follows the official space_timesteps(1000, "K").
 
-Our choices (not the paper's), for CPU-minute runs: the `cpu` preset uses lr 2e-3 with a 50-step warm-up,
-batch 16, EMA 0.999 with a (1+n)/(10+n) warm-up, instead of lr 1e-4 / batch 256 / EMA 0.9999 (measured:
-1600 x 16 at lr 2e-3 beats 1000 x 64 at lr 1e-3 in 4 instead of 11 minutes, README); pixel-space sampling
-clips x0 to [-1, 1] (sample.py); the embedded `shapes` data set replaces ImageNet latents (pixel
-space, no VAE). The GPU presets use the paper's values.
+Ours [inferred], for CPU-minute runs: the `tiny` / `cpu` presets use lr 2e-3 (cpu) with a warm-up, batch
+16 and EMA 0.999 with a (1+n)/(10+n) warm-up; the GPU presets use the paper's values (constant EMA 0.9999
+from a copy). The sampler clips x0 to [-1, 1] (pixel space; DiT samples latents and does not). The
+embedded `shapes` data set replaces ImageNet latents (pixels, no VAE).
 
 Run:
     python dit.py                         # trains out/dit.pt on the embedded data (~4 min, 2 CPU cores)
@@ -30,16 +31,22 @@ Run:
     python dit.py --bench                 # img/s and achieved GFLOP/s vs this machine's matmul peak
 """
 import argparse
+import copy
 import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import tarfile
 import time
+import urllib.request
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +54,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -60,12 +71,12 @@ PRESETS = {
     "cifar": dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6),
     "imagenet64": dict(input_size=64, patch_size=4, hidden_size=768, depth=12, num_heads=12),
 }
-# Training defaults per preset (paper values for the GPU presets, see the docstring for `cpu`).
+# Training defaults per preset: the paper's (DiT Sec. 4) for the GPU presets, ours for tiny / cpu.
 PRESET_TRAIN = {
-    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99),
-    "cpu": dict(steps=1600, batch_size=16, lr=2e-3, warmup=50, ema_decay=0.999),
-    "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
-    "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999),
+    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, ema_warmup=1),
+    "cpu": dict(steps=1600, batch_size=16, lr=2e-3, warmup=50, ema_decay=0.999, ema_warmup=1),
+    "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
+    "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
 }
 
 
@@ -84,13 +95,14 @@ class TrainConfig:
     weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
     grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
     ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
+    ema_warmup: int = -1         # 1 = decay min(d, (1+n)/(10+n)) [ours]; 0 = constant d (paper); -1 = preset
     learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term
-    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1)
+    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1; 0 = no CFG)
     log_every: int = 50          # one log line (and one JSON line) every N steps
     ckpt_every: int = 500        # atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
     seed: int = 0                # seeds model init, data order, noise and timesteps
     device: str = "auto"         # auto | cpu | cuda | mps
-    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False        # torch.compile the model
     bench: bool = False          # only run the speed benchmark and exit
 
@@ -104,17 +116,24 @@ def resolve(cfg):
             setattr(cfg, k, v)
     if cfg.image_size == 0:
         cfg.image_size = PRESETS[cfg.preset]["input_size"]
+    for k in ("steps", "batch_size", "log_every", "ckpt_every", "image_size"):
+        if getattr(cfg, k) <= 0:
+            sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
     return cfg
 
 
-def parse_args(config_cls, argv=None):
-    """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile). Unknown
-    flags are an error. Prints the resolved config once."""
-    import inspect
-    import re
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the help text of each flag is the trailing comment of its dataclass field
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block
+        sys.stderr.write(f"error: {message}; see --help\n")
+        sys.exit(2)
+
+
+def parse_args(config_cls, argv=None, paths=False):
+    """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile); the help of a
+    flag is its field's trailing comment. Unknown flags: one error line. paths=True also takes positional
+    paths anywhere on the line and returns (config, paths)."""
+    p = OneLineParser(description=sys.modules["__main__"].__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(config_cls), re.M))
     for f in dataclasses.fields(config_cls):
         flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + f" (default: {f.default})"
@@ -123,12 +142,20 @@ def parse_args(config_cls, argv=None):
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag, type=typ, default=f.default, help=h)
-    return config_cls(**vars(p.parse_args(argv)))
+    if not paths:
+        return config_cls(**vars(p.parse_args(argv)))
+    p.add_argument("paths", nargs="*", help="input paths")
+    args = vars(p.parse_intermixed_args(argv))
+    found = args.pop("paths")
+    return config_cls(**args), found
 
 
 # --------------------------------------------------------------------------------------------------
 # Model (names and init as facebookresearch/DiT models.py)
 # --------------------------------------------------------------------------------------------------
+
+Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp scale_mlp gate_mlp")
+
 
 def modulate(x, shift, scale):
     """adaLN modulation, DiT Sec. 3.2: x * (1 + scale) + shift, broadcast over the tokens."""
@@ -136,7 +163,7 @@ def modulate(x, shift, scale):
 
 
 class PatchEmbed(nn.Module):
-    """Patchify, DiT Sec. 3.1: a p x p conv with stride p gives T = (I/p)^2 tokens of width D."""
+    """Patchify, DiT Sec. 3.2 (Fig. 4): a p x p conv with stride p gives T = (I/p)^2 tokens of width D."""
     def __init__(self, patch_size, in_chans, embed_dim):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
@@ -172,7 +199,7 @@ class Mlp(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of the integer t (256 channels, [cos, sin]) -> MLP, DiT Sec. 3.1."""
+    """Sinusoidal features of the integer t (256 channels, [cos, sin]) -> MLP, DiT Sec. 3.2."""
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
@@ -183,7 +210,8 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t, dim, max_period=10000):
         half = dim // 2
         # freqs_k = exp(-ln(10000) * k / half), args = t * freqs
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(max_period) * k / half)
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 256)
 
@@ -210,8 +238,8 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block, DiT Sec. 3.2. The two residual halves are callable on their own so that
-    other scripts (pruning, caching, dynamic width) can reuse them without copying this code:
+    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3). The two residual halves are callable on their own so that
+    the method scripts (pruning, caching, dynamic width) reuse them without copying this code:
         x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))      attn_branch
         x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))       mlp_branch"""
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
@@ -223,16 +251,14 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def modulation(self, c):
-        """The six (B, D) vectors: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
-        return self.adaLN_modulation(c).chunk(6, dim=1)
+        """The six (B, D) vectors of adaLN-Zero, by name (as DiT's models.py unpacks them)."""
+        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
 
     def attn_branch(self, x, mod):
-        shift, scale, gate = mod[0:3]
-        return gate.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift, scale))
+        return mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
 
     def mlp_branch(self, x, mod):
-        shift, scale, gate = mod[3:6]
-        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
+        return mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
 
     def forward(self, x, c):
         mod = self.modulation(c)
@@ -264,15 +290,16 @@ def sincos_pos_embed(dim, grid):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer, DiT Sec. 3. forward(x, t, y) -> (B, C_out, I, I); C_out = 2C if learn_sigma.
-    embed() and head() are the parts before and after the block stack, so scripts that need to run the
-    blocks their own way (skip, cache, slice, distil) write `h, c = embed(..); for b in blocks: ..; head(h, c)`."""
+    """Diffusion Transformer, DiT Sec. 3.2. forward(x, t, y) -> (B, C_out, I, I); C_out = 2C if learn_sigma.
+    embed() and head() are the parts before and after the block stack, so scripts that run the blocks
+    their own way (skip, cache, slice, distil) write `h, c = embed(..); for b in blocks: ..; head(h, c)`."""
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes, self.num_heads = learn_sigma, num_classes, num_heads
+        self.has_null = class_dropout_prob > 0  # a "null" label row exists: classifier-free guidance works
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -290,7 +317,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         g = int(self.pos_embed.shape[1] ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(self.pos_embed.shape[-1], g)).float()[None])
+        pos = sincos_pos_embed(self.pos_embed.shape[-1], g)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float()[None])
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -326,10 +354,6 @@ class DiT(nn.Module):
         out = self.head(h, c)
         return (out, feats) if return_features else out
 
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        return forward_with_cfg(self, x, t, y, cfg_scale)
-
-
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """Classifier-free guidance for any model with forward(x, t, y): the batch is [cond; uncond] halves
     with the same x; eps = eps_u + s * (eps_c - eps_u) on all C_in eps channels. (The official DiT guides
@@ -344,13 +368,60 @@ def forward_with_cfg(model, x, t, y, cfg_scale):
     return torch.cat([torch.cat([eps, rest], 1)] * 2)
 
 
+def forward_with_cfg(model, x, t, y, cfg_scale):
+    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y): the batch is [cond;
+    uncond] halves with the same x; eps = eps_u + s (eps_c - eps_u) on all C_in eps channels (the official
+    code guides the first 3 of its 4 latent channels; for RGB pixels that is all of them). The variance
+    channels are taken from the conditional half."""
+    half = x[: len(x) // 2]
+    out = model(torch.cat([half, half]), t, y)
+    C = x.shape[1]
+    cond, uncond = out[: len(half), :C], out[len(half):, :C]
+    eps = uncond + cfg_scale * (cond - uncond)
+    rest = out[: len(half), C:]
+    return torch.cat([torch.cat([eps, rest], 1)] * 2)
+
+
 def param_count(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Parameters of a model, the fixed sin-cos pos_embed excluded (one definition for every table)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("pos_embed"))
+
+
+SAMPLER_ATTRS = ("num_classes", "in_channels", "input_size", "has_null", "learn_sigma", "out_channels")
+
+
+def samples_like(wrapper, model):
+    """Give a wrapper module (pruned, cached, dynamic, timed, ...) the attributes the sampler reads from
+    the DiT it wraps, so that sample / generate / fid.evaluate treat it as a DiT."""
+    for a in SAMPLER_ATTRS:
+        if hasattr(model, a):
+            setattr(wrapper, a, getattr(model, a))
+    wrapper.one_step = getattr(model, "one_step", False)
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------
 # Gaussian diffusion (DDPM, Ho et al. 2020; learned range variance, Nichol & Dhariwal 2021)
 # --------------------------------------------------------------------------------------------------
+
+def space_timesteps(num_steps, k):
+    """The kept timesteps of a K-step sampler: the official IDDPM / DiT `space_timesteps(T, "K")`: a
+    fractional stride (T - 1) / (K - 1) accumulated by repeated addition and rounded (Python round)."""
+    if not 1 <= k <= num_steps:
+        sys.exit(f"error: sampling steps must be in 1..{num_steps}, not {k}")
+    stride, cur, kept = (num_steps - 1) / (k - 1) if k > 1 else 1, 0.0, set()
+    for _ in range(k):
+        kept.add(round(cur))
+        cur += stride
+    return kept
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats (IDDPM / ADM normal_kl):
+    1/2 (-1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
 
 class Diffusion:
     """The 1000-step linear-beta process (1e-4 .. 0.02), or a respaced subset of its steps.
@@ -367,16 +438,15 @@ class Diffusion:
         ac_prev = np.append(1.0, ac[:-1])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
         # all as float64 numpy; gathered per batch by _at()
-        self.betas, self.ac, self.ac_prev = betas, ac, ac_prev
-        self.post_var = post_var
-        self.post_logvar_clipped = np.log(np.append(post_var[1] if len(post_var) > 1 else betas[0], post_var[1:]))
+        self.betas, self.ac, self.ac_prev, self.post_var = betas, ac, ac_prev, post_var
+        first = post_var[1] if len(post_var) > 1 else betas[0]
+        self.post_logvar_clipped = np.log(np.append(first, post_var[1:]))
         self.post_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.post_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac)
 
     def respace(self, k):
-        """K evenly strided steps of the original process (the official `space_timesteps(1000, "K")`)."""
-        stride = (self.num_steps - 1) / max(k - 1, 1)
-        return Diffusion(self.num_steps, {round(i * stride) for i in range(k)})
+        """K steps of the original process, as the official space_timesteps (IDDPM Sec. 4)."""
+        return Diffusion(self.num_steps, space_timesteps(self.num_steps, k))
 
     def model_t(self, i):
         """Original timestep the model is conditioned on, for process index tensor i."""
@@ -385,7 +455,8 @@ class Diffusion:
     @staticmethod
     def _at(arr, i, x):
         """arr[i] as a float32 tensor broadcastable to x: (B, 1, 1, 1)."""
-        return torch.as_tensor(arr, dtype=torch.float32, device=x.device)[i].view(-1, *([1] * (x.dim() - 1)))
+        v = torch.as_tensor(arr, dtype=torch.float32, device=x.device)[i]
+        return v.view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, i, noise):
         """x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps (DDPM Eq. 4)."""
@@ -402,27 +473,30 @@ class Diffusion:
     def p_mean_variance(self, out, xt, i, clip=False):
         """p(x_{i-1} | x_i) from the model output: eps -> x0 -> posterior mean; variance from the
         learned interpolation v in [-1, 1] (IDDPM Eq. 15), or the fixed-large beta when not learned.
-        clip: clamp x0 to [-1, 1] and recompute eps from it (pixel-space DDPM/IDDPM do; DiT's latents don't)."""
+        clip: clamp x0 to [-1, 1] and recompute eps from it (pixel-space DDPM/IDDPM do; DiT does not)."""
         C = xt.shape[1]
         eps = out[:, :C]
         if out.shape[1] == 2 * C:
             frac = (out[:, C:] + 1) / 2
             # log sigma^2 = frac * log beta + (1 - frac) * log beta_tilde
-            logvar = frac * self._at(np.log(self.betas), i, xt) + (1 - frac) * self._at(self.post_logvar_clipped, i, xt)
+            logvar = (frac * self._at(np.log(self.betas), i, xt)
+                      + (1 - frac) * self._at(self.post_logvar_clipped, i, xt))
         else:
-            logvar = self._at(np.log(np.append(self.betas[0] if self.num_steps == 1 else self.post_var[1], self.betas[1:])), i, xt).expand_as(xt)
+            first = self.betas[0] if self.num_steps == 1 else self.post_var[1]
+            logvar = self._at(np.log(np.append(first, self.betas[1:])), i, xt).expand_as(xt)
         x0 = self.predict_x0(xt, i, eps)
         if clip:
             x0 = x0.clamp(-1, 1)
             # eps = (x_t / sqrt(abar) - x0) / sqrt(1 / abar - 1)
-            eps = (self._at(np.sqrt(1 / self.ac), i, xt) * xt - x0) / self._at(np.sqrt(1 / self.ac - 1), i, xt)
+            eps = (self._at(np.sqrt(1 / self.ac), i, xt) * xt - x0) / self._at(np.sqrt(1 / self.ac - 1),
+                                                                              i, xt)
         mean, _ = self.q_posterior(x0, xt, i)
         return mean, logvar, x0, eps
 
     def loss(self, model, x0, y, i=None, noise=None):
-        """DiT training loss, Sec. 3.3: ||eps - eps_hat||^2 averaged over dims, plus (learn_sigma) the
-        variational bound L_vb in bits/dim with eps_hat detached (IDDPM Eq. 16: L_hybrid with lambda = 1
-        on this 1000-step process). Returns a dict of per-batch means; also 'out', 'xt', 'i', 'noise'."""
+        """DiT training loss, Sec. 3.1 / 4: ||eps - eps_hat||^2 averaged over dims, plus (learn_sigma) the
+        bound L_vb in bits/dim with eps_hat detached (IDDPM Eq. 16, L_hybrid, lambda = 1 on this 1000-step
+        process). Returns a dict of per-batch means; also 'out', 'xt', 'i', 'noise'."""
         if i is None:
             i = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
@@ -444,9 +518,7 @@ class Diffusion:
         """KL(q(x_{i-1}|x_i,x0) || p(x_{i-1}|x_i)) in bits/dim; at i = 0 the decoder NLL (IDDPM Sec. 2)."""
         true_mean, true_logvar = self.q_posterior(x0, xt, i)
         mean, logvar, _, _ = self.p_mean_variance(out, xt, i)
-        kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
-                    + (true_mean - mean) ** 2 * torch.exp(-logvar))
-        kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(i == 0, nll, kl)
 
@@ -461,6 +533,83 @@ def discretized_gaussian_loglik(x, means, log_scales):
     log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# --------------------------------------------------------------------------------------------------
+# The reverse process: DDPM / DDIM with classifier-free guidance
+# --------------------------------------------------------------------------------------------------
+
+def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generator=None, clip=True):
+    """Run the reverse process from noise z (B, C, H, W) with labels y. Gradients flow if the caller
+    enables them (DiP-GO backpropagates through it). generator drives the DDPM / eta > 0 noise. clip:
+    clamp the predicted x0 to [-1, 1] at every step, as pixel-space DDPM (Ho et al. Sec. 3.3) does;
+    without it eps errors at high noise are amplified by up to 1/sqrt(abar) ~ 158. A model trained
+    without label dropout has no null class: it samples without guidance (cfg_scale is ignored)."""
+    if method not in ("ddim", "ddpm"):
+        sys.exit(f"error: --method must be ddim or ddpm, not {method!r}")
+    if cfg_scale != 1.0 and not getattr(model, "has_null", True):
+        cfg_scale = 1.0
+    diffusion, x, B = Diffusion().respace(steps), z, z.shape[0]
+    null = torch.full_like(y, model.num_classes)
+    for i in reversed(range(steps)):
+        idx = torch.full((B,), i, device=z.device, dtype=torch.long)
+        t = diffusion.model_t(idx)
+        if cfg_scale != 1.0:
+            xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+            out = forward_with_cfg(model, xx, tt, yy, cfg_scale)[:B]
+        else:
+            out = model(x, t, y)
+        mean, logvar, x0, eps = diffusion.p_mean_variance(out.float(), x, idx, clip)
+        noise = 0
+        if (method == "ddpm" or eta > 0) and i > 0:
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+        if method == "ddpm":
+            # x_{i-1} = mu(x_i, x0_hat) + sigma_i * n   (DDPM Algorithm 2, sigma learned or fixed)
+            x = mean + torch.exp(0.5 * logvar) * noise if i > 0 else mean
+        else:
+            ab, ab_prev = diffusion.ac[i], diffusion.ac_prev[i]
+            # sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)      (DDIM Eq. 16)
+            sigma = eta * ((1 - ab_prev) / (1 - ab)) ** 0.5 * (1 - ab / ab_prev) ** 0.5
+            # x_{i-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma n  (DDIM Eq. 12)
+            x = ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+    return x
+
+
+def run_sampler(model, z, y, steps=50, cfg_scale=1.0, method="ddim", eta=0.0, generator=None):
+    """One batch of images from noise z: one call for a one-step model (model.one_step), else sample()."""
+    if getattr(model, "one_step", False):
+        return model(z, y)
+    return sample(model, z, y, steps, method, eta, cfg_scale, generator)
+
+
+@torch.no_grad()
+def generate(model, labels, seed=0, steps=50, method="ddim", eta=0.0, cfg_scale=4.0, batch_size=64,
+             dtype="float32", progress=False):
+    """uint8 images (N, 3, H, W) for `labels`. The initial noise comes from torch.Generator(seed) on the
+    CPU for the whole set at once, so any two models given the same seed start from the same noise,
+    whatever the batch size or device."""
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    C, S = model.in_channels, model.input_size
+    z_all = torch.randn(len(labels), C, S, S, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for k in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="sampling"):
+        z, y = z_all[k:k + batch_size].to(device), labels[k:k + batch_size].to(device)
+        g = torch.Generator().manual_seed(seed + 1 + k)
+        with autocast(device, dtype):
+            x = run_sampler(model, z, y, steps, cfg_scale, method, eta, g)
+        out.append(to_uint8(x.float()).cpu())
+    return torch.cat(out)
+
+
+def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
+    """One PNG, one row per model (in order), one image per class (up to 10), all from the same noise.
+    models: {name: model} or a list; steps: one number or one per model (a DiP-GO plan runs its own K)."""
+    models = list(models.values()) if isinstance(models, dict) else list(models)
+    steps = steps if isinstance(steps, (list, tuple)) else [steps] * len(models)
+    labels = torch.arange(min(models[0].num_classes, 10))
+    imgs = [generate(m, labels, seed, k, cfg_scale=cfg_scale) for m, k in zip(models, steps)]
+    save_grid(torch.cat(imgs), path, nrow=len(labels))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,23 +658,26 @@ def make_shapes(n_per_class=1000, size=32, seed=0):
     return torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)), torch.from_numpy(y)
 
 
-def download(url, path, md5=None):
-    """Download with a tqdm bar and an md5 check; a clear message when offline."""
-    import hashlib
-    import urllib.request
-    from tqdm import tqdm
+def download(url, path, digest=None):
+    """Download url to path with a tqdm bar; digest = (hash name, hex) is checked while streaming and a
+    mismatch keeps nothing. Returns the path, or exits with one line when offline."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    h = hashlib.new(digest[0] if digest else "md5")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
-            bar = tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True, desc=url)
+            bar = tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True,
+                       desc=os.path.basename(path))
             while chunk := r.read(1 << 20):
                 f.write(chunk)
+                h.update(chunk)
                 bar.update(len(chunk))
     except OSError as e:
-        sys.exit(f"error: could not download {url} ({e}). Offline? Download it elsewhere and put it at {path}")
-    if md5 and hashlib.md5(open(path + ".part", "rb").read()).hexdigest() != md5:
-        sys.exit(f"error: md5 mismatch for {url}; the download is corrupt, try again")
+        sys.exit(f"error: could not download {url} ({e}). Offline? Put the file at {path}")
+    if digest and h.hexdigest() != digest[1]:
+        os.remove(path + ".part")
+        sys.exit(f"error: {digest[0]} mismatch for {url}; the download is corrupt, try again")
     os.replace(path + ".part", path)
+    return path
 
 
 def load_cifar10(data_dir, train=True):
@@ -536,7 +688,7 @@ def load_cifar10(data_dir, train=True):
     tar_path = os.path.join(data_dir, "cifar-10-python.tar.gz")
     if not os.path.isdir(folder):
         if not os.path.exists(tar_path):
-            download(CIFAR_URL, tar_path, CIFAR_MD5)
+            download(CIFAR_URL, tar_path, ("md5", CIFAR_MD5))
         with tarfile.open(tar_path) as tar:
             tar.extractall(data_dir, filter="data")
     xs, ys = [], []
@@ -553,19 +705,20 @@ def load_cifar10(data_dir, train=True):
 
 def load_imagenet64(data_dir, train=True):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): npz files with `data` uint8 (N, 12288),
-    channel-major, and `labels` 1..1000. Reads every train_data_batch_* (or val_data*) file in data_dir."""
+    channel-major, and `labels` 1..1000. One uint8 tensor is preallocated from the label counts and
+    filled file by file, so the peak is the data set plus one file (not twice the data set)."""
     prefix = "train_data_batch_" if train else "val_data"
     files = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".npz")) \
         if os.path.isdir(data_dir) else []
     if not files:
         sys.exit(f"error: no {prefix}*.npz in {data_dir}; get Imagenet64_train_npz from image-net.org "
                  "(downsampled variants) and unpack it there")
-    xs, ys = [], []
-    for f in files:
-        d = np.load(os.path.join(data_dir, f))
-        xs.append(d["data"].reshape(-1, 3, 64, 64))
-        ys.append(d["labels"].astype(np.int64) - 1)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    ys = [np.load(os.path.join(data_dir, f))["labels"].astype(np.int64) - 1 for f in files]
+    x, k = torch.empty(sum(len(y) for y in ys), 3, 64, 64, dtype=torch.uint8), 0
+    for f, y in zip(files, ys):
+        x[k:k + len(y)] = torch.from_numpy(np.load(os.path.join(data_dir, f))["data"].reshape(-1, 3, 64, 64))
+        k += len(y)
+    return x, torch.from_numpy(np.concatenate(ys))
 
 
 def load_data(name="shapes", data_dir="data", image_size=32, train=True):
@@ -595,12 +748,13 @@ def to_uint8(x):
 
 def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
     """Endless (images in [-1, 1], labels) batches. The order depends only on (seed, epoch), so a run
-    resumed at step n sees exactly the batches an uninterrupted run would. Each rank takes its slice."""
+    resumed at step n sees exactly the batches an uninterrupted run would. Each rank takes its slice.
+    A data set smaller than a batch is repeated within the epoch."""
     n, step = len(x), start_step
-    per_epoch = n // batch_size
+    per_epoch, reps = max(n // batch_size, 1), -(-batch_size // n)
     while True:
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).repeat(reps)
         idx = perm[k * batch_size:(k + 1) * batch_size][rank::world]
         xb = to_float(x[idx])
         if flip:  # random horizontal flip, the only DiT augmentation; deterministic per step
@@ -637,12 +791,25 @@ def load_checkpoint(path, kinds=None):
     return ckpt
 
 
+def weights_tag(state):
+    """8 hex digits naming a set of weights (part of the names of the files derived from them)."""
+    h = hashlib.sha1()
+    for k, v in sorted(state.items()):
+        h.update(k.encode() + v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def settings_tag(settings):
+    """8 hex digits of a JSON-able dict of settings: a saved result is reused only when all are equal."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def build_dit(ckpt, ema=True):
-    """A plain DiT from a checkpoint dict, EMA weights by default, in eval mode."""
+    """A plain DiT from a checkpoint dict, EMA weights by default (fp16 files are cast), in eval mode."""
     model = DiT(**ckpt["config"])
     state = ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
     try:
-        model.load_state_dict(state)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
         sys.exit(f"error: checkpoint weights do not match its config: {str(e).splitlines()[0]}")
     return model.eval()
@@ -657,6 +824,8 @@ def pick_device(name="auto"):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda asked for, but no CUDA GPU is visible")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        sys.exit(f"error: --device must be auto, cpu, cuda or mps, not {name!r}")
     return torch.device(name)
 
 
@@ -681,18 +850,31 @@ def lr_factor(step, cfg):
     return cfg.lr_end + (1.0 - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
-    """The one training loop. loss_fn(model, xb, yb) -> dict with 'loss' (a scalar tensor) and any other
-    scalar terms to log. `data` = (images uint8, labels); `meta` = the checkpoint's 'kind' and 'config'
-    (+ anything else to save). AdamW + linear warm-up, EMA, optional grad clipping, autocast, torch.compile,
-    DDP under torchrun (gloo on CPU, nccl on CUDA), a log line + JSON lines, atomic checkpoints every
-    cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes
-    exactly (model, EMA, optimizer, step, RNG, data order). Returns (model, ema, ckpt dict)."""
-    import copy
-    from tqdm import tqdm
+def rng_state(device):
+    """Every random stream the loop draws from: the CPU generator and, on CUDA, the device's."""
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    state = state if isinstance(state, dict) else dict(cpu=state)  # older files saved the CPU state only
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False):
+    """The one training loop. loss_fn(model, xb, yb, step) -> dict with 'loss' (a scalar tensor) and other
+    scalar terms to log; `step` (0-based) lets a schedule resume exactly. `data` = (images uint8, labels);
+    `meta` = the checkpoint's 'kind' and 'config' (+ anything else to save). AdamW + warm-up (+ cosine),
+    EMA, grad clipping, autocast (+ GradScaler for float16), torch.compile, DDP under torchrun (gloo / nccl;
+    stop and NaN decisions are collective), a log line + JSON lines, atomic checkpoints every ckpt_every
+    steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes exactly (model, EMA,
+    optimizer, scaler, step, every RNG, data order). Returns (model, ema, ckpt dict)."""
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    rank, world = 0, 1
-    device = pick_device(cfg.device)
+    rank, world, device = 0, 1, pick_device(cfg.device)
     if ddp:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -704,9 +886,10 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
         sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
     model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA starts as a copy (official)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     for g in opt.param_groups:
         g.setdefault("base_lr", g["lr"])
     step, log_path = 0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
@@ -718,30 +901,45 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank])
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank], device)
+        else:  # another world size: the old per-rank streams cannot be split; re-seed, deterministically
+            print(f"note: {cfg.out} was written by {len(ck['rng'])} processes, now {world}: new noise")
+            torch.manual_seed(cfg.seed + rank + 1000003 * step)
         if step >= cfg.steps:
+            if rank == 0 and not quiet:
+                print(f"reusing {cfg.out}: already trained {step} steps with the settings its name encodes")
             return model.eval(), ema, ck
         if rank == 0 and not quiet:
             print(f"resuming {cfg.out} at step {step}")
-    net = model
-    if cfg.compile:
-        net = torch.compile(net)
+    net = torch.compile(model) if cfg.compile else model
     if ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
     images, labels = data
     it = batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=cfg.data != "shapes")
-    stop = {"sig": None}
-    handlers = {s: signal.signal(s, lambda sig, _: stop.update(sig=sig)) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = {"sig": 0}
+    on_signal = lambda sig, _: stop.update(sig=sig)  # noqa: E731
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint(metrics):
-        rngs = [torch.get_rng_state()]
+    def checkpoint(metrics):  # collective under DDP: every rank calls it at the same step
+        rngs = [rng_state(device)]
         if ddp:
             rngs = [None] * world
-            dist.all_gather_object(rngs, torch.get_rng_state())
+            dist.all_gather_object(rngs, rng_state(device))
         if rank == 0:
             save_checkpoint(dict(meta, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                 step=step, rng=rngs, train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
+                                 scaler=scaler.state_dict(), step=step, rng=rngs,
+                                 train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
+
+    def agreed(*flags):  # the max of each flag over the ranks, so every rank takes the same decision
+        v = torch.tensor([float(f) for f in flags], device=device)
+        if ddp:
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return v.tolist()
 
     model.train()
     t0, last, logs, last_logs, n_logged = time.time(), time.time(), {}, {}, 0
@@ -754,16 +952,20 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
             for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule) or cosine
                 g["lr"] = g["base_lr"] * lr_factor(step, cfg)
             with autocast(device, cfg.dtype):
-                terms = loss_fn(net, xb, yb)
+                terms = loss_fn(net, xb, yb, step)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good checkpoint")
+            if agreed(not torch.isfinite(loss))[0]:
+                sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good one")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            scaler.step(opt)
+            scaler.update()
+            # EMA: constant decay (paper), or min(d, (1+n)/(10+n)) while young (ours, --ema-warmup 1)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+            ema_update(ema, model, decay)
             step += 1
             bar.update(1)
             for k, v in terms.items():
@@ -772,19 +974,20 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False):
             n_logged += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ms = (time.time() - last) * 1000 / n_logged  # means over the steps since the last line
-                rec = dict(step=step, **{k: round(v / n_logged, 5) for k, v in logs.items()}, ms_per_step=round(ms, 1),
-                           img_per_s=round(cfg.batch_size * 1000 / ms, 1))
+                rec = dict(step=step, **{k: round(v / n_logged, 5) for k, v in logs.items()},
+                           ms_per_step=round(ms, 1), img_per_s=round(cfg.batch_size * 1000 / ms, 1))
                 if rank == 0 and not quiet:
                     bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
                 if rank == 0:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 last_logs, logs, last, n_logged = rec, {}, time.time(), 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["sig"] is not None:
+            sig = int(agreed(stop["sig"])[0])
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or sig:
                 checkpoint({})
-            if stop["sig"] is not None:
+            if sig:
                 print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
-                sys.exit(128 + stop["sig"])
+                sys.exit(128 + sig)
     finally:
         bar.close()
         for s, h in handlers.items():
@@ -810,8 +1013,8 @@ def train_base(cfg, quiet=False):
     torch.manual_seed(cfg.seed)
     model = DiT(**dit_config(cfg, nc))
     meta = dict(kind="dit", config=dit_config(cfg, nc))
-    _, _, ck = train(model, lambda m, xb, yb: diffusion.loss(m, xb, yb), (x, y), cfg, meta, quiet=quiet)
-    return ck
+    loss_fn = lambda m, xb, yb, step: diffusion.loss(m, xb, yb)  # noqa: E731
+    return train(model, loss_fn, (x, y), cfg, meta, quiet=quiet)[2]
 
 
 def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto", seed=0):
@@ -819,19 +1022,18 @@ def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto
     Used by distill.py / prune.py / dynamic.py so that their first command works on a fresh clone."""
     if not os.path.exists(path):
         print(f"no base model at {path}: training it first (python dit.py --preset {preset} --out {path})")
-        train_base(TrainConfig(preset=preset, data=data, data_dir=data_dir, out=path, device=device, seed=seed))
+        train_base(TrainConfig(preset=preset, data=data, data_dir=data_dir, out=path, device=device,
+                               seed=seed))
     return load_checkpoint(path, kinds=["dit"])
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluate: FLOPs, grids, speed benchmark
+# Evaluate: FLOPs, grids, tables, the speed benchmark
 # --------------------------------------------------------------------------------------------------
 
 def count_flops(fn, *args):
-    """FLOPs of one call fn(*args), counted by torch.utils.flop_counter (matmuls/convs/SDPA: 2*M*N*K)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    # the fused CPU attention kernel is not registered with the counter; the math backend is
+    """FLOPs of one call fn(*args), counted by torch.utils.flop_counter (matmuls/convs/SDPA: 2*M*N*K).
+    The fused CPU attention kernel is not registered with the counter; the math backend is."""
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         fn(*args)
     return fc.get_total_flops()
@@ -839,7 +1041,6 @@ def count_flops(fn, *args):
 
 def save_grid(images, path, nrow):
     """uint8 (N, 3, H, W) -> one PNG with nrow images per row (2 px gaps)."""
-    from PIL import Image
     n, _, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.full((3, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
@@ -850,51 +1051,12 @@ def save_grid(images, path, nrow):
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-def pareto_png(points, path, xlabel, size=(720, 480), m=70):
-    """Quality (lower is better) vs latency (log x) scatter, one labelled dot per (latency, quality, label),
-    the Pareto front (points no faster point beats on quality) joined in red. PNG via pillow."""
-    from PIL import Image, ImageDraw
-    (W, H), img = size, Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
-    d.text((W // 2 - 90, H - m + 25), xlabel + " (log scale)", fill="black")
-    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; red = Pareto front; overlapping labels omitted",
-           fill="black")
-    if not points:
-        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
-        return img.save(path)
-    lx = [math.log10(max(p[0], 1e-6)) for p in points]
-    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
-    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
-    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
-    for k in range(5):  # axis ticks
-        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
-        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
-        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
-    front, best = [], float("inf")
-    for p in sorted(points):
-        if p[1] < best:
-            front.append(p)
-            best = p[1]
-    if len(front) > 1:
-        d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
-    boxes = []  # labels that would overlap one already drawn are dropped; the front's are drawn first
-    for x, y, label in front + [p for p in points if p not in front]:
-        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=(200, 0, 0) if (x, y, label) in front else (0, 70, 200))
-        box = (X(x) + 6, Y(y) - 12, X(x) + 6 + 6 * len(label), Y(y))
-        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
-            d.text(box[:2], label, fill="black")
-            boxes.append(box)
-    img.save(path)
-
-
 def run_header(device, dtype="float32", batch=None, seed=None):
     """The line that heads every results table: device, torch, dtype, batch, seed and the command."""
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
-    return (f"{dev}, torch {torch.__version__}, {dtype}, batch {batch}, seed {seed}: "
-            f"`python {' '.join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))}`")
+    dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"{device.type} ({torch.get_num_threads()} threads)")
+    cmd = " ".join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))
+    return f"{dev}, torch {torch.__version__}, {dtype}, batch {batch}, seed {seed}: `python {cmd}`"
 
 
 def markdown_table(rows):
@@ -902,12 +1064,6 @@ def markdown_table(rows):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
-
-
-def matmul_peak(device, n=1024, reps=20):
-    """Measured fp32 GEMM GFLOP/s on this device (the roofline the bench compares against)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n ** 3 * reps / timeit(lambda: a @ b, device, reps) / 1e9
 
 
 def timeit(fn, device, reps=10, warmup=2):
@@ -925,12 +1081,12 @@ def timeit(fn, device, reps=10, warmup=2):
 
 
 def bench(cfg):
-    """Train img/s, sampling img/s and achieved forward GFLOP/s as a fraction of the matmul peak."""
+    """Train img/s, sampling img/s and achieved forward GFLOP/s as a fraction of the fp32 matmul peak."""
     device = pick_device(cfg.device)
     model = DiT(**dit_config(cfg)).to(device)
     diffusion, B, S = Diffusion(), 64, cfg.image_size
-    x, y, t = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device), \
-        torch.randint(0, 1000, (B,), device=device)
+    x, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+    t = torch.randint(0, 1000, (B,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():
@@ -938,23 +1094,24 @@ def bench(cfg):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    fwd_flops = count_flops(model, x, t, y)
+    fwd_flops = count_flops(model.eval(), x, t, y)
     with torch.no_grad():
         fwd_s = timeit(lambda: model(x, t, y), device, reps=10) / 10
-        cfg_s = timeit(lambda: model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 4.0),
-                       device, reps=5) / 5
+        xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
+        cfg_s = timeit(lambda: forward_with_cfg(model, xx, tt, yy, 4.0), device, reps=5) / 5
     model.train()
     train_s = timeit(train_step, device, reps=5) / 5
-    peak = matmul_peak(device)
-    rows = [("train step (fwd+bwd+AdamW)", f"{B / train_s:.0f} img/s", f"{3 * fwd_flops / train_s / 1e9:.1f}"),
-            ("forward", f"{B / fwd_s:.0f} img/s", f"{fwd_flops / fwd_s / 1e9:.1f}"),
-            ("sampling, 50 DDIM steps + CFG", f"{B / (50 * cfg_s):.1f} img/s", f"{2 * fwd_flops / cfg_s / 1e9:.1f}")]
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    peak = 2 * 1024 ** 3 * 20 / timeit(lambda: a @ b, device, 20) / 1e9  # fp32 GEMM GFLOP/s
+    rows = [("train step (fwd+bwd+AdamW)", f"{B / train_s:.0f} img/s", 3 * fwd_flops / train_s / 1e9),
+            ("forward", f"{B / fwd_s:.0f} img/s", fwd_flops / fwd_s / 1e9),
+            ("sampling, 50 DDIM steps + CFG", f"{B / (50 * cfg_s):.1f} img/s", 2 * fwd_flops / cfg_s / 1e9)]
     print(f"\n{device.type}, torch {torch.__version__}, float32, batch {B}, preset {cfg.preset}, "
-          f"{torch.get_num_threads()} threads; matmul peak {peak:.0f} GFLOP/s; forward {fwd_flops / B / 1e9:.3f} GFLOPs/img")
+          f"{torch.get_num_threads()} threads; matmul peak {peak:.0f} GFLOP/s; "
+          f"forward {fwd_flops / B / 1e9:.3f} GFLOPs/img")
     print("| what | speed | GFLOP/s (fraction of peak) |\n|---|---|---|")
     for name, speed, gf in rows:
-        print(f"| {name} | {speed} | {gf} ({float(gf) / peak:.2f}) |")
+        print(f"| {name} | {speed} | {gf:.1f} ({gf / peak:.2f}) |")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -970,19 +1127,19 @@ def main(argv=None):
     ck = train_base(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return dist.destroy_process_group()
-    import sample  # the sampler lives in sample.py
-    model = build_dit(ck).to(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    model = build_dit(ck).to(device)
     grid = os.path.splitext(cfg.out)[0] + "_grid.png"
-    imgs = sample.generate(model, labels=torch.arange(10).repeat_interleave(8), seed=cfg.seed)
-    save_grid(imgs, grid, nrow=8)
+    save_grid(generate(model, labels=torch.arange(10).repeat_interleave(8), seed=cfg.seed), grid, nrow=8)
     m = ck.get("metrics", {})
-    gflops = count_flops(model, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=model.pos_embed.device),
-                         torch.zeros(1, dtype=torch.long, device=model.pos_embed.device),
-                         torch.zeros(1, dtype=torch.long, device=model.pos_embed.device)) / 1e9
-    print("\n" + run_header(pick_device(cfg.device), cfg.dtype, cfg.batch_size, cfg.seed))
+    x1 = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)
+    t1 = torch.zeros(1, dtype=torch.long, device=device)
+    gflops = count_flops(model, x1, t1, t1) / 1e9
+    print("\n" + run_header(device, cfg.dtype, cfg.batch_size, cfg.seed))
     print(markdown_table([{"model": f"DiT {cfg.preset}", "params": f"{param_count(model) / 1e6:.2f}M",
-                           "GFLOPs/forward": f"{gflops:.3f}", "steps": ck["step"], "wall time": f"{m.get('wall_s')} s",
-                           "final loss": m.get("final_loss"), "grid": grid}]))
+                           "GFLOPs/forward": f"{gflops:.3f}", "steps": ck["step"],
+                           "wall time": f"{m.get('wall_s')} s", "final loss": m.get("final_loss"),
+                           "grid": grid}]))
     if dist.is_initialized():
         dist.destroy_process_group()
 

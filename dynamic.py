@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dit
+import fid
 from dit import modulate
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class DyDiT(nn.Module):
         D, H, L = model.pos_embed.shape[-1], model.num_heads, len(model.blocks)
         self.routers = Routers(D, H, L)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
-        self.num_classes, self.in_channels, self.input_size = model.num_classes, model.in_channels, model.input_size
+        dit.samples_like(self, model)
         self.sliced, self.plans, self.weights, self.trace = True, {}, {}, None
 
     def _apply(self, fn, *args, **kw):  # .to(device) / .half() invalidate the cached weight slices
@@ -147,6 +148,10 @@ class DyDiT(nn.Module):
     def train(self, mode=True):  # weights are about to change (or did): drop the slices
         self.plans, self.weights = {}, {}
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kw):  # new weights: the cached slices are stale
+        self.plans, self.weights = {}, {}
+        return super()._load_from_state_dict(*args, **kw)
 
     def p_random(self):
         """Keep rate p of the random-router ablation: F_attn p + F_mlp p^2 = lambda (F_attn + F_mlp)."""
@@ -198,13 +203,14 @@ class DyDiT(nn.Module):
         if self.training or not self.sliced or complete:
             out, ratio = masked_forward(self, x, t, y, complete)
             return (out, ratio) if return_ratio else out
-        if (t != t[0]).any():  # samplers share t across the batch; anything else is split by t
-            out = torch.empty(x.shape[0], self.dit.out_channels, *x.shape[2:], device=x.device)
+        if (t == t[0]).all():  # samplers share t across the batch
+            out, ratio = sliced_forward(self, x, t, y)
+        else:  # anything else is split by t
+            out, ratio = x.new_empty(x.shape[0], self.dit.out_channels, *x.shape[2:]), x.new_empty(x.shape[0])
             for tv in t.unique():
                 s = t == tv
-                out[s] = sliced_forward(self, x[s], t[s], y[s])
-            return out
-        return sliced_forward(self, x, t, y)
+                out[s], ratio[s] = sliced_forward(self, x[s], t[s], y[s])
+        return (out, ratio) if return_ratio else out
 
 
 def masked_forward(model, x, t, y, complete=False):
@@ -221,17 +227,17 @@ def masked_forward(model, x, t, y, complete=False):
     for l, block in enumerate(net.blocks):
         mod = block.modulation(c)
         hm, gm = (None, None) if complete else model.width_masks(l, e)
-        a = modulate(block.norm1(h), mod[0], mod[1])
+        a = modulate(block.norm1(h), mod.shift_msa, mod.scale_msa)
         qkv = block.attn.qkv(a).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D/H)
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
         if hm is not None:
             o = o * hm[:, :, None, None]
-        h = h + mod[2].unsqueeze(1) * block.attn.proj(o.transpose(1, 2).reshape(B, T, D))
+        h = h + mod.gate_msa.unsqueeze(1) * block.attn.proj(o.transpose(1, 2).reshape(B, T, D))
         tm = None if complete else model.token_mask(l, h)  # (B, T), on the state after the attention residual
-        z = block.mlp.fc1(modulate(block.norm2(h), mod[3], mod[4]))  # (B, T, hidden)
+        z = block.mlp.fc1(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))  # (B, T, hidden)
         if gm is not None:
             z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]  # group g = channels [g G, (g+1) G)
-        z = mod[5].unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
+        z = mod.gate_mlp.unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
         h = h + (z if tm is None else tm.unsqueeze(-1) * z)
         fa, fm = block_macs(block, T)
         # r_b = sum_l [F_attn sum(m_head)/H + F_mlp sum(m_group)/H * sum(m_token)/N] / (L (F_attn + F_mlp))
@@ -261,7 +267,8 @@ def slice_block(block, heads, groups, H):
 def sliced_forward(model, x, t, y):
     """The DyDiT inference graph for a batch that shares t: sliced attention / MLP weights from the per-t
     plan; the MLP runs only on the kept tokens of the whole batch, flattened to (B T, D), gathered, and
-    scattered back with the gate (DyFLUX code). Logs the realised FLOPs ratio when model.trace is a list."""
+    scattered back with the gate (DyFLUX code). Returns (output, per-sample FLOPs ratio r_b); also logs
+    the ratio when model.trace is a list."""
     net = model.dit
     h, c = net.embed(x, t, y)
     B, T, D = h.shape
@@ -269,31 +276,31 @@ def sliced_forward(model, x, t, y):
     cost, total, keeps = h.new_zeros(B), 0.0, []
     for l, (block, w) in enumerate(zip(net.blocks, model.plan(tv))):
         mod = block.modulation(c)
-        a = modulate(block.norm1(h), mod[0], mod[1])
+        a = modulate(block.norm1(h), mod.shift_msa, mod.scale_msa)
         qkv = F.linear(a, w["qkv_w"], w["qkv_b"]).reshape(B, T, 3, w["k"], D // H).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, T, -1)  # (B, T, k hd)
-        h = h + mod[2].unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
+        h = h + mod.gate_msa.unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
         tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None)
         mlp = lambda v: F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"),  # noqa: E731
                                  w["fc2_w"], block.mlp.fc2.bias)
         if tm is not None:
             keeps.append(tm.bool().cpu())
         if tm is None or bool(tm.all()):  # every token runs the MLP: the dense path, no gather / scatter
-            h = h + mod[5].unsqueeze(1) * mlp(modulate(block.norm2(h), mod[3], mod[4]))
+            h = h + mod.gate_mlp.unsqueeze(1) * mlp(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))
             kept = h.new_ones(B)
         else:
             hf = h.reshape(B * T, D)
             idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
             b = idx // T  # the sample each kept token belongs to
-            v = block.norm2(hf[idx]) * (1 + mod[4][b]) + mod[3][b]  # modulate per kept token
-            h = hf.index_add(0, idx, mod[5][b] * mlp(v)).view(B, T, D)
+            v = block.norm2(hf[idx]) * (1 + mod.scale_mlp[b]) + mod.shift_mlp[b]  # modulate per kept token
+            h = hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D)
             kept = tm.mean(1)
         fa, fm = block_macs(block, T)
         cost = cost + fa * w["k"] / H + fm * w["g"] / H * kept
         total += fa + fm
     if model.trace is not None:
         model.trace.append(dict(t=tv, ratio=(cost / total).cpu(), keep=torch.stack(keeps) if keeps else None))
-    return net.head(h, c)
+    return net.head(h, c), cost / total
 
 
 @torch.no_grad()
@@ -332,29 +339,40 @@ def lam_target(step, cfg):
     return 1.0 - (1.0 - cfg.lam) * s
 
 
-def dydit_loss(net, xb, yb, diffusion, cfg, state):
+def dydit_loss(net, xb, yb, step, diffusion, cfg):
     """Fine-tuning objective, DyDiT Sec. 3.3-3.4: L_diff(dynamic) + w (mean_b r_b - lambda_t)^2, plus
-    L_diff(complete model) on the same x_t for the first complete_steps steps. state["step"] counts calls."""
+    L_diff(complete model) on the same x_t for the first complete_steps steps; a function of the step,
+    so a resumed run continues both schedules exactly."""
     i = stratified_steps(xb.shape[0], xb.device)
     noise = torch.randn_like(xb)
     xt, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
     out, ratio = net(xt, t, yb, return_ratio=True)
     terms = diffusion.loss_from_output(out, xb, xt, i, noise)
-    lam = lam_target(state["step"], cfg)
+    lam = lam_target(step, cfg)
     flops_loss = cfg.flops_weight * (ratio.mean() - lam) ** 2  # squared error of the batch mean
     loss = terms["loss"] + flops_loss
-    if state["step"] < cfg.complete_steps and cfg.mode != "halfwidth":
+    if step < cfg.complete_steps and cfg.mode != "halfwidth":
         out_c = net(xt, t, yb, complete=True)
         loss = loss + diffusion.loss_from_output(out_c, xb, xt, i, noise)["loss"]
-    state["step"] += 1
     return dict(loss=loss, mse=terms["mse"], flops=ratio.mean().detach(), lam=torch.tensor(lam))
+
+
+# every setting a fine-tuned checkpoint depends on, besides the teacher's weights
+TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
+              "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
+
+
+def default_out(prefix, cfg, teacher):
+    """<prefix>_<mode>_<lambda>_<hash of the teacher and every TRAIN_KEYS setting>.pt: reused only when equal."""
+    tag = dit.settings_tag(dict({k: getattr(cfg, k) for k in TRAIN_KEYS}, teacher=dit.weights_tag(teacher["ema"])))
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{tag}.pt"
 
 
 def finetune(cfg, teacher, quiet=False):
     """Full fine-tuning of the base DiT into a DyDiT (or a static / half-width baseline) with dit.train.
     Returns the checkpoint dict (kind "dydit", or "dit" for mode static)."""
     x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
-    diffusion, out = dit.Diffusion(), cfg.out or f"out/dydit_{cfg.mode}_{cfg.lam}.pt"
+    diffusion, out = dit.Diffusion(), cfg.out or default_out("out/dydit", cfg, teacher)
     torch.manual_seed(cfg.seed)
     net = dit.build_dit(teacher).train()
     if cfg.reorder or cfg.mode == "halfwidth":
@@ -362,17 +380,17 @@ def finetune(cfg, teacher, quiet=False):
     tc = dit.TrainConfig(data=cfg.data, data_dir=cfg.data_dir, out=out, steps=cfg.steps, batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=0, ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
-    state = dict(step=dit.load_checkpoint(out)["step"] if os.path.exists(out) else 0)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
-        loss = lambda m, xb, yb: diffusion.loss(m, xb, yb, i=stratified_steps(xb.shape[0], xb.device))  # noqa
+        loss = lambda m, xb, yb, step: diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))  # noqa
         return dit.train(net, loss, (x, y), tc, dict(kind="dit", config=teacher["config"]), quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_, the first H/2 heads / groups are the largest
         model.fixed[:, :, net.num_heads // 2:] = 0
     groups = [dict(params=list(net.parameters())), dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau)
-    _, _, ck = dit.train(model, lambda m, xb, yb: dydit_loss(m, xb, yb, diffusion, cfg, state), (x, y), tc, meta,
-                         param_groups=[g for g in groups if g["params"]], quiet=quiet)
+    loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
+    _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
+                         quiet=quiet, find_unused=True)
     return ck
 
 
@@ -387,20 +405,11 @@ def build_dydit(ckpt, ema=True):
 # --------------------------------------------------------------------------------------------------
 
 
-def time_sampling(models, batch, steps, reps, cfg_scale, device):
-    """Seconds of one sample.sample run (DDIM + CFG) per model: min over reps, the models interleaved in
-    every round so they see the same machine load. Round 0 warms up and fills the weight caches."""
-    import sample
-    m0 = models[0]
-    z = torch.randn(batch, m0.in_channels, m0.input_size, m0.input_size, generator=torch.Generator().manual_seed(0))
-    z, y = z.to(device), (torch.arange(batch) % m0.num_classes).to(device)
-    best = [float("inf")] * len(models)
-    with torch.no_grad():
-        for r in range(reps + 1):
-            for k, m in enumerate(models):
-                s = dit.timeit(lambda: sample.sample(m, z, y, steps, "ddim", cfg_scale=cfg_scale), device, 1, 0)
-                best[k] = min(best[k], s) if r else best[k]
-    return best
+def time_sampling(models, batch, steps, reps, cfg_scale):
+    """Seconds of one DDIM + CFG generation per model (a list): the min over reps of fid.time_sampling's
+    interleaved rounds; its warm-up round also fills the weight caches."""
+    times = fid.time_sampling(dict(enumerate(models)), batch, steps, cfg_scale, reps)
+    return [min(times[k]) for k in range(len(models))]
 
 
 @torch.no_grad()
@@ -410,24 +419,19 @@ def width_profile(model, ts):
     return torch.tensor([[[w[k] / H for w in model.plan(int(t))] for t in ts] for k in ("k", "g")]).transpose(1, 2)
 
 
-def heat(a, cell):
-    """(R, C) values in [0, 1] -> a uint8 (3, R cell, C cell) gray picture, white = 1."""
-    img = (a.clamp(0, 1) * 255).round().to(torch.uint8).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return img.expand(3, -1, -1)
-
-
 def save_pictures(model, prefix, cfg, n=4, cols=5):
     """<prefix>_widths.png: heads (top) and MLP groups (bottom) active per block (rows) per DDIM step
     (columns, t = 999 on the left). <prefix>_tokens.png: per image, the fraction of blocks that ran the
     MLP on each token at `cols` steps of its trajectory, then the image."""
-    import sample
     ts = dit.Diffusion().respace(cfg.eval_steps).timestep_map[::-1]
     prof = width_profile(model, ts)
-    dit.save_grid(torch.stack([heat(prof[0], 8), heat(prof[1], 8)]), prefix + "_widths.png", nrow=1)
+    L = prof.shape[1]
+    fid.heatmap_png(torch.cat([prof[0], torch.ones(1, prof.shape[2]), prof[1]]), prefix + "_widths.png", 8,
+                    [f"heads {k}" for k in range(L)] + [""] + [f"mlp {k}" for k in range(L)])
     if model.mode in ("tdw", "halfwidth"):
         return [prefix + "_widths.png"]
     model.trace = []
-    imgs = sample.generate(model, torch.arange(n) % model.num_classes, cfg.seed, cfg.eval_steps,
+    imgs = dit.generate(model, torch.arange(n) % model.num_classes, cfg.seed, cfg.eval_steps,
                            cfg_scale=cfg.cfg_scale, batch_size=n)
     trace, model.trace = model.trace, None
     g, S = model.input_size // model.dit.patch_size, model.input_size
@@ -435,7 +439,7 @@ def save_pictures(model, prefix, cfg, n=4, cols=5):
     for b in range(n):
         for j in range(cols):
             keep = trace[round(j * (len(trace) - 1) / (cols - 1))]["keep"][:, b].float().mean(0)  # (T,)
-            tiles.append(heat(keep.view(g, g), S // g))
+            tiles.append(fid.heat(keep.view(g, g), S // g))
         tiles.append(imgs[b])
     dit.save_grid(torch.stack(tiles), prefix + "_tokens.png", nrow=cols + 1)
     return [prefix + "_widths.png", prefix + "_tokens.png"]
@@ -459,7 +463,6 @@ def sliced_vs_masked(model, batch=16, seed=0):
 def evaluate(name, model, static, cfg, device, lam="1"):
     """One row of the results table: realised FLOPs ratio (Sec. 3.3 formula over the quality run's
     sampling steps), sampling speedup over `static` at batch 64 and 1, and fid.evaluate's score."""
-    import fid
     dyn = isinstance(model, DyDiT)
     if dyn:
         model.trace = []
@@ -470,7 +473,7 @@ def evaluate(name, model, static, cfg, device, lam="1"):
         model.trace = None
     row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}"}
     for k, B in enumerate(int(b) for b in cfg.bench_batches.split(",")):
-        ts, td = time_sampling([static, model], B, cfg.eval_steps, cfg.bench_reps, cfg.cfg_scale, device)
+        ts, td = time_sampling([static, model], B, cfg.eval_steps, cfg.bench_reps, cfg.cfg_scale)
         row[f"speedup b{B}"] = f"{ts / td:.2f}x"
         if k == 0:  # measured speedup / ideal speedup 1 / ratio
             row["of FLOPs cut"] = f"{ts / td * ratio:.2f}"
@@ -502,8 +505,9 @@ def main(argv=None):
     if not cfg.sweep:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
     for mode, lam in runs:
-        out = cfg.out if cfg.out and not cfg.sweep else f"{cfg.out or 'out/dydit'}_{mode}_{lam}.pt"
-        run = dataclasses.replace(cfg, mode=mode, lam=lam, out=out)
+        run = dataclasses.replace(cfg, mode=mode, lam=lam)
+        out = cfg.out if cfg.out and not cfg.sweep else default_out(cfg.out or "out/dydit", run, teacher)
+        run = dataclasses.replace(run, out=out)
         t0 = time.time()
         ck = finetune(run, teacher)
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")

@@ -15,34 +15,34 @@ arXiv 1512.00567) as ported by pytorch-fid (mseitzer/pytorch-fid), whose numbers
     offline metric (ours, [inferred] design)          -> Classifier, train_classifier -> "FD-clf" + class accuracy
     the API every script scores its variants with     -> evaluate()
 
-Which metric: "FID" whenever the Inception weights file is found (--inception-weights PATH, $TINYDIT_INCEPTION,
-or ~/.cache/tinydit/); otherwise "FD-clf": the same Frechet distance in the 128-d feature space of a small CNN
-trained (once, deterministically, ~10-30 s on 2 CPU cores) on the train split of the same data set and
-cached under out/fid_cache/, plus the accuracy of that CNN on class-conditional samples. FD-clf is
-[inferred], our choice for offline machines: it ranks models of one data set, but its values are NOT
-comparable to published FIDs, and it is never printed as "FID". Reference statistics (both metrics) are the
-whole train split of the data set, cached next to the classifier.
+Which metric: "FID" when the Inception weights file is found (--inception-weights PATH, $TINYDIT_INCEPTION,
+or ~/.cache/tinydit/); otherwise "FD-clf" ([inferred], ours, for offline machines): the same distance in the
+128-d feature space of a small CNN trained once (deterministically, ~10-30 s) on the train split of the same
+data set and cached under out/fid_cache/, plus that CNN's accuracy on class-conditional samples. FD-clf
+ranks models of one data set; it is NOT comparable to published FIDs and never printed as "FID".
+
+This file is also the measuring floor below the method scripts: the one interleaved sampling timer
+(time_sampling), the heat-map picture (heatmap_png) and the quality-vs-latency Pareto plot (pareto_png).
 
 Run:
-    python fid.py --ckpt out/dit.pt                      # 500 samples (50 DDIM steps, CFG 1.5) vs shapes train
-    python fid.py data:test:500 data:train               # the real-data floor: 500 test images vs train
-    python fid.py samples.npz ref_folder/                # folders of images | .npz (arr_0 uint8 NHWC) | stats .npz
+    python fid.py --ckpt out/dit.pt              # 500 samples (50 DDIM, CFG 1.5) vs the train split (kind dit)
+    python sample.py --ckpt ANY.pt --fid         # the same score for a checkpoint of any kind
+    python fid.py data:test:500 data:train       # the real-data floor: 500 test images vs train
+    python fid.py samples.npz ref_folder/        # folders of images | .npz (arr_0 uint8 NHWC) | stats .npz
     python fid.py --save-stats data:train out/shapes_stats.npz
-    python fid.py --download                             # fetch the Inception weights once (online machines)
-The real Inception file: pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub release (URL below),
-put at ~/.cache/tinydit/ or passed with --inception-weights. Measured results: README.md, fid.py section.
+    python fid.py --download                     # fetch the Inception weights once (online machines)
 """
-import hashlib
+import math
 import os
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from scipy import linalg
 from tqdm import tqdm
 
@@ -265,24 +265,8 @@ def find_inception_weights(path=""):
 
 
 def download_inception(dest=INCEPTION_CACHE):
-    """Fetch the pytorch-fid release file with a tqdm bar; keep it only if its sha256 matches."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as r, open(dest + ".part", "wb") as f:
-            bar = tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True, desc="inception")
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                h.update(chunk)
-                bar.update(len(chunk))
-    except OSError as e:
-        print(f"fid: could not download {INCEPTION_URL} ({e}); put the file at {dest}")
-        return None
-    if h.hexdigest() != INCEPTION_SHA256:
-        os.remove(dest + ".part")
-        sys.exit(f"error: sha256 mismatch for {INCEPTION_URL}; the download is corrupt, try again")
-    os.replace(dest + ".part", dest)
-    return dest
+    """Fetch the pytorch-fid release file (sha256-checked, dit.download)."""
+    return dit.download(INCEPTION_URL, dest, ("sha256", INCEPTION_SHA256))
 
 
 def load_inception(path, device="cpu"):
@@ -430,7 +414,6 @@ def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=
     sample.generate, so every variant sees the same noise) against the data set's train split.
     Returns dict(metric="FID" | "FD-clf", score (lower is better), acc (FD-clf: classifier accuracy on
     the samples w.r.t. the asked labels; None for FID), n)."""
-    import sample
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if model.input_size != image_size:
         print(f"fid: the model makes {model.input_size}px images; scoring at {model.input_size}, not {image_size}")
@@ -438,7 +421,7 @@ def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=
     scorer = get_scorer(metric, data, data_dir, image_size, device, cache_dir)
     mu_r, sigma_r = reference_stats(scorer, data, data_dir, image_size, batch_size, device, verbose)
     labels = torch.arange(n) % model.num_classes
-    imgs = sample.generate(model, labels, seed, steps, method, 0.0, cfg_scale, batch_size, progress=verbose)
+    imgs = dit.generate(model, labels, seed, steps, method, 0.0, cfg_scale, batch_size, progress=verbose)
     feats = extract(scorer["net"], imgs, batch_size, device, verbose)
     acc = None
     if scorer["clf"] is not None:
@@ -472,34 +455,104 @@ def load_images(spec, data, data_dir, image_size, seed):
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
 
-def split_argv(argv):
-    """Separate the positional paths from the --flags (dit.parse_args takes flags only)."""
-    valued = {"--" + f.replace("_", "-") for f, t in FIDConfig.__annotations__.items() if t is not bool}
-    flags, paths, k = [], [], 0
-    while k < len(argv):
-        a = argv[k]
-        if a.startswith("--"):
-            flags.append(a)
-            if a in valued and k + 1 < len(argv):
-                flags.append(argv[k + 1])
-                k += 1
-        else:
-            paths.append(a)
-        k += 1
-    return flags, paths
+# --------------------------------------------------------------------------------------------------
+# Measure: the one sampling timer and the pictures every script shares
+# --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def time_sampling(models, batch, steps, cfg_scale=1.5, reps=3, warmup=1, seed=0, dtype="float32"):
+    """Seconds per generation of `batch` images for every model of {name: model}, interleaved: each round
+    runs every model once (a, b, c, a, b, c, ...) so machine noise hits them alike; the first `warmup`
+    rounds (compilation, caches) are dropped. steps: one DDIM step count or {name: steps}; a one-step
+    model makes one call. Returns {name: [seconds of each timed round]}: report the median or the min."""
+    times = {name: [] for name in models}
+    for r in range(warmup + reps):
+        for name, m in models.items():
+            device, k = next(m.parameters()).device, steps[name] if isinstance(steps, dict) else steps
+            z = torch.randn(batch, m.in_channels, m.input_size, m.input_size,
+                            generator=torch.Generator().manual_seed(seed)).to(device)
+            y = (torch.arange(batch) % m.num_classes).to(device)
+            with dit.autocast(device, dtype):
+                s = dit.timeit(lambda: dit.run_sampler(m, z, y, k, cfg_scale), device, 1, 0)
+            if r >= warmup:
+                times[name].append(s)
+    return times
+
+
+def heat(a, cell):
+    """(R, C) values in [0, 1] -> a uint8 (3, R cell, C cell) grey picture, white = 1."""
+    img = (a.float().clamp(0, 1) * 255).round().to(torch.uint8).repeat_interleave(cell, 0)
+    return img.repeat_interleave(cell, 1).expand(3, -1, -1)
+
+
+def heatmap_png(a, path, cell=12, row_labels=None):
+    """(R, C) values in [0, 1] -> PNG (white = 1, black = 0), with a text label left of each row."""
+    img = Image.fromarray(heat(a, cell).permute(1, 2, 0).contiguous().numpy())
+    if row_labels:
+        left = 7 * max(len(s) for s in row_labels) + 8
+        canvas = Image.new("RGB", (img.width + left, img.height), "white")
+        canvas.paste(img, (left, 0))
+        draw = ImageDraw.Draw(canvas)
+        for r, s in enumerate(row_labels):
+            draw.text((4, r * cell + (cell - 10) // 2), s, fill="black")
+        img = canvas
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+
+
+def pareto_png(points, path, xlabel, size=(720, 480), m=70):
+    """Quality (lower is better) vs latency (log x) scatter, one labelled dot per (latency, quality, label),
+    the Pareto front (points no faster point beats on quality) joined in red. PNG via pillow."""
+    (W, H), img = size, Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    d.text((W // 2 - 90, H - m + 25), xlabel + " (log scale)", fill="black")
+    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; red = Pareto front; "
+                             "overlapping labels omitted", fill="black")
+    if not points:
+        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
+        return img.save(path)
+    lx = [math.log10(max(p[0], 1e-6)) for p in points]
+    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
+    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
+    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
+    for k in range(5):  # axis ticks
+        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
+        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
+        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
+    front, best = [], float("inf")
+    for p in sorted(points):
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    if len(front) > 1:
+        d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
+    boxes = []  # labels that would overlap one already drawn are dropped; the front's are drawn first
+    for x, y, label in front + [p for p in points if p not in front]:
+        colour = (200, 0, 0) if (x, y, label) in front else (0, 70, 200)
+        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=colour)
+        box = (X(x) + 6, Y(y) - 12, X(x) + 6 + 6 * len(label), Y(y))
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+            d.text(box[:2], label, fill="black")
+            boxes.append(box)
+    img.save(path)
 
 
 def main(argv=None):
-    flags, paths = split_argv(sys.argv[1:] if argv is None else argv)
-    cfg = dit.parse_args(FIDConfig, flags)
+    cfg, paths = dit.parse_args(FIDConfig, argv, paths=True)
     device = dit.pick_device(cfg.device)
     if cfg.download and find_inception_weights(cfg.inception_weights) is None:
         download_inception()
     rows = []
-    if cfg.ckpt:
-        import sample
-        model = sample.load_model(cfg.ckpt, device)
-        tc = dit.load_checkpoint(cfg.ckpt).get("train_config", {})
+    if cfg.ckpt:  # kind "dit" here (fid.py sits below the method scripts); any kind: sample.py --fid
+        ck = dit.load_checkpoint(cfg.ckpt)
+        if ck["kind"] != "dit":
+            sys.exit(f"error: {cfg.ckpt} holds a {ck['kind']!r} model; score it with python sample.py "
+                     f"--ckpt {cfg.ckpt} --fid")
+        model = dit.build_dit(ck).to(device)
+        tc = ck.get("train_config", {})
         data, data_dir = cfg.data or tc.get("data", "shapes"), cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
         t0 = time.perf_counter()
         r = evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale, cfg.seed,

@@ -47,6 +47,9 @@ import torch
 import torch.nn as nn
 
 import dit
+import dynamic
+import fid
+import prune
 import sample
 
 # --------------------------------------------------------------------------------------------------
@@ -88,9 +91,7 @@ class Timed(nn.Module):
         super().__init__()
         # not `fn or model`: a torch.compile'd module has no len(), so its truth value raises
         self.inner, self.fn, self.marks = model, model if fn is None else fn, []
-        for a in ("num_classes", "in_channels", "input_size"):
-            setattr(self, a, getattr(model, a))
-        self.one_step = getattr(model, "one_step", False)
+        dit.samples_like(self, model)
 
     def forward(self, *args):
         self.marks.append(clock(args[0].device))
@@ -114,16 +115,6 @@ def elapsed_ms(a, b):
     return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1000
 
 
-count_flops = dit.count_flops  # torch.utils.flop_counter, attention included (SDPA math backend)
-
-
-def generate_once(model, z, y, steps, cfg_scale):
-    """One batch of images from noise z: one call for a one-step model, else the DDIM sampler + CFG."""
-    if getattr(model, "one_step", False):
-        return model(z, y)
-    return sample.sample(model, z, y, steps, "ddim", 0.0, cfg_scale)
-
-
 def sampler_steps(model, steps):
     """(steps the sampler is run with, network calls per image) for this model."""
     if getattr(model, "one_step", False):
@@ -133,31 +124,18 @@ def sampler_steps(model, steps):
     return s, s
 
 
-@torch.no_grad()
 def time_generation(model, fn, device, dtype, batch, steps, cfg_scale, reps, warmup, seed):
-    """Latencies of whole generations of `batch` images and of every network call inside them (ms),
-    warm-up excluded; peak CUDA memory (MB) over the timed runs, None elsewhere."""
+    """Latencies (ms) of whole generations of `batch` images (fid.time_sampling, warm-up excluded) and of
+    every network call inside the timed ones; peak CUDA memory (MB) over all runs, None elsewhere."""
     timed = Timed(model, fn)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
-    y = (torch.arange(batch) % model.num_classes).to(device)
-    gen_ms, call_ms = [], []
-    for r in range(warmup + reps):
-        if r == warmup and device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        timed.marks = []
-        a = clock(device)
-        with dit.autocast(device, dtype):
-            generate_once(timed, z, y, steps, cfg_scale)
-        b = clock(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if r >= warmup:
-            gen_ms.append(elapsed_ms(a, b))
-            call_ms += timed.call_ms()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    secs = fid.time_sampling({"m": timed}, batch, steps, cfg_scale, reps, warmup, seed, dtype)["m"]
+    calls = timed.call_ms()
+    calls = calls[len(calls) // (warmup + reps) * warmup:]  # the calls of the timed generations
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return gen_ms, call_ms, peak
+    return [1000 * t for t in secs], calls, peak
 
 
 def pct(xs, q):
@@ -192,22 +170,21 @@ def find_checkpoints(paths, root="out"):
 def stack_dipgo(path, cfg, device):
     """TinyFusion + DiP-GO: learn a DiP-GO plan (pruner + falling threshold) on a pruned DiT checkpoint
     and save it as a kind "dipgo" checkpoint. Returns its path."""
-    import prune as dg
+
     ck = dit.load_checkpoint(path, kinds=["dit"])
     base = dit.build_dit(ck).to(device).requires_grad_(False)
-    dcfg = dg.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale, ratio=cfg.stack_ratio,
+    dcfg = prune.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale, ratio=cfg.stack_ratio,
                           dipgo_steps=cfg.stack_steps, seed=cfg.seed, device=str(device), data=cfg.data)
-    score, _ = dg.learn_scores(base, dcfg, log=None)
-    plan = dg.postprocess(score, cfg.stack_ratio)
+    score, _ = prune.learn_scores(base, dcfg, log=None)
+    plan = prune.postprocess(score, cfg.stack_ratio)
     out = os.path.join(cfg.out, "stack", f"{os.path.splitext(os.path.basename(path))[0]}+dipgo_r{cfg.stack_ratio}.pt")
-    dg.save_dipgo(ck, plan, score, dcfg, cfg.stack_ratio, out)
+    prune.save_dipgo(ck, plan, score, dcfg, cfg.stack_ratio, out)
     return out
 
 
 def stack_dydit(path, cfg, device):
     """Distilled multi-step student + DyDiT: the student (a dit.DiT) is fine-tuned into a DyDiT at
     lambda = --stack-ratio by dynamic.finetune. Returns the path, or None for a one-step student."""
-    import dynamic
     ck = dit.load_checkpoint(path, kinds=["student"])
     config = dict(ck["config"])
     if config.pop("arch") == "onestep":
@@ -252,10 +229,9 @@ def bench_model(path, kind, model, cfg, device):
     z1 = torch.randn(1, model.in_channels, model.input_size, model.input_size,
                      generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     y1 = torch.zeros(1, dtype=torch.long, device=device)
-    flops = count_flops(lambda: generate_once(model, z1, y1, steps, cfg.cfg_scale))
+    flops = dit.count_flops(lambda: dit.run_sampler(model, z1, y1, steps, cfg.cfg_scale))
     q = dict(score=None, acc=None, metric="-")
     if cfg.quality:
-        import fid
         q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.n, steps=steps, cfg_scale=cfg.cfg_scale,
                          seed=cfg.seed, batch_size=min(100, cfg.n), device=device)
     rows = []
@@ -286,29 +262,12 @@ def pareto_points(rows, batch):
             for r in rows if r["mode"] == "eager" and r["score"] is not None]
 
 
-def split_argv(argv):
-    """Separate the checkpoint paths from the --flags (dit.parse_args takes flags only)."""
-    valued = {"--" + f.replace("_", "-") for f, t in BenchConfig.__annotations__.items() if t is not bool}
-    flags, paths, k = [], [], 0
-    while k < len(argv):
-        if argv[k].startswith("--"):
-            flags.append(argv[k])
-            if argv[k] in valued and k + 1 < len(argv):
-                flags.append(argv[k + 1])
-                k += 1
-        else:
-            paths.append(argv[k])
-        k += 1
-    return flags, paths
-
-
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    flags, paths = split_argv(sys.argv[1:] if argv is None else argv)
-    cfg = dit.parse_args(BenchConfig, flags)
+    cfg, paths = dit.parse_args(BenchConfig, argv, paths=True)
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     if device.type == "cpu" and cfg.dtype != "float32":
@@ -340,9 +299,9 @@ def main(argv=None):
         w.writerows(rows)
     with open(os.path.join(cfg.out, "bench.json"), "w") as f:
         json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
-    dit.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
+    fid.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
                    f"ms per image (batch {cfg.batch})")
-    sample.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
+    dit.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
                      [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
     order = "\n".join(f"  row {k + 1}: {os.path.relpath(p)}" for k, (p, _) in enumerate(found))
     print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png, samples.png (same noise per column):\n{order}")

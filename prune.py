@@ -2,90 +2,54 @@
 prune.py: make a DiT cheaper by removing block computations. Section 1: TinyFusion learnable depth
 pruning, its baselines and recovery. Section 2: DiP-GO step-wise block reuse with a feature cache.
 
-Paper: "TinyFusion: Diffusion Transformers Learned Shallow", Gongfan Fang, Kunjun Li, Xinyin Ma, Xinchao
-Wang, CVPR 2025, arXiv 2412.01199. Whole blocks are removed. Which ones is *learned*: every local group of
-M blocks keeps N of them (N:M), one logit per allowed keep-pattern; a hard straight-through Gumbel-softmax
-draws a pattern per example, the masked DiT (dropped block = identity) is trained on the plain diffusion
-loss while a LoRA update "simulates" the fine-tuning that follows, so masks that are cheap to *repair*
-win, not masks with the lowest loss right after pruning. The argmax of the EMA logits is the mask; LoRA
-is thrown away, the shallow DiT is rebuilt from the ORIGINAL weights and fine-tuned (Masked KD optional).
+Section 1. "TinyFusion: Diffusion Transformers Learned Shallow", Gongfan Fang, Kunjun Li, Xinyin Ma, Xinchao
+Wang, CVPR 2025, arXiv 2412.01199. Whole blocks are removed, and which ones is *learned*: every local group
+of M blocks keeps N (N:M), one logit per keep-pattern; a hard straight-through Gumbel-softmax draws a
+pattern per example; the masked DiT trains on the diffusion loss while a LoRA update simulates the later
+fine-tuning, so masks that are cheap to *repair* win. The argmax of the EMA logits is the mask; the shallow
+DiT is rebuilt from the original weights and fine-tuned (optionally with Masked KD).
+    paper (Sec. 3 method, Tables 1, 3-5) / official code  -> here
+    N:M block-local search space (code default 1:2)       -> parse_pattern
+    differentiable sampling: ST Gumbel-softmax, tau 4->0.1,
+      s = 100, one draw per example                        -> st_gumbel_masks, MaskSearch
+    h <- m Block(h, c) + (1 - m) h                         -> masked_forward
+    recoverability dW: LoRA on every Linear (Table 4)      -> LoRALinear, add_lora, learn_mask
+    argmax of the EMA logits, rebuild from the original    -> MaskSearch.kept, export_pruned
+    baselines (Tables 1, 3): first/last/uniform, ShortGPT,
+      sensitivity, magnitude, Taylor, min-loss random      -> baseline_kept, block_influence, calib_loss
+    recovery: fine-tune / KD / Masked KD (Table 5)         -> recovery_loss, masked_rep_loss, recover
+[inferred], for CPU minutes: lrs LoRA 1e-3 / gates 1e-2 (paper 1e-4 / 1e-3, same ratio), recovery 1e-3
+cosine to 5e-4 (paper 2e-4 -> 1e-4), a few hundred steps (paper 10K / 100K+); Masked-KD pairs student j <->
+the last teacher block of its group; the KD variance term is KL(teacher || student) of the two reverse
+Gaussians; magnitude / Taylor / sensitivity scores; ShortGPT's Block Influence measured along the base
+model's own DDIM trajectories (the official prune_by_score.py: 128 real images at a random t, no CFG).
 
-Paper (spec ../shared/specs/tinyfusion_dipgo.md) -> here
-    block-local N:M search space (spec 1.2)            -> parse_pattern
-    hard straight-through Gumbel-softmax, tau 4->0.1,
-      s = 100, per-example draws (spec 1.3)           -> st_gumbel_masks, MaskSearch.temperature
-    h <- m Block(h, c) + (1 - m) h (spec 1.3)          -> masked_forward (dit.DiT.embed / blocks / head)
-    recoverability dW = LoRA on every Linear (1.4)     -> LoRALinear, add_lora, learn_mask (deltaw lora|full|frozen)
-    EMA logits -> argmax mask; rebuild from the
-      original weights (1.3-1.4)                      -> MaskSearch.kept, export_pruned (a plain "dit" checkpoint)
-    baselines (1.6): first/last-k, uniform (oracle),
-      ShortGPT block influence, sensitivity, magnitude,
-      Taylor, min-calibration-loss random, random,
-      fixed indices                                   -> baseline_kept, block_influence, calib_loss
-    recovery: fine-tune / logits KD / Masked KD (1.5)  -> recovery_loss, masked_rep_loss, recover
-Shared harness (any variant, also DiP-GO's): score_model (fid.evaluate), sampling_seconds (speed-up vs the
-base in one interleaved run), sample.save_rows (same noise), save_mask_png, print_results.
+Section 2. "DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization", Haowei Zhu et al. (AMD), NeurIPS
+2024, arXiv 2410.16942. The K-step sampling trajectory is a SuperNet: after the first step every block
+either computes or reuses its contribution from the previous step. A small pruner (a query per (step,
+block) -> self-attention + FFN -> heads) gives straight-through keep/reuse gates, trained for a few steps
+on labels and noise only so the gated sampler's image matches the full one (SSIM) with few blocks on.
+A greedy falling threshold turns its scores into a static plan; inference runs the plan with a cache.
+    paper (Sec. 3 method, Sec. 4 experiments) / code      -> here
+    SuperNet, backup connection to step t-1               -> gated_blocks (train), cached_blocks (infer)
+    pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
+    consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, learn_scores
+    post-processing: falling threshold, blocks output-side
+      first (both official prune() visit block_names[::-1]) -> postprocess
+    inference with the cache; baselines                  -> CachedDiT, uniform_plan, random_plan
+[inferred] for a DiT (the code is SD-UNet only): a unit is one block and "reuse" adds its previous residual
+update h + D[t-1, b]; equal block FLOPs (no cascade); --ratio r = fraction of (step >= 1, block) slots
+reused, the sparsity term off while the hard plan keeps < 1 - r; Adam, query width 128; fresh labels and
+noise at every pruner step (the official training reuses fixed noise).
 
 Run:
-    python prune.py --method tinyfusion                  # out/dit.pt (trained first if absent) 6 -> 3 blocks
-    python prune.py --method all --recover finetune      # every method, same depth, same recovery, one table
+    python prune.py --method tinyfusion                  # 6 -> 3 blocks of the base, ~3-4 min, 2 CPU cores
+    python prune.py --method all --recover finetune      # every method, same depth and recovery, one table
     python prune.py --method tinyfusion --recover maskedkd --pattern 2:4 --deltaw full
     python prune.py --method index --kept 0,2,5          # any fixed set of kept blocks (prune_by_index.py)
-Every stage writes a checkpoint under --out (named after method, seed, mask); re-running resumes or reuses
-it. The pruned/recovered checkpoints are kind "dit": sample.py and fid.py load them as any DiT.
-Default on 2 CPU cores (cpu preset, 6 -> 3 blocks): ~3-4 min after the base model exists. Measured
-numbers: README.md, prune.py sections.
-
-Our choices for Section 1, [inferred] (the paper does not settle them or its scale does not fit a CPU):
-- Learning rates for CPU-minute runs: LoRA 1e-3, gates 1e-2 (the paper: 1e-4 / 1e-3, same 10x ratio; our
-  base DiT is trained at 1e-3 instead of 1e-4) and recovery from 1e-3 cosine-annealed to 5e-4 (paper 2e-4
-  to 1e-4, the same halving). Budgets are a few hundred steps instead of 10K / 100K.
-- Masked-KD layer pairs: student block j <-> teacher block round((j + 1) L / k) - 1, i.e. the last block of
-  group j (the paper's 2j + 1 for 28 -> 14). The variance term of L_KD is KL(teacher || student) of the
-  two reverse Gaussians with the student's eps detached (as L_vb). --kd-sigma 0 = unmasked RepKD.
-- Baseline scores (magnitude: sum |W| of a block; Taylor: sum |W dL/dW|; sensitivity: loss increase when a
-  block alone is dropped) are not in the paper's tables. Block influence is measured along the base
-  model's own DDIM trajectories (the code: 128 samples, 250 steps; here --calib-n samples, --eval-steps).
-- LoRA A is initialised N(0, 1/in_features) (torchtune: Kaiming-uniform); B = 0 as LoRA.
-
-Section 2: DiP-GO timestep-aware block skipping with a feature cache.
-
-Paper: "DiP-GO: A Diffusion Pruner via Few-step Gradient Optimization", Haowei Zhu, Dehua Tang, Ji Liu,
-Mingjie Lu, Jintu Zheng, Jinzhang Peng, Dong Li, Yu Wang, Fan Jiang, Lu Tian, Spandan Tiwari, Ashish
-Sirasao, Jun-Hai Yong, Bin Wang, Emad Barsoum; NeurIPS 2024; arXiv 2410.16942.
-
-Idea: the K-step sampling trajectory is a SuperNet. At every step after the first, every block either
-computes or takes a "backup connection" that reuses its contribution from the previous step. A small
-pruner (a learnable query per (step, block) -> self-attention + FFN encoder -> per-(step, block) heads)
-gives straight-through keep/reuse gates. It is trained for a few steps, with labels and noise only (no
-images), so that the gated sampler's final image matches the full sampler's (SSIM) while few blocks are
-computed. Its scores become a static plan by a greedy falling threshold; inference runs the plan with a
-feature cache, so a reused block costs one tensor add.
-
-Paper / reference code -> here (section numbers: ../shared/specs/tinyfusion_dipgo.md, Sec. 2)
-    2.2 SuperNet, backup connection to step t-1       -> gated_blocks (train), cached_blocks (inference)
-    2.3 pruner: queries, 1-layer SA+FFN, heads        -> Pruner
-    2.3 straight-through gate (no Gumbel noise)       -> st_gate
-    2.4-2.5 consistency (SSIM) + sparsity, few steps  -> consistency_loss, ssim, learn_scores
-    2.6 post-processing, falling threshold            -> postprocess
-    2.7 inference with the cache                      -> CachedDiT, build_dipgo
-    5 baselines (DeepCache/FORA-style, random,        -> uniform_plan, random_plan, fewer steps in
-      fewer sampling steps)                              dipgo_variants
-
-[inferred] choices (the public code is SD-UNet only; spec tinyfusion_dipgo.md Sec. 2.2-2.4, 4):
-  - the unit is one DiT block; "reuse" adds the block's previous residual update, h + D[t-1, b]
-    (Learning-to-Cache / FORA reading), not its previous output. A reused block keeps its old D.
-  - all blocks have equal FLOPs, so the cascade FLOPs ratio of each is 1/N and there is no cascade.
-  - --ratio r = fraction of the gated (step >= 1, block) evaluations reused; blocks kept overall
-    = 1 - r (K-1)/K. The sparsity term is dropped while the hard kept fraction is below 1 - r (the
-    code's early stop, with the threshold put at the target).
-  - Adam instead of SGD (a few dozen steps instead of 500), encoder residuals + post-LayerNorm,
-    value projection d -> d, query width 128, blocks visited first to last by the greedy pass.
-
-Run (Section 2):
-    python prune.py --method dipgo --ratio 0.5             # learn one plan for out/dit.pt, table + PNGs
-    python prune.py --method dipgo --ratios 0.3,0.5,0.7    # a plan per ratio vs the three baselines
-    python sample.py --ckpt out/prune/dipgo_r0.5.pt        # any sampler runs the plan with its cache
+    python prune.py --method dipgo --ratios 0.3,0.5,0.7  # a DiP-GO plan per ratio vs three baselines
+Each stage's checkpoint name carries a hash of every setting that made it; re-running reuses it only when all
+are equal (and says so). Pruned checkpoints are kind "dit"; DiP-GO plans kind "dipgo" (sample.py runs both).
 """
 import dataclasses
 import itertools
@@ -93,6 +57,7 @@ import json
 import math
 import os
 import sys
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -103,7 +68,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import dit
-import sample
+import fid
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -178,7 +143,7 @@ class PruneConfig:
 # --------------------------------------------------------------------------------------------------
 
 def parse_pattern(pattern, depth):
-    """Block-local N:M search space, TinyFusion spec 1.2: (options (K, M) 0/1 rows = every M-choose-N
+    """Block-local N:M search space, TinyFusion Sec. 3 (N:M local search space): (options (K, M) 0/1 rows = every M-choose-N
     keep-pattern of one group, number of groups G = depth / M)."""
     try:
         n, m = map(int, pattern.split(":"))
@@ -191,7 +156,7 @@ def parse_pattern(pattern, depth):
 
 
 def st_gumbel_masks(logits, options, batch, tau, scale):
-    """Per-example block masks by hard straight-through Gumbel-softmax, TinyFusion spec 1.3 (from MaskLLM).
+    """Per-example block masks by hard straight-through Gumbel-softmax, TinyFusion Sec. 3 (differentiable sampling, from MaskLLM).
     logits (G, K), options (K, M) -> (mask (B, G*M) exactly 0/1 in the forward pass, one-hot (B, G, K))."""
     G, K = logits.shape
     gumbel = -torch.empty(batch, G, K, device=logits.device).exponential_().log()  # g ~ Gumbel(0, 1)
@@ -204,7 +169,7 @@ def st_gumbel_masks(logits, options, batch, tau, scale):
 
 
 def masked_forward(model, x, t, y, mask):
-    """The DiT with block mask m (B, L) or (L,), TinyFusion spec 1.3: h <- m_j Block_j(h, c) + (1 - m_j) h,
+    """The DiT with block mask m (B, L) or (L,), TinyFusion Sec. 3: h <- m_j Block_j(h, c) + (1 - m_j) h,
     so a dropped block is exactly the identity. A block dropped (kept) for the whole batch by a mask that
     needs no gradient is skipped (run plainly)."""
     h, c = model.embed(x, t, y)
@@ -220,7 +185,7 @@ def masked_forward(model, x, t, y, mask):
 
 class LoRALinear(nn.Module):
     """W x + b + (alpha / r) B A x with W, b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv 2106.09685,
-    Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion spec 1.4."""
+    Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion Sec. 3."""
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -244,7 +209,7 @@ def add_lora(model, rank, alpha):
 
 
 class MaskSearch(nn.Module):
-    """A DiT (+ dW) with one learnable logit per keep-pattern per group, TinyFusion spec 1.3. forward(x, t, y)
+    """A DiT (+ dW) with one learnable logit per keep-pattern per group, TinyFusion Sec. 3. forward(x, t, y)
     draws a mask per example (training) and runs the masked DiT; `step` drives the temperature schedule."""
     def __init__(self, model, options, groups, steps, cfg):
         super().__init__()
@@ -253,8 +218,7 @@ class MaskSearch(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.logits = nn.Parameter(torch.full((groups, len(options)), cfg.logit_init))
         self.steps, self.tau, self.scaling = steps, (cfg.tau_start, cfg.tau_end), cfg.scaling
-        for k in ("num_classes", "in_channels", "input_size", "out_channels"):
-            setattr(self, k, getattr(model, k))
+        dit.samples_like(self, model)
 
     def temperature(self):
         # tau_n = tau_0 + (tau_1 - tau_0) n / (steps - 1)     (linear, 4 -> 0.1)
@@ -278,7 +242,7 @@ class MaskSearch(nn.Module):
 
 def export_pruned(ckpt, kept, **info):
     """A plain, shallower "dit" checkpoint from the ORIGINAL (EMA) weights: block kept[j] becomes block j;
-    embedders and final layer unchanged. Any LoRA is simply never looked at (spec 1.4)."""
+    embedders and final layer unchanged. Any LoRA is simply never looked at (TinyFusion Sec. 3)."""
     def slim(state):
         out = {}
         for k, v in state.items():
@@ -295,7 +259,7 @@ def export_pruned(ckpt, kept, **info):
 
 
 # --------------------------------------------------------------------------------------------------
-# Method: baselines (spec 1.6)
+# Method: baselines (TinyFusion Tables 1 and 3)
 # --------------------------------------------------------------------------------------------------
 
 def calib_batch(data, n, seed, device):
@@ -308,7 +272,7 @@ def calib_batch(data, n, seed, device):
 
 
 def calib_loss(model, batch, mask):
-    """Diffusion loss right after pruning ("calibration loss", spec Table 3) of `model` under a fixed mask."""
+    """Diffusion loss right after pruning ("calibration loss", TinyFusion Table 3) of `model` under a fixed mask."""
     x0, y, i, noise = batch
     diffusion = dit.Diffusion()
     with torch.no_grad():
@@ -324,21 +288,21 @@ def keep_mask(kept, depth, device="cpu"):
 @torch.no_grad()
 def block_influence(model, n, steps, cfg_scale):
     """ShortGPT Block Influence BI_j = 1 - cos(h_in, h_out), averaged over tokens, samples and every step of
-    the base model's own DDIM trajectories (spec 1.6; the code generates its calibration samples)."""
+    the base model's own DDIM trajectories [inferred: the official prune_by_score.py uses 128 real images, one forward each at a random t, no CFG]."""
     sims, calls = torch.zeros(len(model.blocks)), torch.zeros(len(model.blocks))
 
     def record(j, inp, out):
         sims[j] += F.cosine_similarity(inp[0], out, dim=-1).mean().item()  # mean over tokens and samples
         calls[j] += 1
     hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out)) for j, b in enumerate(model.blocks)]
-    sample.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale)
+    dit.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale)
     for h in hooks:
         h.remove()
     return 1 - sims / calls
 
 
 def baseline_kept(method, model, k, batch, cfg):
-    """Kept block indices (sorted) of a baseline at depth k, spec 1.6. Higher score = more important."""
+    """Kept block indices (sorted) of a baseline at depth k (TinyFusion Table 1). Higher score = more important."""
     L, rng = len(model.blocks), np.random.default_rng(cfg.seed)
     top = lambda score: sorted(torch.topk(torch.as_tensor(score, dtype=torch.float), k).indices.tolist())
     if method == "first":
@@ -381,11 +345,11 @@ def baseline_kept(method, model, k, batch, cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# Method: recovery losses (spec 1.5)
+# Method: recovery losses (TinyFusion Sec. 3, Masked KD; Table 5)
 # --------------------------------------------------------------------------------------------------
 
 def masked_rep_loss(h_s, h_t, k):
-    """Masked hidden-state KD, TinyFusion spec 1.5: per sample, mu and sigma over tokens and channels; only
+    """Masked hidden-state KD, TinyFusion Sec. 3 (Masked KD): per sample, mu and sigma over tokens and channels; only
     entries with |h - mu| < k sigma count, in student and teacher alike ("massive activations" ignored).
         L_rep = mean (M_s * h_s - M_t * h_t)^2,   M = [|h - mu| < k sigma]          (k = 0: unmasked)"""
     def keep(h):
@@ -410,7 +374,7 @@ def massive_activations(model, batch, k):
 
 
 def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
-    """Masked KD, TinyFusion spec 1.5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0 (1 - frac).
+    """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0 (1 - frac).
     Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
     KL between the two reverse Gaussians (student eps detached, as L_vb). cfg.recover == "kd": beta = 0."""
     B, C = x0.shape[0], x0.shape[1]
@@ -426,9 +390,8 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     if out_s.shape[1] == 2 * C:
         mean_s, logvar_s, _, _ = diffusion.p_mean_variance(torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1), xt, i)
         mean_t, logvar_t, _, _ = diffusion.p_mean_variance(out_t, xt, i)
-        # KL(N_t || N_s) = 1/2 (log s2_s - log s2_t + s2_t / s2_s + (mu_t - mu_s)^2 / s2_s - 1), in bits/dim
-        kl = 0.5 * (logvar_s - logvar_t + torch.exp(logvar_t - logvar_s) + (mean_t - mean_s) ** 2 * torch.exp(-logvar_s) - 1)
-        kd = kd + kl.mean() / math.log(2.0)
+        # KL(N_t || N_s) of the two reverse Gaussians, in bits/dim
+        kd = kd + dit.normal_kl(mean_t, logvar_t, mean_s, logvar_s).mean() / math.log(2.0)
     k, L = len(feats_s), len(feats_t)
     pairs = [(j, round((j + 1) * L / k) - 1) for j in range(k)]  # student j <-> last teacher block of group j
     rep = sum(masked_rep_loss(feats_s[j], feats_t[jt], cfg.kd_sigma) for j, jt in pairs) / k
@@ -449,7 +412,7 @@ def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
 
 
 def learn_mask(cfg, teacher_ckpt, data, path):
-    """TinyFusion mask learning, spec 1.3-1.4: the masked DiT + dW trained jointly with the logits on the
+    """TinyFusion mask learning, Sec. 3: the masked DiT + dW trained jointly with the logits on the
     diffusion loss (AdamW, wd 0, clip 1, LoRA lr / gate lr as param groups). Returns (kept, info)."""
     torch.manual_seed(cfg.seed)
     model = dit.build_dit(teacher_ckpt).train()
@@ -467,7 +430,7 @@ def learn_mask(cfg, teacher_ckpt, data, path):
     groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}] + ([{"params": weights, "lr": cfg.lora_lr}] if weights else [])
     diffusion = dit.Diffusion()
 
-    def loss_fn(m, xb, yb):
+    def loss_fn(m, xb, yb, step):
         terms = diffusion.loss(m, xb, yb)
         return dict(loss=terms["loss"], mse=terms["mse"], tau=torch.tensor(net.temperature()),
                     conf=net.confidence().min())
@@ -482,18 +445,18 @@ def learn_mask(cfg, teacher_ckpt, data, path):
 
 
 def recover(cfg, pruned_ckpt, teacher, data, path):
-    """Recovery fine-tuning of the exported shallow DiT, spec 1.5: plain diffusion loss, logits KD or Masked KD.
-    Returns the checkpoint (kind "dit")."""
+    """Recovery fine-tuning of the exported shallow DiT, TinyFusion Table 5: plain diffusion loss, logits
+    KD or Masked KD. Returns the checkpoint (kind "dit")."""
     torch.manual_seed(cfg.seed)
-    student, diffusion, state = dit.build_dit(pruned_ckpt).train(), dit.Diffusion(), dict(step=0)
+    student, diffusion = dit.build_dit(pruned_ckpt).train(), dit.Diffusion()
     if cfg.recover == "finetune":
-        loss_fn = lambda m, xb, yb: {k: v for k, v in diffusion.loss(m, xb, yb).items() if k in ("loss", "mse", "vb")}
+        def loss_fn(m, xb, yb, step):
+            return {k: v for k, v in diffusion.loss(m, xb, yb).items() if k in ("loss", "mse", "vb")}
     elif cfg.recover in ("kd", "maskedkd"):
         student.y_embedder.dropout_prob = 0.0  # recovery_loss drops labels, the same ones for the teacher
 
-        def loss_fn(m, xb, yb):
-            state["step"] += 1
-            return recovery_loss(m, teacher, diffusion, xb, yb, (state["step"] - 1) / cfg.recover_steps, cfg)
+        def loss_fn(m, xb, yb, step):  # beta decays with the step: a resumed run continues the schedule
+            return recovery_loss(m, teacher, diffusion, xb, yb, step / cfg.recover_steps, cfg)
     else:
         sys.exit(f"error: --recover must be none, finetune, kd or maskedkd, not {cfg.recover!r}")
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
@@ -503,24 +466,43 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     return ck
 
 
+# every setting a stage's result depends on, besides the teacher's weights
+SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw", "lora_rank",
+               "lora_alpha", "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema",
+               "seed", "dtype")
+RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
+                "seed", "dtype")
+KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
+DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr",
+              "dipgo_loss", "dipgo_alpha", "dipgo_dim", "dipgo_encoder", "seed")
+
+
+def stage_tag(cfg, keys, teacher_ckpt):
+    """8 hex digits of the teacher's weights and every setting in `keys`: a stage's file is reused only
+    when all of them are equal."""
+    return dit.settings_tag(dict({k: getattr(cfg, k) for k in keys}, teacher=dit.weights_tag(teacher_ckpt["ema"])))
+
+
 def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     """One method end to end: choose the kept blocks, export the shallow DiT, recover it. Returns a dict."""
     L = len(teacher.blocks)
     options, groups = parse_pattern(cfg.pattern, L)
     k, info = groups * int(options[0].sum()), {}
     if method == "tinyfusion":
-        tag = f"tinyfusion_{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_s{cfg.seed}"
+        tag = f"tinyfusion_{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{stage_tag(cfg, SEARCH_KEYS, teacher_ckpt)}"
         kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, tag + "_search.pt"))
     else:
         kept = baseline_kept(method, teacher, k, batch, cfg)
     loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
     pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
-    name = f"d{L}_s{cfg.seed}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
+    name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
     dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
     print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
     recovered = None
     if cfg.recover != "none":
-        recovered = recover(cfg, pruned, teacher, data, os.path.join(cfg.out, f"{name}_{cfg.recover}.pt"))
+        keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ())
+        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{stage_tag(cfg, keys, teacher_ckpt)}.pt")
+        recovered = recover(cfg, pruned, teacher, data, path)
     return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
 
 
@@ -532,7 +514,6 @@ def score_model(model, cfg):
     """fid.evaluate with the same noise (seed 0) for every variant; None when --eval-n 0."""
     if cfg.eval_n <= 0:
         return None
-    import fid
     return fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size, n=cfg.eval_n,
                         steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=0, batch_size=100)
 
@@ -541,36 +522,17 @@ def fmt_score(r):
     return "-" if r is None else f"{r['score']:.2f}" + (f" (acc {r['acc']:.2f})" if r.get("acc") is not None else "")
 
 
-@torch.no_grad()
 def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
-    """Seconds per DDIM + CFG sampling call at `batch`, for every model in {name: model}, all in one run,
-    interleaved (base, a, b, base, a, b, ...) so machine noise hits all alike; median of reps. `steps` is
-    one step count, or {name: steps} (DiP-GO's fewer-steps baseline)."""
-    times = {name: [] for name in models}
-    for _ in range(reps + 1):  # the first round is warm-up
-        for name, m in models.items():
-            device, k = next(m.parameters()).device, steps[name] if isinstance(steps, dict) else steps
-            z = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
-            y = torch.arange(batch, device=device) % m.num_classes
-            times[name].append(dit.timeit(lambda: sample.sample(m, z, y, k, "ddim", 0.0, cfg_scale), device, 1, 0))
-    return {name: float(np.median(t[1:])) for name, t in times.items()}
+    """Median seconds per DDIM + CFG generation at `batch` for every model of {name: model}, timed
+    interleaved in one run (fid.time_sampling); steps: one count or {name: steps}."""
+    times = fid.time_sampling(models, batch, steps, cfg_scale, reps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def save_mask_png(rows, depth, path, cell=22):
-    """Which blocks each method keeps: one row per (name, kept) pair, dark = kept, block index on top."""
-    from PIL import Image, ImageDraw
-    left = 8 * max(len(n) for n, _ in rows) + 8
-    img = Image.new("RGB", (left + depth * cell + 4, (len(rows) + 1) * cell + 4), "white")
-    draw = ImageDraw.Draw(img)
-    for j in range(depth):
-        draw.text((left + j * cell + 7, 5), str(j), fill="black")
-    for r, (name, kept) in enumerate(rows, start=1):
-        draw.text((4, r * cell + 5), name, fill="black")
-        for j in range(depth):
-            box = (left + j * cell, r * cell, left + (j + 1) * cell - 2, (r + 1) * cell - 2)
-            draw.rectangle(box, fill=(40, 70, 160) if j in kept else (225, 225, 225))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path)
+def save_mask_png(rows, depth, path, cell=16):
+    """Which blocks each method keeps: one row per (name, kept), black = kept, white = removed."""
+    kept = torch.tensor([[0.0 if j in k else 1.0 for j in range(depth)] for _, k in rows])
+    fid.heatmap_png(kept, path, cell, [name for name, _ in rows])
 
 
 def print_results(rows, device, cfg, path):
@@ -631,7 +593,7 @@ def run_depth_pruning(cfg, methods, device):
                          calib_loss=f"{r['calib_loss']:.4f}", pruned=fmt_score(pruned_score),
                          recovered=fmt_score(rec_score)))
     save_mask_png([(r["method"], r["kept"]) for r in results], L, os.path.join(cfg.out, "kept_blocks.png"))
-    sample.save_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
+    dit.save_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
     metric = next((r["pruned_score"]["metric"] for r in results if r["pruned_score"]), "quality")
     print(f"\nquality = {metric} (lower is better), {cfg.eval_n} samples, {cfg.eval_steps} DDIM steps, CFG "
           f"{cfg.cfg_scale}; pruned = right after pruning, recovered = after {cfg.recover_steps} steps of "
@@ -650,7 +612,7 @@ def run_depth_pruning(cfg, methods, device):
 # --------------------------------------------------------------------------------------------------
 
 def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
-    """SuperNet step over the block stack, DiP-GO spec 2.2 (DiT reading [inferred]). For block b:
+    """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
         h <- g_keep * Block_b(h, c) + g_reuse * (h + D[t-1, b]),   D[t, b] = h_out - h_in
     gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values; None = step 0 (compute all).
     Every block is computed so that g_keep gets a gradient. Returns (h, new cache)."""
@@ -665,7 +627,7 @@ def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
 
 
 def cached_blocks(blocks, h, c, cache, keep, store):
-    """Inference with the plan, DiP-GO spec 2.7: a kept block runs and, when a later step will reuse
+    """Inference with the plan, DiP-GO Sec. 3 (inference): a kept block runs and, when a later step will reuse
     it (store[b]), saves D = h_out - h_in; a skipped block costs one add: h <- h + D[b]."""
     for b, block in enumerate(blocks):
         if keep[b]:
@@ -679,7 +641,7 @@ def cached_blocks(blocks, h, c, cache, keep, store):
 
 
 def st_gate(logits):
-    """Straight-through hard gate, DiP-GO spec 2.3: forward = one-hot argmax of softmax(logits) (exactly
+    """Straight-through hard gate, DiP-GO Sec. 3 (pruner): forward = one-hot argmax of softmax(logits) (exactly
     0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the code)."""
     p = logits.softmax(-1)
     hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
@@ -687,7 +649,7 @@ def st_gate(logits):
 
 
 class Pruner(nn.Module):
-    """Pruner network, DiP-GO spec 2.3: a learnable query per gated (step, block) -> a 1-layer single-head
+    """Pruner network, DiP-GO Sec. 3 (pruner network): a learnable query per gated (step, block) -> a 1-layer single-head
     self-attention across the blocks of each step (Q, K in d/4) + FFN (d -> d/4 -> d), LayerNorms ->
     a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2) with logits [reuse, keep]
     initialised to [0, 1] (P(keep) = 0.73). The released code skips the encoder; encoder=False does too."""
@@ -738,7 +700,7 @@ def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
 
 
 def consistency_loss(x, ref, kind="ssim"):
-    """Consistency between the gated and the full sampler's final images, DiP-GO spec 2.4 (1 - SSIM by
+    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3 (consistency loss; 1 - SSIM by
     default; MSE and L1 are the code's other options)."""
     if kind == "ssim":
         return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
@@ -750,7 +712,7 @@ def consistency_loss(x, ref, kind="ssim"):
 
 
 def postprocess(score, ratio):
-    """Scores -> static plan, DiP-GO spec 2.6 (code): start with every block kept and theta = 0.95; for
+    """Scores -> static plan, DiP-GO Sec. 3 (post-processing) / code: start with every block kept and theta = 0.95; for
     each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
     reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) = P(reuse). Returns plan (K, N) bool,
     True = compute; row 0 (the first step) is always computed."""
@@ -758,7 +720,7 @@ def postprocess(score, ratio):
     target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
     for k in range(19, -1, -1):
         theta = 0.05 * k
-        for b in range(N):
+        for b in reversed(range(N)):  # output side first, as both official prune() (block_names[::-1])
             for t in score[:, b].argsort(descending=True).tolist():
                 if int(reuse.sum()) >= target:
                     break
@@ -789,14 +751,13 @@ def random_plan(steps, depth, ratio, seed=0):
 # --------------------------------------------------------------------------------------------------
 
 class CachedDiT(nn.Module):
-    """A DiT that runs a DiP-GO plan inside any sampler (sample.sample / generate / fid.evaluate). It knows
+    """A DiT that runs a DiP-GO plan inside any sampler (dit.sample / generate / fid.evaluate). It knows
     its step from t (the respaced schedule of `steps`, walked from its last entry down) and resets the cache
     at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead."""
     def __init__(self, model, steps, plan=None, grad_ckpt=False):
         super().__init__()
         self.dit, self.steps, self.grad_ckpt = model, steps, grad_ckpt
-        for a in ("num_classes", "in_channels", "input_size", "patch_size", "learn_sigma", "out_channels"):
-            setattr(self, a, getattr(model, a))
+        dit.samples_like(self, model)
         tmap = dit.Diffusion().respace(steps).timestep_map
         self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
         N = len(model.blocks)
@@ -822,7 +783,7 @@ class CachedDiT(nn.Module):
 
 
 def learn_scores(base, cfg, log=print):
-    """Few-step gradient optimisation of the pruner, DiP-GO spec 2.4-2.5 (code): per step, fresh labels and
+    """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (few-step gradient optimisation) / code: per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
     (each block is 1/N of the stack's FLOPs, so the sparsity term is the mean keep probability; it is
@@ -840,10 +801,10 @@ def learn_scores(base, cfg, log=print):
         z = torch.randn(B, C, S, S, generator=g).to(device)
         t0 = time.time()
         with torch.no_grad():
-            ref = sample.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
+            ref = dit.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         logits = pruner()  # (K-1, N, 2)
         net.gates = st_gate(logits)
-        x = sample.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
+        x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         cons = consistency_loss(x, ref, cfg.dipgo_loss)
         kept = net.gates[..., 1].detach().mean()
         sparse = logits.softmax(-1)[..., 1].mean()
@@ -865,10 +826,10 @@ def build_dipgo(ckpt):
     return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"]).eval()
 
 
-def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None):
-    dit.save_checkpoint(dict(kind="dipgo", config=base_ckpt["config"], model=base_ckpt["ema"], ema=base_ckpt["ema"],
-                             plan=plan, score=score, steps=cfg.eval_steps, ratio=ratio, dipgo_config=dataclasses.asdict(cfg),
-                             metrics=metrics or {}), path)
+def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None, key=None):
+    dit.save_checkpoint(dict(kind="dipgo", config=base_ckpt["config"], model=base_ckpt["ema"],
+                             ema=base_ckpt["ema"], plan=plan, score=score, steps=cfg.eval_steps, ratio=ratio,
+                             dipgo_config=dataclasses.asdict(cfg), metrics=metrics or {}, key=key), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -890,24 +851,12 @@ def ideal_speedup(plan, fb, frest, steps):
     return steps * (frest + N * fb) / (len(plan) * frest + int(plan.sum()) * fb)
 
 
-@torch.no_grad()
 def save_heatmap(score, plan, path, cell=12):
-    """PNG: left P(reuse) in grey (white = 1), right the plan (black = compute, white = reuse, red = step 0);
-    rows = sampler steps (first step at the top), columns = blocks."""
-    from PIL import Image
+    """PNG: left P(reuse) (white = 1; the first step, always computed, black), right the plan (black =
+    compute, white = reuse); rows = sampler steps (first at the top), columns = blocks."""
     K, N = plan.shape
-    img = torch.full((K * cell, (2 * N + 1) * cell, 3), 255, dtype=torch.uint8)
     sc = torch.cat([torch.zeros(1, N), score])  # (K, N)
-    for s in range(K):
-        for b in range(N):
-            v = int(255 * sc[s, b]) if s else 0
-            img[s * cell:(s + 1) * cell, b * cell:(b + 1) * cell] = torch.tensor([v, v, v])
-            col = [200, 0, 0] if s == 0 else [0, 0, 0] if plan[s, b] else [255, 255, 255]
-            img[s * cell:(s + 1) * cell, (N + 1 + b) * cell:(N + 2 + b) * cell] = torch.tensor(col)
-    for s in range(K):  # thin grid lines on the plan side
-        img[s * cell, (N + 1) * cell:] = 160
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(img.numpy()).save(path)
+    fid.heatmap_png(torch.cat([sc, torch.ones(K, 1), (~plan).float()], 1), path, cell)
 
 
 def dipgo_variants(base, score, ratio, cfg):
@@ -935,16 +884,17 @@ def dipgo_main(cfg):
     for r in ratios:
         print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, {K}-step DDIM")
         t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
+        key = stage_tag(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
         old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else None
-        if old is not None and old["steps"] == K and old["dipgo_config"]["teacher"] == cfg.teacher:
-            print(f"reusing the scores in {path} (delete it to learn again)")
+        if old is not None and old.get("key") == key:
+            print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
             score, log = old["score"], old["metrics"].get("log")
         else:
             score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r))
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
-        if old is None or not torch.equal(old["score"], score):
-            save_dipgo(base_ckpt, plan, score, cfg, r, path, dict(learn_s=round(time.time() - t0, 1), log=log))
+        if old is None or old.get("key") != key:
+            save_dipgo(base_ckpt, plan, score, cfg, r, path, dict(learn_s=round(time.time() - t0, 1), log=log), key)
         save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
         print(f"{time.time() - t0:.0f} s; reused slots {int((~plan).sum())} of {(K - 1) * N} "
               f"(target {r * (K - 1) * N:.1f})")
@@ -957,11 +907,11 @@ def dipgo_main(cfg):
                     generator=torch.Generator().manual_seed(1)).to(device)
     yz = torch.arange(cfg.speed_batch, device=device) % base.num_classes
     with torch.no_grad():
-        ref = sample.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
+        ref = dit.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
     rows = []
     for name, model, steps, plan in variants:
         with torch.no_grad():
-            x = sample.sample(model, z, yz, steps, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
+            x = dit.sample(model, z, yz, steps, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
         # PSNR = 10 log10(range^2 / MSE), range 2 for [-1, 1] images, against the full sampler, same noise
         psnr = 10 * math.log10(4 / max(F.mse_loss(x, ref).item(), 1e-20))
         ideal = ideal_speedup(plan, fb, frest, K)
@@ -970,7 +920,7 @@ def dipgo_main(cfg):
                      "ideal speedup": f"{ideal:.2f}x", "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
-    sample.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
+    dit.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
                      [v[2] for v in variants], cfg.cfg_scale)
     print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate on "
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} vs full; "

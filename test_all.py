@@ -2,6 +2,7 @@
 test_all.py: fast CPU tests of tinydit, each asserting a property of a method (python -m pytest -q test_all.py).
 """
 import copy
+import glob
 import io
 import json
 import os
@@ -211,7 +212,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         model = dit.DiT(**dit.dit_config(cfg, nc))
         calls = {"n": 0}
 
-        def loss_fn(m, xb, yb):
+        def loss_fn(m, xb, yb, step):
             calls["n"] += 1
             if calls["n"] == kill_at:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -235,7 +236,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
     x, y, nc = dit.load_data("shapes", image_size=16)
     d, calls = dit.Diffusion(), {"n": 0}
 
-    def loss_fn(m, xb, yb):
+    def loss_fn(m, xb, yb, step):
         calls["n"] += 1
         terms = d.loss(m, xb, yb)
         return dict(terms, loss=terms["loss"] * float("nan")) if calls["n"] == 8 else terms
@@ -335,7 +336,7 @@ def test_samplers_with_the_exact_eps_return_the_data_point():
     xstar = torch.rand(1, 3, 8, 8) * 2 - 1
     for learn_sigma in (False, True):
         for method in ("ddim", "ddpm"):
-            out = sample.sample(OracleEps(xstar, learn_sigma), torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long),
+            out = dit.sample(OracleEps(xstar, learn_sigma), torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long),
                                 steps=40, method=method, generator=torch.Generator().manual_seed(0))
             assert (out - xstar).abs().max() < 1e-4, (learn_sigma, method)
 
@@ -344,10 +345,10 @@ def test_same_seed_gives_bit_identical_samples(tiny_teacher):
     model = sample.load_model(tiny_teacher)
     labels = torch.arange(6) % 10
     for method in ("ddim", "ddpm"):
-        a = sample.generate(model, labels, seed=3, steps=10, method=method, cfg_scale=2.0)
+        a = dit.generate(model, labels, seed=3, steps=10, method=method, cfg_scale=2.0)
         torch.manual_seed(123)  # the global RNG must not matter
-        b = sample.generate(model, labels, seed=3, steps=10, method=method, cfg_scale=2.0)
-        c = sample.generate(model, labels, seed=4, steps=10, method=method, cfg_scale=2.0)
+        b = dit.generate(model, labels, seed=3, steps=10, method=method, cfg_scale=2.0)
+        c = dit.generate(model, labels, seed=4, steps=10, method=method, cfg_scale=2.0)
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -355,8 +356,8 @@ def test_ddim_eta0_is_deterministic_and_batch_independent(tiny_teacher):
     """DDIM with eta = 0 is a deterministic map of the noise: the same image whatever the batch split."""
     model = sample.load_model(tiny_teacher)
     labels = torch.arange(8) % 10
-    a = sample.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=8)
-    b = sample.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=3)
+    a = dit.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=8)
+    b = dit.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=3)
     assert torch.equal(a, b)
 
 
@@ -651,9 +652,9 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
     p = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path, batch_size=5)
     assert p["z"].shape == (12, 3, 16, 16) and p["x"].shape == (12, 3, 16, 16) and p["y"].tolist() == [i % 10 for i in range(12)]
     with torch.no_grad():
-        ref = sample.sample(teacher, p["z"][:2], p["y"][:2], 3, "ddim", 0.0, 1.5).clamp(-1, 1)
+        ref = dit.sample(teacher, p["z"][:2], p["y"][:2], 3, "ddim", 0.0, 1.5).clamp(-1, 1)
     assert torch.allclose(ref, p["x"][:2], atol=1e-5)
-    monkeypatch.setattr(sample, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
+    monkeypatch.setattr(dit, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     q = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path)
     assert all(torch.equal(p[k], q[k]) for k in ("z", "x", "y"))
 
@@ -674,7 +675,7 @@ def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
     ckpts = [f for f in os.listdir(out) if f.startswith("student_") and f.endswith(".pt") and "_local" not in f]
     model = distill.build_student(dit.load_checkpoint(os.path.join(out, ckpts[0]), kinds=["student"]))
     assert getattr(model, "one_step", False) == (setup == "onestep")
-    imgs = sample.generate(model, torch.arange(3), seed=0, steps=2)
+    imgs = dit.generate(model, torch.arange(3), seed=0, steps=2)
     assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
 
 
@@ -793,7 +794,13 @@ def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
         r = prune.main(["--method", "tinyfusion", "--recover", rec, "--deltaw", deltaw, "--pattern", "2:4"] + common)
         assert r[0]["recovered"]["step"] == 2 and len(r[0]["kept"]) == 2
     prune.main(["--method", "index", "--kept", "1,2"] + common)
-    assert dit.load_checkpoint(str(tmp_path / "d4_s0_k1-2_finetune.pt"), kinds=["dit"])["kept"] == [1, 2]
+    first = glob.glob(str(tmp_path / "d4_k1-2_finetune_*.pt"))
+    assert len(first) == 1 and dit.load_checkpoint(first[0], kinds=["dit"])["kept"] == [1, 2]
+    # no silent reuse: a changed recovery setting is a new run (a new file); the same settings, or a KD
+    # weight that fine-tuning does not use, reuse it
+    for flags in (["--recover-lr", "2e-3"], ["--recover-lr-end", "1.0"], ["--alpha-kd", "0.5"], []):
+        prune.main(["--method", "index", "--kept", "1,2"] + common + flags)
+    assert len(glob.glob(str(tmp_path / "d4_k1-2_finetune_*.pt"))) == 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -811,13 +818,13 @@ def test_dipgo_no_reuse_plan_is_the_plain_sampler_bit_for_bit(tiny_teacher):
     DDIM + CFG sampler exactly."""
     base, K = tiny_base(tiny_teacher), 6
     z, y = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
-    plain = sample.sample(base, z, y, K, cfg_scale=1.5)
-    assert torch.equal(sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5), plain)
+    plain = dit.sample(base, z, y, K, cfg_scale=1.5)
+    assert torch.equal(dit.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5), plain)
     net = prune.CachedDiT(base, K)
     net.gates = prune.st_gate(torch.tensor([0.0, 1.0]).repeat(K - 1, len(base.blocks), 1))
-    assert torch.equal(sample.sample(net, z, y, K, cfg_scale=1.5), plain)
+    assert torch.equal(dit.sample(net, z, y, K, cfg_scale=1.5), plain)
     with pytest.raises(ValueError):  # the plan knows its schedule: another step count is an error
-        sample.sample(prune.CachedDiT(base, K), z, y, K + 1)
+        dit.sample(prune.CachedDiT(base, K), z, y, K + 1)
 
 
 class ConstBlock(nn.Module):
@@ -840,16 +847,16 @@ def test_dipgo_reusing_an_exact_cached_update_changes_nothing(tiny_teacher):
     reuse_b1 = torch.ones(K, N, dtype=torch.bool)
     reuse_b1[1:, 1] = False
     base.blocks[1] = dit.DiT(**dit.PRESETS["tiny"]).blocks[1]  # adaLN-Zero fresh block: the identity, D = 0
-    full = sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
-    assert torch.equal(sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5), full)
+    full = dit.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
+    assert torch.equal(dit.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5), full)
     base.blocks[1] = ConstBlock(0.1 * torch.randn(16, 64, generator=torch.Generator().manual_seed(2)))
-    full = sample.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
-    cached = sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5)
+    full = dit.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5)
+    cached = dit.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5)
     assert torch.allclose(cached, full, atol=1e-5)
     # ... whereas reusing a real block of the teacher does change the output
     base = tiny_base(tiny_teacher)
-    assert not torch.allclose(sample.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5),
-                              sample.sample(base, z, y, K, cfg_scale=1.5), atol=1e-3)
+    assert not torch.allclose(dit.sample(prune.CachedDiT(base, K, reuse_b1), z, y, K, cfg_scale=1.5),
+                              dit.sample(base, z, y, K, cfg_scale=1.5), atol=1e-3)
 
 
 def test_dipgo_postprocess_hits_the_ratio_and_reuses_the_highest_scores():
@@ -890,8 +897,8 @@ def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
     assert set(net.gates.detach().unique().tolist()) == {0.0, 1.0}  # hard in the forward pass
     z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
     with torch.no_grad():
-        ref = sample.sample(base, z, y, K, cfg_scale=1.5)
-    loss = prune.consistency_loss(sample.sample(net, z, y, K, cfg_scale=1.5), ref, "ssim")
+        ref = dit.sample(base, z, y, K, cfg_scale=1.5)
+    loss = prune.consistency_loss(dit.sample(net, z, y, K, cfg_scale=1.5), ref, "ssim")
     assert loss.item() > 0
     loss.backward()
     assert (logits.grad.abs().sum(-1) > 0).all()
@@ -910,7 +917,7 @@ def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
     ck = dit.load_checkpoint(os.path.join(out, "dipgo_r0.5.pt"), kinds=["dipgo"])
     assert ck["steps"] == 5 and ck["plan"].shape == (5, 4) and int((~ck["plan"][1:]).sum()) == 8
     model = prune.build_dipgo(ck)
-    imgs = sample.generate(model, torch.arange(3), seed=0, steps=5, cfg_scale=1.5)
+    imgs = dit.generate(model, torch.arange(3), seed=0, steps=5, cfg_scale=1.5)
     assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
     for f in ("dipgo_r0.5_plan.png", "dipgo_samples.png", "dipgo_results.json"):
         assert os.path.exists(os.path.join(out, f))
@@ -1052,7 +1059,7 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     calls = []
 
     def fake_evaluate(model, n=500, steps=50, cfg_scale=1.5, seed=0, **kw):
-        imgs = sample.generate(model, torch.arange(n) % 10, seed, steps, cfg_scale=cfg_scale)
+        imgs = dit.generate(model, torch.arange(n) % 10, seed, steps, cfg_scale=cfg_scale)
         calls.append(imgs.shape)
         return dict(metric="FD-clf", score=float(imgs.float().std()), acc=None, n=n)
     monkeypatch.setattr(fid, "evaluate", fake_evaluate)
@@ -1114,8 +1121,8 @@ def test_flop_counter_matches_analytic_matmul_count():
     torch.manual_seed(0)
     model = dit.DiT(**cfg).eval()
     x, t, y = torch.randn(1, 3, 16, 16), torch.tensor([500]), torch.tensor([3])
-    assert jetson_bench.count_flops(lambda: model(x, t, y)) == analytic_forward_flops(cfg)
-    per_img = jetson_bench.count_flops(lambda: jetson_bench.generate_once(model, x, y, 3, 1.5))
+    assert dit.count_flops(lambda: model(x, t, y)) == analytic_forward_flops(cfg)
+    per_img = dit.count_flops(lambda: dit.run_sampler(model, x, y, 3, 1.5))
     assert per_img == 3 * analytic_forward_flops(cfg, B=2)
 
 
@@ -1190,9 +1197,9 @@ def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
         want = {"dit": 3, "dipgo": 4, "dydit": 3, "student": 1}[kind]
         assert row["calls/img"] == want and row["GFLOPs/img"] > 0, (kind, row)
     if "dipgo" in paths:  # the plan skips blocks: fewer FLOPs per call than the full DiT on the same schedule
-        full = jetson_bench.count_flops(lambda: jetson_bench.generate_once(sample.load_model(tiny_teacher), *[
+        full = dit.count_flops(lambda: dit.run_sampler(sample.load_model(tiny_teacher), *[
             torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
-        plan_flops = jetson_bench.count_flops(lambda: jetson_bench.generate_once(sample.load_model(paths["dipgo"]), *[
+        plan_flops = dit.count_flops(lambda: dit.run_sampler(sample.load_model(paths["dipgo"]), *[
             torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
         assert plan_flops < full
 
