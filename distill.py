@@ -445,7 +445,13 @@ def sweep(cfg, base, device):
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = dit.parse_args(DistillConfig, argv)
+    cfg = dit.check(dit.parse_args(DistillConfig, argv),
+                    dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
+                         mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"), dtype=dit.DTYPES),
+                    positive=("depth", "width", "heads", "steps", "aux_steps", "batch_size", "lr", "pairs",
+                              "sample_steps", "bench_reps", "log_every"))
+    if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
+        sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     print(f"device {device}")

@@ -111,13 +111,26 @@ def resolve(cfg):
     """Fill the 0/-1 "use the preset's default" fields of a TrainConfig in place."""
     if cfg.preset not in PRESETS:
         sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    for k, v in PRESET_TRAIN[cfg.preset].items():
-        if getattr(cfg, k) in (0, -1):
+    for k, v in PRESET_TRAIN[cfg.preset].items():  # 0 (or -1 where 0 is a value) = the preset's default
+        if getattr(cfg, k) == (-1 if k in ("warmup", "ema_warmup") else 0):
             setattr(cfg, k, v)
     if cfg.image_size == 0:
         cfg.image_size = PRESETS[cfg.preset]["input_size"]
-    for k in ("steps", "batch_size", "log_every", "ckpt_every", "image_size"):
-        if getattr(cfg, k) <= 0:
+    return check(cfg, dict(data=("shapes", "cifar10", "imagenet64"), dtype=DTYPES),
+                 positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "image_size", "ema_decay"))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check(cfg, choices=None, positive=()):
+    """One error line (and exit) for a flag outside its choices or a count that must be positive."""
+    for k, allowed in (choices or {}).items():
+        if getattr(cfg, k) not in allowed:
+            sys.exit(f"error: --{k.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
+                     f"not {getattr(cfg, k)!r}")
+    for k in positive:
+        if not getattr(cfg, k) > 0:
             sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
     return cfg
 
@@ -353,20 +366,6 @@ class DiT(nn.Module):
             feats.append(h)
         out = self.head(h, c)
         return (out, feats) if return_features else out
-
-def forward_with_cfg(model, x, t, y, cfg_scale):
-    """Classifier-free guidance for any model with forward(x, t, y): the batch is [cond; uncond] halves
-    with the same x; eps = eps_u + s * (eps_c - eps_u) on all C_in eps channels. (The official DiT guides
-    only the first 3 channels, a quirk of its 4-channel latents; for RGB pixels that is all of them.)
-    The variance channels are taken from the conditional half."""
-    half = x[: len(x) // 2]
-    out = model(torch.cat([half, half]), t, y)
-    C = x.shape[1]
-    cond, uncond = out[: len(half), :C], out[len(half):, :C]
-    eps = uncond + cfg_scale * (cond - uncond)
-    rest = out[: len(half), C:]
-    return torch.cat([torch.cat([eps, rest], 1)] * 2)
-
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y): the batch is [cond;

@@ -199,9 +199,13 @@ class DyDiT(nn.Module):
             self.plans[t] = steps
         return self.plans[t]
 
-    def forward(self, x, t, y, complete=False, return_ratio=False):
+    def forward(self, x, t, y, complete=False, return_ratio=False, with_complete=False):
+        """with_complete: also the complete model's output on the same input, in the same call (one
+        forward per step, as DDP requires): returns (out, ratio, out_complete)."""
         if self.training or not self.sliced or complete:
             out, ratio = masked_forward(self, x, t, y, complete)
+            if with_complete:
+                return out, ratio, masked_forward(self, x, t, y, True)[0]
             return (out, ratio) if return_ratio else out
         if (t == t[0]).all():  # samplers share t across the batch
             out, ratio = sliced_forward(self, x, t, y)
@@ -346,14 +350,14 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
     i = stratified_steps(xb.shape[0], xb.device)
     noise = torch.randn_like(xb)
     xt, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
-    out, ratio = net(xt, t, yb, return_ratio=True)
+    warm = step < cfg.complete_steps and cfg.mode != "halfwidth"
+    out, ratio, *out_c = net(xt, t, yb, return_ratio=True, with_complete=warm)
     terms = diffusion.loss_from_output(out, xb, xt, i, noise)
     lam = lam_target(step, cfg)
     flops_loss = cfg.flops_weight * (ratio.mean() - lam) ** 2  # squared error of the batch mean
     loss = terms["loss"] + flops_loss
-    if step < cfg.complete_steps and cfg.mode != "halfwidth":
-        out_c = net(xt, t, yb, complete=True)
-        loss = loss + diffusion.loss_from_output(out_c, xb, xt, i, noise)["loss"]
+    if warm:  # + L_diff of the complete model on the same x_t
+        loss = loss + diffusion.loss_from_output(out_c[0], xb, xt, i, noise)["loss"]
     return dict(loss=loss, mse=terms["mse"], flops=ratio.mean().detach(), lam=torch.tensor(lam))
 
 
@@ -494,7 +498,10 @@ def direction(model):
 
 
 def main(argv=None):
-    cfg = dit.parse_args(DyConfig, argv)
+    cfg = dit.check(dit.parse_args(DyConfig, argv),
+                    dict(mode=("dydit", "tdw", "sdt", "random", "halfwidth", "static")),
+                    positive=("lam", "steps", "batch_size", "lr", "router_lr", "tau", "eval_n", "eval_steps",
+                              "bench_reps"))
     print(json.dumps(dataclasses.asdict(cfg)))
     device = dit.pick_device(cfg.device)
     teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)

@@ -542,6 +542,7 @@ def pareto_png(points, path, xlabel, size=(720, 480), m=70):
 
 def main(argv=None):
     cfg, paths = dit.parse_args(FIDConfig, argv, paths=True)
+    dit.check(cfg, dict(metric=("auto", "fid", "clf"), method=("ddim", "ddpm")), ("n", "steps", "batch_size"))
     device = dit.pick_device(cfg.device)
     if cfg.download and find_inception_weights(cfg.inception_weights) is None:
         download_inception()

@@ -268,6 +268,7 @@ def pareto_points(rows, batch):
 
 def main(argv=None):
     cfg, paths = dit.parse_args(BenchConfig, argv, paths=True)
+    dit.check(cfg, dict(dtype=dit.DTYPES), ("steps", "batch", "reps", "n", "stack_ratio", "stack_steps"))
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     if device.type == "cpu" and cfg.dtype != "float32":

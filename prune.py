@@ -935,7 +935,11 @@ def dipgo_main(cfg):
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = dit.parse_args(PruneConfig, argv)
+    cfg = dit.check(dit.parse_args(PruneConfig, argv),
+                    dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
+                         dipgo_loss=("ssim", "mse", "l1"), dtype=dit.DTYPES),
+                    positive=("batch_size", "learn_steps", "lora_rank", "calib_n", "random_masks", "recover_steps",
+                              "eval_steps", "speed_batch", "speed_steps", "dipgo_steps", "dipgo_batch", "dipgo_dim"))
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)

@@ -69,10 +69,8 @@ def load_model(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = dit.parse_args(SampleConfig, argv)
-    for k in ("n", "per_class", "steps", "batch_size"):
-        if getattr(cfg, k) <= 0:
-            sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
+    cfg = dit.check(dit.parse_args(SampleConfig, argv), dict(method=("ddim", "ddpm"), dtype=dit.DTYPES),
+                    positive=("n", "per_class", "steps", "batch_size"))
     device = dit.pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)
     dit.space_timesteps(1000, cfg.steps)  # one line for a step count outside 1..1000, before any work

@@ -5,6 +5,7 @@ import copy
 import glob
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -1212,3 +1213,204 @@ def test_stack_tinyfusion_dipgo_builds_a_plan_checkpoint(tiny_teacher, tmp_path,
     assert [k for _, k in new] == [kind]
     model = sample.load_model(new[0][0])
     assert len(model.dit.blocks) == 3 and model.steps == 3 and model.plan.shape == (3, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trust: resume, defaults and bad input (each fails on the code before its fix)
+# --------------------------------------------------------------------------------------------------
+
+def official_space_timesteps(num_timesteps, section_counts):
+    """The arithmetic of IDDPM / DiT respace.py space_timesteps, transcribed (sections of the process,
+    a fractional stride per section, the index accumulated by repeated addition and rounded)."""
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, set()
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.add(start + round(cur))
+            cur += stride
+        start += size
+    return steps
+
+
+def test_respacing_equals_the_official_rule_for_every_k_and_refuses_others():
+    for k in range(1, 1001):
+        assert set(dit.Diffusion().respace(k).timestep_map.tolist()) == official_space_timesteps(1000, [k]), k
+    for k in (0, 1001):
+        with pytest.raises(SystemExit) as e:
+            dit.Diffusion().respace(k)
+        assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+
+def test_rng_state_round_trips_every_stream():
+    """What the checkpoint stores restores the CPU stream (and the CUDA one where a GPU is present)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(3)
+    state = dit.rng_state(device)
+    a = torch.rand(5), torch.rand(5, device=device)
+    dit.set_rng_state(state, device)
+    assert torch.equal(a[0], torch.rand(5)) and torch.equal(a[1], torch.rand(5, device=device))
+    assert "cuda" in state or device.type == "cpu"
+    dit.set_rng_state(state["cpu"], device)  # files written before the CUDA state was saved
+    assert torch.equal(a[0], torch.rand(5))
+
+
+def kill_and_resume(tmp_path, make, loss_fn, data, meta, steps=6, kill_at=4):
+    """Final weights of an uninterrupted run and of one stopped by SIGTERM after kill_at steps, resumed."""
+    finals = []
+    for name, kill in (("a", None), ("b", kill_at)):
+        cfg = tiny_cfg(tmp_path / name, steps=steps, ckpt_every=100, batch_size=8)
+
+        def fn(m, xb, yb, step, kill=kill):
+            if step == kill:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_fn(m, xb, yb, step)
+        if kill:
+            with pytest.raises(SystemExit):
+                dit.train(make(), fn, data, cfg, meta, quiet=True)
+            assert dit.load_checkpoint(cfg.out)["step"] == kill + 1
+        finals.append(dit.train(make(), fn, data, cfg, meta, quiet=True)[2]["model"])
+    return finals
+
+
+def test_masked_kd_recovery_and_dydit_finetune_resume_exactly(tiny_teacher, tmp_path):
+    """The step reaches loss_fn, so Masked KD's beta decay and DyDiT's lambda ramp / complete-model
+    warm-up continue where they stopped: killed + resumed == uninterrupted, bit for bit."""
+    ck = dit.load_checkpoint(tiny_teacher)
+    teacher = dit.build_dit(ck)
+    x, y, _ = dit.load_data("shapes", image_size=16)
+    d = dit.Diffusion()
+    pcfg = prune.PruneConfig(recover="maskedkd", recover_steps=6)
+    pruned = prune.export_pruned(ck, [0, 2])
+
+    def make_student():
+        torch.manual_seed(0)
+        m = dit.build_dit(pruned).train()
+        m.y_embedder.dropout_prob = 0.0
+        return m
+    kd = lambda m, xb, yb, step: prune.recovery_loss(m, teacher, d, xb, yb, step / 6, pcfg)  # noqa: E731
+    a, b = kill_and_resume(tmp_path / "kd", make_student, kd, (x, y), {k: pruned[k] for k in ("kind", "config")})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    dcfg = dynamic.DyConfig(lam=0.5, lam_hold=1, lam_ramp=3, complete_steps=3)
+
+    def make_dydit():
+        torch.manual_seed(0)
+        return dynamic.DyDiT(dit.build_dit(ck).train(), "dydit", 0.5)
+    dy = lambda m, xb, yb, step: dynamic.dydit_loss(m, xb, yb, step, d, dcfg)  # noqa: E731
+    a, b = kill_and_resume(tmp_path / "dy", make_dydit, dy, (x, y), dict(kind="dydit", config=ck["config"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_float16_training_uses_a_grad_scaler_and_small_data_sets_repeat(tmp_path):
+    x, y, nc = dit.load_data("shapes", image_size=16)
+    xb, yb = next(dit.batches(x[:5], y[:5], 8, 0))  # fewer images than a batch (distill.py --pairs 32)
+    assert xb.shape[0] == 8 and set(yb.tolist()) <= set(y[:5].tolist())
+    cfg = tiny_cfg(tmp_path, steps=2, batch_size=4, dtype="float16")
+    ck = dit.train_base(cfg, quiet=True)
+    assert dit.load_checkpoint(cfg.out)["scaler"]["scale"] > 0 and math.isfinite(ck["metrics"]["final_loss"])
+
+
+def test_gpu_presets_use_the_papers_constant_ema_and_cpu_presets_the_warmup(tmp_path):
+    assert dit.resolve(dit.TrainConfig(preset="cifar")).ema_warmup == 0
+    assert dit.resolve(dit.TrainConfig(preset="cpu")).ema_warmup == 1
+    x, y, nc = dit.load_data("shapes", image_size=16)
+    d, emas = dit.Diffusion(), []
+    for warm in (1, 0):
+        cfg = tiny_cfg(tmp_path / str(warm), steps=1, batch_size=8, ema_decay=0.9999, ema_warmup=warm)
+        torch.manual_seed(0)
+        model = dit.DiT(**dit.dit_config(cfg, nc))
+        init = copy.deepcopy(model.state_dict())
+        _, ema, ck = dit.train(model, lambda m, xb, yb, s: d.loss(m, xb, yb), (x, y), cfg,
+                               dict(kind="dit", config=dit.dit_config(cfg, nc)), quiet=True)
+        emas.append(max((ck["ema"][k] - init[k]).abs().max().item() for k in init))
+    # constant 0.9999 moves 1e-4 of the step away from the copy; the warm-up decay 0.1 moves 0.9 of it
+    assert 0 < emas[1] < 1e-3 * emas[0]
+
+
+def test_a_model_without_a_null_class_samples_without_guidance(tmp_path, cache):
+    """--class-dropout 0: dit.py's grid (CFG 4), sample.py and fid.evaluate (CFG 1.5) run unguided."""
+    out = str(tmp_path / "nonull.pt")
+    dit.main(["--preset", "tiny", "--steps", "3", "--class-dropout", "0", "--out", out, "--device", "cpu"])
+    model = dit.build_dit(dit.load_checkpoint(out))
+    assert not model.has_null
+    a = dit.generate(model, torch.arange(4), seed=0, steps=2, cfg_scale=4.0)
+    assert torch.equal(a, dit.generate(model, torch.arange(4), seed=0, steps=2, cfg_scale=1.0))
+    sample.main(["--ckpt", out, "--steps", "2", "--per-class", "1"])
+    assert fid.evaluate(model, n=10, steps=2, cache_dir=cache, image_size=16)["n"] == 10
+
+
+def test_one_step_teacher_starts_as_the_dits_first_step():
+    """init_from gives the one-step model the DiT's eps rows of the learned-sigma output layer and
+    c0 = t_emb(999): before any training it equals the DiT's eps prediction at t = 999."""
+    torch.manual_seed(0)
+    teacher = nontrivial(dit.DiT(**TINY))
+    student = distill.OneStepDiT(**TINY)
+    distill.init_from(student, teacher, list(range(len(teacher.blocks))))
+    z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        ref = teacher(z, torch.full((3,), 999), y)[:, :3]
+        assert torch.allclose(student.eval()(z, y), ref, atol=1e-5)
+
+
+def test_dydit_slices_follow_new_weights_and_report_the_ratio(tiny_teacher):
+    ck = dit.load_checkpoint(tiny_teacher)
+    model = dynamic.DyDiT(dit.build_dit(ck), "dydit", 0.5).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.full((2,), 500), torch.tensor([1, 2])
+    with torch.no_grad():
+        model(x, t, y)  # fills the slice cache
+        other = {k: v + 0.05 * torch.randn_like(v) if v.dtype.is_floating_point else v
+                 for k, v in model.state_dict().items()}
+        model.load_state_dict(other)
+        fresh = dynamic.DyDiT(dit.DiT(**ck["config"]), "dydit", 0.5).eval()
+        fresh.load_state_dict(other)
+        assert torch.allclose(model(x, t, y), fresh(x, t, y), atol=1e-6)
+        out, ratio = model(x, t, y, return_ratio=True)
+        model.sliced = False
+        _, masked = model(x, t, y, return_ratio=True)
+    assert ratio.shape == (2,) and torch.allclose(ratio, masked, atol=1e-6)
+
+
+BAD = [("dit", ["--steps", "-1"]), ("dit", ["--data", "mnist"]), ("sample", ["--steps", "0"]),
+       ("sample", ["--steps", "1001"]), ("sample", ["--method", "euler"]), ("fid", ["--metric", "is", "a", "b"]),
+       ("distill", ["--method", "bogus"]), ("distill", ["--depth", "0"]), ("distill", ["--heads", "3"]),
+       ("prune", ["--method", "bogus"]), ("prune", ["--pattern", "5:2"]), ("prune", ["--recover", "x"]),
+       ("dynamic", ["--mode", "wide"]), ("dynamic", ["--lam", "0"]), ("jetson_bench", ["--reps", "0"]),
+       ("sample", ["--no-such-flag", "1"])]
+
+
+@pytest.mark.parametrize("script,args", BAD, ids=[f"{s} {' '.join(a)}" for s, a in BAD])
+def test_every_script_refuses_bad_flags_in_one_line(tiny_teacher, tmp_path, script, args):
+    """Exit != 0 with one 'error: ...' line and no traceback; nothing written under --out."""
+    extra = {"dit": ["--out", str(tmp_path / "x.pt")], "sample": ["--ckpt", tiny_teacher],
+             "distill": ["--teacher", tiny_teacher, "--out", str(tmp_path)],
+             "prune": ["--teacher", tiny_teacher, "--out", str(tmp_path), "--eval-n", "0", "--recover-steps", "1",
+                       "--learn-steps", "1"],
+             "dynamic": ["--teacher", tiny_teacher, "--out", str(tmp_path / "d.pt")],
+             "jetson_bench": [tiny_teacher, "--out", str(tmp_path)], "fid": []}[script]
+    r = run([script + ".py"] + args + extra)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr and lines[-1].startswith("error:"), r.stderr[-600:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".pt")]
+
+
+def test_torchrun_unused_parameters_and_a_new_world_size(tmp_path, tiny_teacher):
+    """Under torchrun (2 CPU processes): MI1 (stage A leaves the down/up projections of other stages
+    unused) and a DyDiT ablation mode train; a 2-process dit.py checkpoint resumes in one process."""
+    common = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    r = run(common + ["distill.py", "--method", "mi1", "--teacher", tiny_teacher, "--out", str(tmp_path / "d"),
+                      "--width", "32", "--steps", "4", "--aux-steps", "2", "--pairs", "16", "--batch-size", "8",
+                      "--sample-steps", "2", "--eval-n", "0", "--bench-reps", "1", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(common + ["dynamic.py", "--mode", "tdw", "--teacher", tiny_teacher, "--out", str(tmp_path / "dy.pt"),
+                      "--steps", "2", "--batch-size", "8", "--eval-n", "2", "--eval-steps", "2",
+                      "--bench-batches", "1", "--bench-reps", "1", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert dit.load_checkpoint(str(tmp_path / "dy.pt"))["step"] == 2
+    out = str(tmp_path / "w.pt")
+    r = run(common + ["dit.py", "--preset", "tiny", "--steps", "2", "--out", out, "--device", "cpu"])
+    assert r.returncode == 0 and len(dit.load_checkpoint(out)["rng"]) == 2, r.stderr[-2000:]
+    r = run(["dit.py", "--preset", "tiny", "--steps", "4", "--out", out, "--device", "cpu"])
+    assert r.returncode == 0 and "new noise" in r.stdout and dit.load_checkpoint(out)["step"] == 4
