@@ -702,16 +702,18 @@ def load_cifar10(data_dir, train=True):
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def load_imagenet64(data_dir, train=True):
+def load_imagenet64(data_dir, train=True, rank=0, world=1):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): npz files with `data` uint8 (N, 12288),
     channel-major, and `labels` 1..1000. One uint8 tensor is preallocated from the label counts and
-    filled file by file, so the peak is the data set plus one file (not twice the data set)."""
+    filled file by file, so the peak is the data set plus one file (not twice the data set); under
+    torchrun each rank reads only its files (rank, rank + world, ...)."""
     prefix = "train_data_batch_" if train else "val_data"
     files = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".npz")) \
         if os.path.isdir(data_dir) else []
     if not files:
         sys.exit(f"error: no {prefix}*.npz in {data_dir}; get Imagenet64_train_npz from image-net.org "
                  "(downsampled variants) and unpack it there")
+    files = files[rank::world]
     ys = [np.load(os.path.join(data_dir, f))["labels"].astype(np.int64) - 1 for f in files]
     x, k = torch.empty(sum(len(y) for y in ys), 3, 64, 64, dtype=torch.uint8), 0
     for f, y in zip(files, ys):
@@ -720,14 +722,15 @@ def load_imagenet64(data_dir, train=True):
     return x, torch.from_numpy(np.concatenate(ys))
 
 
-def load_data(name="shapes", data_dir="data", image_size=32, train=True):
-    """(images uint8 (N, 3, S, S), labels int64 (N,), num_classes). Resized (area) to image_size."""
+def load_data(name="shapes", data_dir="data", image_size=32, train=True, shard=(0, 1)):
+    """(images uint8 (N, 3, S, S), labels int64 (N,), num_classes). Resized (area) to image_size.
+    shard = (rank, world): imagenet64 loads only that rank's files; the small sets load whole."""
     if name == "shapes":
         x, y = make_shapes(seed=0 if train else 1, n_per_class=1000 if train else 200)
     elif name == "cifar10":
         x, y = load_cifar10(data_dir, train)
     elif name == "imagenet64":
-        x, y = load_imagenet64(data_dir, train)
+        x, y = load_imagenet64(data_dir, train, *shard)
     else:
         sys.exit(f"error: unknown --data {name!r}; choose shapes, cifar10 or imagenet64")
     if x.shape[-1] != image_size:
@@ -864,14 +867,15 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False):
+def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False):
     """The one training loop. loss_fn(model, xb, yb, step) -> dict with 'loss' (a scalar tensor) and other
     scalar terms to log; `step` (0-based) lets a schedule resume exactly. `data` = (images uint8, labels);
     `meta` = the checkpoint's 'kind' and 'config' (+ anything else to save). AdamW + warm-up (+ cosine),
     EMA, grad clipping, autocast (+ GradScaler for float16), torch.compile, DDP under torchrun (gloo / nccl;
     stop and NaN decisions are collective), a log line + JSON lines, atomic checkpoints every ckpt_every
     steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes exactly (model, EMA,
-    optimizer, scaler, step, every RNG, data order). Returns (model, ema, ckpt dict)."""
+    optimizer, scaler, step, every RNG, data order). sharded: each rank holds only its own part of the
+    data and draws batch_size / world from it. Returns (model, ema, ckpt dict)."""
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world, device = 0, 1, pick_device(cfg.device)
     if ddp:
@@ -919,7 +923,9 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
     images, labels = data
-    it = batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=cfg.data != "shapes")
+    flip = cfg.data != "shapes"
+    it = (batches(images, labels, cfg.batch_size // world, cfg.seed + 1000 * rank, step, flip=flip) if sharded
+          else batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=flip))
     stop = {"sig": 0}
     on_signal = lambda sig, _: stop.update(sig=sig)  # noqa: E731
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1007,13 +1013,15 @@ def train_base(cfg, quiet=False):
     """Train (or resume, or just load) the base DiT: the teacher every other script starts from.
     Returns the checkpoint dict; its EMA weights are the model to use."""
     resolve(cfg)
-    x, y, nc = load_data(cfg.data, cfg.data_dir, cfg.image_size)
+    shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))) if cfg.data == "imagenet64" \
+        else (0, 1)
+    x, y, nc = load_data(cfg.data, cfg.data_dir, cfg.image_size, shard=shard)
     diffusion = Diffusion()
     torch.manual_seed(cfg.seed)
     model = DiT(**dit_config(cfg, nc))
     meta = dict(kind="dit", config=dit_config(cfg, nc))
     loss_fn = lambda m, xb, yb, step: diffusion.loss(m, xb, yb)  # noqa: E731
-    return train(model, loss_fn, (x, y), cfg, meta, quiet=quiet)[2]
+    return train(model, loss_fn, (x, y), cfg, meta, quiet=quiet, sharded=shard[1] > 1)[2]
 
 
 def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto", seed=0):

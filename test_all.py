@@ -306,6 +306,25 @@ def test_imagenet64_loader_reads_a_generated_npz(tmp_path):
     assert torch.equal(x[1, 2], torch.from_numpy(data[1, 2 * 4096:3 * 4096].reshape(64, 64)))
 
 
+def test_imagenet64_loads_with_one_copy_and_each_rank_reads_its_files(tmp_path):
+    """10 generated files: the peak RSS of loading grows by the data set plus about one file (the old
+    list + concatenate doubled it), and rank r of w reads files r, r + w, ... only."""
+    rng, n, f = np.random.default_rng(0), 0, 10
+    for k in range(f):
+        np.savez(tmp_path / f"train_data_batch_{k + 1}.npz", data=rng.integers(0, 256, (1000, 12288), dtype=np.uint8),
+                 labels=np.full(1000, k + 1))
+    code = ("import sys, dit\n"  # VmHWM = peak RSS; writing 5 to clear_refs resets it (Linux)
+            "kb = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1])\n"
+            "open('/proc/self/clear_refs', 'w').write('5')\nbefore = kb('VmRSS')\n"
+            "x, y = dit.load_imagenet64(sys.argv[1])\nprint((kb('VmHWM') - before) * 1024 / x.numel())")
+    r = run(["-c", code, str(tmp_path)])
+    ratio = float(r.stdout.split()[-1])
+    print(f"imagenet64 loader: peak RSS growth = {ratio:.2f} x the data set ({f} files x 1000 images)")
+    assert ratio < 1 + 1.5 / f, ratio
+    shards = [set(dit.load_imagenet64(str(tmp_path), rank=r, world=3)[1].tolist()) for r in range(3)]
+    assert [len(v) for v in shards] == [4, 3, 3] and set.union(*shards) == set(range(f))  # each file once
+
+
 def test_missing_data_gives_one_clear_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         dit.load_data("imagenet64", str(tmp_path / "nowhere"), 64)
