@@ -432,26 +432,26 @@ def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=
     return dict(metric=scorer["metric"], score=score, acc=acc, n=n)
 
 
-def load_images(spec, data, data_dir, image_size, seed):
+def load_images(source, data, data_dir, image_size, seed):
     """uint8 (N, 3, H, W) from a folder of images, an .npz with arr_0 (N, H, W, 3) uint8, or
     `data:SPLIT[:N]` (the --data set's train/test split, N random images of it)."""
-    if spec.startswith("data:"):
-        parts = spec.split(":")
+    if source.startswith("data:"):
+        parts = source.split(":")
         size = image_size or (64 if data == "imagenet64" else 32)
         x, _, _ = dit.load_data(data, data_dir, size, train=parts[1] == "train")
         if len(parts) > 2:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(parts[2])]]
         return x
-    if os.path.isdir(spec):
+    if os.path.isdir(source):
         from PIL import Image
-        files = sorted(f for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS))
         if not files:
-            sys.exit(f"error: no images in {spec}")
-        arr = np.stack([np.asarray(Image.open(os.path.join(spec, f)).convert("RGB")) for f in files])
-    elif spec.endswith(".npz"):
-        arr = np.load(spec)["arr_0"]
+            sys.exit(f"error: no images in {source}")
+        arr = np.stack([np.asarray(Image.open(os.path.join(source, f)).convert("RGB")) for f in files])
+    elif source.endswith(".npz"):
+        arr = np.load(source)["arr_0"]
     else:
-        sys.exit(f"error: {spec} is not a folder, an .npz or data:SPLIT")
+        sys.exit(f"error: {source} is not a folder, an .npz or data:SPLIT")
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
 
