@@ -899,8 +899,9 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     if os.path.exists(cfg.out):  # resume
         ck = load_checkpoint(cfg.out, kinds=[meta["kind"]])
-        if ck["config"] != meta["config"]:
-            sys.exit(f"error: {cfg.out} was trained with another model config; use another --out")
+        if ck["config"] != meta["config"] or ck.get("key", meta.get("key")) != meta.get("key"):
+            sys.exit(f"error: {cfg.out} was made with other settings (model config or settings key); "
+                     "use another --out")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -914,7 +915,8 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             torch.manual_seed(cfg.seed + rank + 1000003 * step)
         if step >= cfg.steps:
             if rank == 0 and not quiet:
-                print(f"reusing {cfg.out}: already trained {step} steps with the settings its name encodes")
+                same = "settings (its key)" if meta.get("key") else "model config"
+                print(f"reusing {cfg.out}: finished ({step} steps) with the same {same}")
             return model.eval(), ema, ck
         if rank == 0 and not quiet:
             print(f"resuming {cfg.out} at step {step}")

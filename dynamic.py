@@ -366,10 +366,13 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
               "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
 
 
+def settings_key(cfg, teacher):
+    """Hash of the teacher's weights and every TRAIN_KEYS setting: a checkpoint is reused only when equal."""
+    return dit.settings_tag(dict({k: getattr(cfg, k) for k in TRAIN_KEYS}, teacher=dit.weights_tag(teacher["ema"])))
+
+
 def default_out(prefix, cfg, teacher):
-    """<prefix>_<mode>_<lambda>_<hash of the teacher and every TRAIN_KEYS setting>.pt: reused only when equal."""
-    tag = dit.settings_tag(dict({k: getattr(cfg, k) for k in TRAIN_KEYS}, teacher=dit.weights_tag(teacher["ema"])))
-    return f"{prefix}_{cfg.mode}_{cfg.lam}_{tag}.pt"
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{settings_key(cfg, teacher)}.pt"
 
 
 def finetune(cfg, teacher, quiet=False):
@@ -386,12 +389,14 @@ def finetune(cfg, teacher, quiet=False):
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         loss = lambda m, xb, yb, step: diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))  # noqa
-        return dit.train(net, loss, (x, y), tc, dict(kind="dit", config=teacher["config"]), quiet=quiet)[2]
+        meta = dict(kind="dit", config=teacher["config"], key=settings_key(cfg, teacher))
+        return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_, the first H/2 heads / groups are the largest
         model.fixed[:, :, net.num_heads // 2:] = 0
     groups = [dict(params=list(net.parameters())), dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
-    meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau)
+    meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
+                key=settings_key(cfg, teacher))
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True)

@@ -2,6 +2,7 @@
 test_all.py: fast CPU tests of tinydit, each asserting a property of a method (python -m pytest -q test_all.py).
 """
 import copy
+import dataclasses
 import glob
 import io
 import json
@@ -1468,3 +1469,17 @@ def test_no_script_or_readme_cites_our_working_notes():
         text = open(os.path.join(HERE, name)).read()
         hits = re.findall(r"\bspecs?\b[ (§]*[0-9§]|\(spec\b|shared/specs|\bthe spec\b", text, re.I)
         assert not hits, (name, hits[:5])
+
+
+def test_a_finished_dydit_checkpoint_is_reused_only_with_equal_settings(tiny_teacher, tmp_path):
+    ck = dit.load_checkpoint(tiny_teacher)
+    cfg = dynamic.DyConfig(out=str(tmp_path / "dy.pt"), steps=2, batch_size=8, lam_hold=0, lam_ramp=1)
+    first = dynamic.finetune(cfg, ck, quiet=True)
+    assert torch.equal(dynamic.finetune(cfg, ck, quiet=True)["ema"]["routers.attn.0.bias"],
+                       first["ema"]["routers.attn.0.bias"])  # the same settings: reused
+    with pytest.raises(SystemExit) as e:  # another lambda with the same --out: refused, nothing overwritten
+        dynamic.finetune(dataclasses.replace(cfg, lam=0.3), ck, quiet=True)
+    assert "other settings" in str(e.value) and dit.load_checkpoint(cfg.out)["lam"] == 0.5
+    # without --out the name carries the settings hash: a changed setting is a new file
+    a = dynamic.default_out(str(tmp_path / "p"), cfg, ck)
+    assert a != dynamic.default_out(str(tmp_path / "p"), dataclasses.replace(cfg, router_lr=0.1), ck)
