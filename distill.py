@@ -35,7 +35,7 @@ the same up-projector W_j that stage B (end to end, output + uniform feature KD)
 base DiT fine-tuned on the pairs with the timestep embedding frozen to a learned constant c0 = t_emb(999).
 
 Run:
-    python distill.py --method ta                     # ~4 min teacher (if absent) + 5.2 min measured, 2 CPU cores
+    python distill.py --method ta                     # from the shipped base, <= 5 min on 2 CPU cores
     python distill.py --method mi1 --depth 2 --width 96 --heads 2
     python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
     python distill.py --method ta --ta mid            # classic TAKD (intermediate-size assistant)
@@ -87,7 +87,7 @@ class DistillConfig:
     eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
     bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
-    teacher: str = "out/dit.pt"  # base DiT checkpoint (trained first, ~4 min, when absent)
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"       # where cifar10 lives
     out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
@@ -102,8 +102,9 @@ class DistillConfig:
 # --------------------------------------------------------------------------------------------------
 
 class OneStepDiT(nn.Module):
-    """One-step generator x = G(z, y) (GET, arXiv 2312.04453): a DiT with no timestep input. The conditioning is
-    c = c0 + y_emb with a learned constant c0; no label dropout (the pairs already carry the teacher's CFG)."""
+    """One-step generator x = G(z, y) (GET, arXiv 2312.04453): a DiT with no timestep input. The
+    conditioning is c = c0 + y_emb with a learned constant c0; no label dropout (the pairs already carry
+    the teacher's CFG)."""
 
     def __init__(self, **config):  # dit.DiT keyword arguments
         super().__init__()
@@ -155,7 +156,7 @@ def block_map(n_student, n_teacher, how="uniform"):
 
 
 def mi1_groups(n_student, n_teacher):
-    """MI1 block groups [inferred reading of the abstract]: student block j reproduces teacher layers (a_j, b_j],
+    """MI1 block groups [inferred from the abstract]: student block j reproduces teacher layers (a_j, b_j],
     i.e. it maps h_T,a_j to h_T,b_j, with b_j = the uniform m(j) and a_j = b_(j-1) (a_1 = 0)."""
     ends = [m for _, m in block_map(n_student, n_teacher)]
     return list(zip([0] + ends[:-1], ends))
@@ -186,7 +187,8 @@ def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_we
         loss = terms["out"]
     if t_feats is not None and pairs:
         norm = lambda h: F.layer_norm(h, h.shape[-1:])  # (B, T, D_T), no affine
-        terms["feat"] = sum(F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs)) / len(pairs)
+        mse = [F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs)]
+        terms["feat"] = sum(mse) / len(pairs)
         loss = loss + feat_weight * terms["feat"]
     terms["loss"] = loss
     return terms
@@ -329,11 +331,13 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
-        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n, batch_size=cfg.batch_size,
+        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n,
+                               batch_size=cfg.batch_size,
                                lr=cfg.lr, warmup=20, ema_decay=cfg.ema_decay, log_every=cfg.log_every,
                                ckpt_every=10 ** 9, seed=cfg.seed + k, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, {shape[0]} blocks, width {shape[1]}, {shape[2]} heads, "
-              f"teacher {getattr(teacher, 'name', None)}, mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
+              f"teacher {getattr(teacher, 'name', None)}, mapping {pairs}"
+              f"{' (MI1 block-local)' if net.groups else ''}")
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
@@ -361,12 +365,13 @@ def run_method(cfg, base, shape):
         return stages
     big = T
     if onestep:
-        big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)), steps=cfg.aux_steps)
+        big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)),
+                    steps=cfg.aux_steps)
     if cfg.method == "fkd":
         stage("student", shape, big, cfg.mapping)
     elif cfg.method == "mi1":
         stage("student", shape, big, "uniform", mi1=True)
-    elif cfg.ta == "hop":  # hop 1: depth L_T -> L_S at width D_T (init from blocks m(i)); hop 2: width D_T -> D_S
+    elif cfg.ta == "hop":  # hop 1: depth L_T -> L_S at width D_T (blocks m(i)); hop 2: width D_T -> D_S
         keep = [j - 1 for _, j in block_map(shape[0], L_T)]
         ta = stage("ta", (shape[0], D_T, H_T), big, "uniform", init=big, keep=keep, steps=cfg.aux_steps)
         stage("student", shape, ta, "first")
@@ -398,7 +403,8 @@ def measure(cfg, entries, device):
         fwd = (lambda z: model(z, y1)) if one else (lambda z: model(z, y1, y1))
         gflops = dit.count_flops(fwd, torch.zeros(1, model.in_channels, S, S, device=device)) / 1e9 * nfe
         L, D, H = shape_of(model)
-        row = {"model": name, "L x D x heads": f"{L} x {D} x {H}", "params": f"{dit.param_count(model) / 1e6:.3f}M",
+        row = {"model": name, "L x D x heads": f"{L} x {D} x {H}",
+               "params": f"{dit.param_count(model) / 1e6:.3f}M",
                "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}",
                **{f"ms/img b{B}": f"{1000 * statistics.median(t[name]) / B:.2f}" for B, t in ms.items()},
                "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
@@ -447,7 +453,8 @@ def sweep(cfg, base, device):
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
                     dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
-                         mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"), dtype=dit.DTYPES),
+                         mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"),
+                         dtype=dit.DTYPES),
                     positive=("depth", "width", "heads", "steps", "aux_steps", "batch_size", "lr", "pairs",
                               "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
@@ -464,7 +471,7 @@ def main(argv=None):
         name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.seed + 1}.pt"
         path = os.path.join(cfg.out, name)
         p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1, path)
-        base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=os.path.basename(path),
+        base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
                     data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
     elif cfg.setup == "multistep":
         x, y, _ = dit.load_data(cfg.data, cfg.data_dir, T.input_size)

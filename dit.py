@@ -105,6 +105,7 @@ class TrainConfig:
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False        # torch.compile the model
     bench: bool = False          # only run the speed benchmark and exit
+    ship: str = ""               # after training, also write the EMA weights alone, in float16, to this path
 
 
 def resolve(cfg):
@@ -806,6 +807,14 @@ def settings_tag(settings):
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def ship_weights(ck, path):
+    """The shipped form of a trained base: kind, config, the EMA weights in float16 (half the size; build_dit
+    casts them back to float32) and how they were made; no optimizer, no RNG."""
+    ema = {k: v.half() for k, v in ck["ema"].items()}
+    save_checkpoint(dict(kind=ck["kind"], config=ck["config"], ema=ema, step=ck["step"],
+                         train_config=ck.get("train_config"), metrics=ck.get("metrics")), path)
+
+
 def build_dit(ckpt, ema=True):
     """A plain DiT from a checkpoint dict, EMA weights by default (fp16 files are cast), in eval mode."""
     model = DiT(**ckpt["config"])
@@ -1015,8 +1024,9 @@ def train_base(cfg, quiet=False):
     """Train (or resume, or just load) the base DiT: the teacher every other script starts from.
     Returns the checkpoint dict; its EMA weights are the model to use."""
     resolve(cfg)
-    shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))) if cfg.data == "imagenet64" \
-        else (0, 1)
+    shard = (0, 1)
+    if cfg.data == "imagenet64":  # each rank reads only its own files
+        shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     x, y, nc = load_data(cfg.data, cfg.data_dir, cfg.image_size, shard=shard)
     diffusion = Diffusion()
     torch.manual_seed(cfg.seed)
@@ -1136,6 +1146,9 @@ def main(argv=None):
     ck = train_base(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return dist.destroy_process_group()
+    if cfg.ship:
+        ship_weights(dict(load_checkpoint(cfg.out), metrics=ck.get("metrics")), cfg.ship)
+        print(f"wrote the EMA weights (float16) to {cfg.ship}")
     device = pick_device(cfg.device)
     model = build_dit(ck).to(device)
     grid = os.path.splitext(cfg.out)[0] + "_grid.png"

@@ -58,9 +58,9 @@ from dit import modulate
 
 @dataclass
 class DyConfig:
-    teacher: str = "out/dit.pt"   # base DiT checkpoint (trained with dit.py's defaults if absent)
-    out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>.pt); --sweep: prefix of <out>_<mode>_<lam>.pt
-    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (plain fine-tune)
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
+    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
     lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
     sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
     variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
@@ -72,7 +72,7 @@ class DyConfig:
     lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
     lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
     complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
-    flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], see the docstring)
+    flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], docstring)
     tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
     reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
     eval_n: int = 500             # images per quality score (fid.evaluate)
@@ -91,7 +91,8 @@ class DyConfig:
 
 
 def block_macs(block, T):
-    """Static MACs of one block, DyDiT Sec. 3.3 (code loss.py): attention 4*N*D^2 + 2*N^2*D, MLP 2*N*D*hidden."""
+    """Static MACs of one block, DyDiT Sec. 3.3 (code loss.py): attention 4 N D^2 + 2 N^2 D, MLP
+    2 N D hidden."""
     D, hidden = block.attn.qkv.in_features, block.mlp.fc1.out_features
     return 4 * T * D * D + 2 * T * T * D, 2 * T * D * hidden
 
@@ -192,7 +193,8 @@ class DyDiT(nn.Module):
             steps = []
             for l, block in enumerate(self.dit.blocks):
                 hm, gm = self.width_masks(l, e, torch.Generator().manual_seed(1000 * t + l))
-                key = (l, tuple(hm[0].nonzero().flatten().tolist()), tuple(gm[0].nonzero().flatten().tolist()))
+                on = lambda m: tuple(m[0].nonzero().flatten().tolist())  # noqa: E731
+                key = (l, on(hm), on(gm))
                 if key not in self.weights:
                     self.weights[key] = slice_block(block, key[1], key[2], self.dit.num_heads)
                 steps.append(self.weights[key])
@@ -240,7 +242,8 @@ def masked_forward(model, x, t, y, complete=False):
         tm = None if complete else model.token_mask(l, h)  # (B, T), on the state after the attention residual
         z = block.mlp.fc1(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))  # (B, T, hidden)
         if gm is not None:
-            z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]  # group g = channels [g G, (g+1) G)
+            # group g = channels [g G, (g+1) G)
+            z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]
         z = mod.gate_mlp.unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
         h = h + (z if tm is None else tm.unsqueeze(-1) * z)
         fa, fm = block_macs(block, T)
@@ -282,11 +285,14 @@ def sliced_forward(model, x, t, y):
         mod = block.modulation(c)
         a = modulate(block.norm1(h), mod.shift_msa, mod.scale_msa)
         qkv = F.linear(a, w["qkv_w"], w["qkv_b"]).reshape(B, T, 3, w["k"], D // H).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, T, -1)  # (B, T, k hd)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2)
+        o = o.reshape(B, T, -1)  # (B, T, k hd)
         h = h + mod.gate_msa.unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
-        tm = model.token_mask(l, h, torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None)
-        mlp = lambda v: F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"),  # noqa: E731
-                                 w["fc2_w"], block.mlp.fc2.bias)
+        gen = torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None
+        tm = model.token_mask(l, h, gen)
+        def mlp(v, w=w, block=block):  # the sliced MLP
+            return F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"), w["fc2_w"],
+                            block.mlp.fc2.bias)
         if tm is not None:
             keeps.append(tm.bool().cpu())
         if tm is None or bool(tm.all()):  # every token runs the MLP: the dense path, no gather / scatter
@@ -315,7 +321,8 @@ def reorder_(net):
     for block in net.blocks:
         D, H = block.attn.qkv.in_features, net.num_heads
         qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
-        hs = qkv.weight.view(3, H, D // H, D).abs().sum((0, 2, 3)) + proj.weight.view(D, H, D // H).abs().sum((0, 2))
+        hs = (qkv.weight.view(3, H, D // H, D).abs().sum((0, 2, 3))
+              + proj.weight.view(D, H, D // H).abs().sum((0, 2)))
         hp = hs.argsort(descending=True)
         qkv.weight.copy_(qkv.weight.view(3, H, D // H, D)[:, hp].reshape(3 * D, D))
         qkv.bias.copy_(qkv.bias.view(3, H, D // H)[:, hp].reshape(-1))
@@ -332,7 +339,7 @@ def reorder_(net):
 
 
 def stratified_steps(B, device, num_steps=1000, bins=4):
-    """Diffusion steps for a batch: sample b draws from bin (b mod 4) of [0, 1000) (DyDiT code, --t_sample)."""
+    """Diffusion steps for a batch: sample b draws from bin (b mod 4) of [0, 1000) (DyDiT code)."""
     width = num_steps // bins
     return (torch.arange(B) % bins * width + torch.randint(0, width, (B,))).to(device)
 
@@ -368,7 +375,8 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 
 def settings_key(cfg, teacher):
     """Hash of the teacher's weights and every TRAIN_KEYS setting: a checkpoint is reused only when equal."""
-    return dit.settings_tag(dict({k: getattr(cfg, k) for k in TRAIN_KEYS}, teacher=dit.weights_tag(teacher["ema"])))
+    settings = {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    return dit.settings_tag(dict(settings, teacher=dit.weights_tag(teacher["ema"])))
 
 
 def default_out(prefix, cfg, teacher):
@@ -384,17 +392,20 @@ def finetune(cfg, teacher, quiet=False):
     net = dit.build_dit(teacher).train()
     if cfg.reorder or cfg.mode == "halfwidth":
         reorder_(net)
-    tc = dit.TrainConfig(data=cfg.data, data_dir=cfg.data_dir, out=out, steps=cfg.steps, batch_size=cfg.batch_size,
+    tc = dit.TrainConfig(data=cfg.data, data_dir=cfg.data_dir, out=out, steps=cfg.steps,
+                         batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=0, ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
-        loss = lambda m, xb, yb, step: diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))  # noqa
+        def loss(m, xb, yb, step):
+            return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
         meta = dict(kind="dit", config=teacher["config"], key=settings_key(cfg, teacher))
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
-    if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_, the first H/2 heads / groups are the largest
+    if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
-    groups = [dict(params=list(net.parameters())), dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
+    groups = [dict(params=list(net.parameters())),
+              dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
                 key=settings_key(cfg, teacher))
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
@@ -425,7 +436,8 @@ def time_sampling(models, batch, steps, reps, cfg_scale):
 def width_profile(model, ts):
     """(2, L, len(ts)): active fraction of heads [0] and MLP groups [1] per block at each timestep t."""
     H = model.dit.num_heads
-    return torch.tensor([[[w[k] / H for w in model.plan(int(t))] for t in ts] for k in ("k", "g")]).transpose(1, 2)
+    prof = [[[w[k] / H for w in model.plan(int(t))] for t in ts] for k in ("k", "g")]  # (2, T, L)
+    return torch.tensor(prof).transpose(1, 2)
 
 
 def save_pictures(model, prefix, cfg, n=4, cols=5):
@@ -461,7 +473,8 @@ def sliced_vs_masked(model, batch=16, seed=0):
     dev, worst = model.fixed.device, 0.0
     for tv in (999, 500, 100):
         x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(dev)
-        t, y = torch.full((batch,), tv, device=dev), torch.randint(0, model.num_classes, (batch,), generator=g).to(dev)
+        t = torch.full((batch,), tv, device=dev)
+        y = torch.randint(0, model.num_classes, (batch,), generator=g).to(dev)
         model.sliced = False
         ref = model(x, t, y)
         model.sliced = True
@@ -509,7 +522,8 @@ def main(argv=None):
                               "bench_reps"))
     print(json.dumps(dataclasses.asdict(cfg)))
     device = dit.pick_device(cfg.device)
-    teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
+    teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device,
+                              seed=cfg.seed)
     runs = [(m, float(v)) for m, v in (r.split(":") for r in cfg.variants.split(","))] if cfg.sweep \
         else [(cfg.mode, cfg.lam)]
     base = dit.build_dit(teacher).to(device)
@@ -533,8 +547,9 @@ def main(argv=None):
             pictures += save_pictures(model, os.path.splitext(out)[0], cfg)
             dirs[f"{mode} {lam}"] = direction(model)
         print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
-        print(f"{cfg.steps} fine-tuning steps per variant; quality: fid.evaluate n={cfg.eval_n}, {cfg.eval_steps} "
-              f"DDIM steps, cfg {cfg.cfg_scale}; speed: the same sampling, vs the first static row\n"
+        print(f"{cfg.steps} fine-tuning steps per variant; quality: fid.evaluate n={cfg.eval_n}, "
+              f"{cfg.eval_steps} DDIM steps, cfg {cfg.cfg_scale}; speed: the same sampling, vs the first "
+              "static row\n"
               + dit.markdown_table(rows))
         print("active width, t in [750,1000) minus t in [0,250) (heads, groups): " + json.dumps(dirs))
         print("pictures: " + ", ".join(pictures))

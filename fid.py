@@ -8,11 +8,11 @@ distance between the two Gaussians. The network is the Inception-v3 graph of 201
 arXiv 1512.00567) as ported by pytorch-fid (mseitzer/pytorch-fid), whose numbers the literature quotes.
 
     paper / reference -> here
-    FID, Heusel et al. Eq. 6                          -> frechet_distance (scipy sqrtm, eps offset, imag check)
+    FID, Heusel et al. Eq. 6                          -> frechet_distance (scipy sqrtm, eps, imag check)
     Gaussian fit of the 2048-d pool3 features         -> gaussian_stats (float64)
-    Inception-v3 "FID" variant (pytorch-fid)          -> FIDInception (Mixed_5b..7c pooling quirks, 1008-way fc)
-    pytorch-fid preprocessing                         -> inception_preprocess (bilinear 299, align_corners=False, [-1, 1])
-    offline metric (ours, [inferred] design)          -> Classifier, train_classifier -> "FD-clf" + class accuracy
+    Inception-v3 "FID" variant (pytorch-fid)          -> FIDInception (Mixed_5b..7c pooling, 1008-way fc)
+    pytorch-fid preprocessing                         -> inception_preprocess (bilinear 299, [-1, 1])
+    offline metric (ours, [inferred] design)          -> Classifier, train_classifier: FD-clf, class acc
     the API every script scores its variants with     -> evaluate()
 
 Which metric: "FID" when the Inception weights file is found (--inception-weights PATH, $TINYDIT_INCEPTION,
@@ -25,7 +25,7 @@ This file is also the measuring floor below the method scripts: the one interlea
 (time_sampling), the heat-map picture (heatmap_png) and the quality-vs-latency Pareto plot (pareto_png).
 
 Run:
-    python fid.py --ckpt out/dit.pt              # 500 samples (50 DDIM, CFG 1.5) vs the train split (kind dit)
+    python fid.py --ckpt out/dit.pt              # 500 samples (50 DDIM, CFG 1.5) vs the train split
     python sample.py --ckpt ANY.pt --fid         # the same score for a checkpoint of any kind
     python fid.py data:test:500 data:train       # the real-data floor: 500 test images vs train
     python fid.py samples.npz ref_folder/        # folders of images | .npz (arr_0 uint8 NHWC) | stats .npz
@@ -66,11 +66,11 @@ class FIDConfig:
     save_stats: bool = False      # `fid.py --save-stats A out.npz`: write A's (mu, sigma) to out.npz
     download: bool = False        # fetch the Inception weights into ~/.cache/tinydit (sha256-checked) first
     metric: str = "auto"          # auto (FID when the weights are found, else FD-clf) | fid | clf
-    inception_weights: str = ""   # path of pt_inception-2015-12-05-6726825d.pth ("" = $TINYDIT_INCEPTION, cache)
+    inception_weights: str = ""   # pt_inception-2015-12-05-6726825d.pth ("" = $TINYDIT_INCEPTION, cache)
     data: str = ""                # data set of the reference / classifier; "" = the checkpoint's, else shapes
     data_dir: str = "data"        # where cifar10 / imagenet64 live
     image_size: int = 0           # classifier resolution; 0 = the model's (or the first input's)
-    cache_dir: str = ""           # classifier + reference stats cache; "" = $TINYDIT_FID_CACHE or out/fid_cache
+    cache_dir: str = ""           # classifier + reference stats; "" = $TINYDIT_FID_CACHE or out/fid_cache
     n: int = 500                  # samples generated for --ckpt (labels cycle through the classes)
     steps: int = 50               # sampling steps for --ckpt
     method: str = "ddim"          # ddim | ddpm
@@ -229,7 +229,8 @@ class FIDInception(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c = InceptionA(192, 32), InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
@@ -338,7 +339,8 @@ def extract(net, images, batch_size=100, device="cpu", verbose=False):
         out.append(net(images[k:k + batch_size].to(device)).double().cpu())
     feats = torch.cat(out).numpy()
     if verbose:
-        print(f"fid: {len(feats)} x {feats.shape[1]}-d features at {len(feats) / (time.perf_counter() - t0):.0f} images/s")
+        rate = len(feats) / (time.perf_counter() - t0)
+        print(f"fid: {len(feats)} x {feats.shape[1]}-d features at {rate:.0f} images/s")
     return feats
 
 
@@ -356,7 +358,8 @@ def get_scorer(metric="auto", data="shapes", data_dir="data", image_size=32, dev
     images -> features), clf (FD-clf: the classifier, whose .fc turns features into logits), ref (the
     cache file of the reference statistics)). Trains and caches the FD-clf classifier on first use."""
     cache_dir = cache_dir or os.environ.get("TINYDIT_FID_CACHE", os.path.join("out", "fid_cache"))
-    tag = f"{data}-{image_size}" if data == "shapes" else f"{data}-{os.path.basename(os.path.normpath(data_dir))}-{image_size}"
+    folder = os.path.basename(os.path.normpath(data_dir))
+    tag = f"{data}-{image_size}" if data == "shapes" else f"{data}-{folder}-{image_size}"
     weights = find_inception_weights(inception_weights) if metric in ("auto", "fid") else None
     if metric == "fid" and weights is None:  # asked for FID explicitly: fetch the weights (online machines)
         weights = download_inception()
@@ -384,7 +387,7 @@ def get_scorer(metric="auto", data="shapes", data_dir="data", image_size=32, dev
         with torch.no_grad():
             acc = float((clf(dit.to_float(xt[:2000])).argmax(1) == yt[:2000]).float().mean())
         dit.save_checkpoint(dict(model=clf.state_dict(), num_classes=nc, test_acc=acc), path)
-        print(f"fid: trained the FD-clf classifier in {time.perf_counter() - t0:.1f} s (test accuracy {acc:.3f})")
+        print(f"fid: trained the FD-clf classifier in {time.perf_counter() - t0:.1f} s (test acc {acc:.3f})")
     print(f"fid: metric FD-clf (no Inception weights found; NOT comparable to published FIDs; {path})")
     clf = clf.eval().to(device)
     return dict(metric="FD-clf", key=f"FD-clf/{tag}", clf=clf, ref=os.path.join(cache_dir, f"ref_{name}.npz"),
@@ -416,7 +419,7 @@ def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=
     the samples w.r.t. the asked labels; None for FID), n)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if model.input_size != image_size:
-        print(f"fid: the model makes {model.input_size}px images; scoring at {model.input_size}, not {image_size}")
+        print(f"fid: the model makes {model.input_size}px images; scoring at that size, not {image_size}")
         image_size = model.input_size
     scorer = get_scorer(metric, data, data_dir, image_size, device, cache_dir)
     mu_r, sigma_r = reference_stats(scorer, data, data_dir, image_size, batch_size, device, verbose)
@@ -554,9 +557,11 @@ def main(argv=None):
                      f"--ckpt {cfg.ckpt} --fid")
         model = dit.build_dit(ck).to(device)
         tc = ck.get("train_config", {})
-        data, data_dir = cfg.data or tc.get("data", "shapes"), cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
+        data = cfg.data or tc.get("data", "shapes")
+        data_dir = cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
         t0 = time.perf_counter()
-        r = evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale, cfg.seed,
+        r = evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale,
+                     cfg.seed,
                      cfg.batch_size, device, cfg.cache_dir, cfg.metric, verbose=True)
         rows.append({"A": cfg.ckpt, "B": f"{data} train", "metric": r["metric"], "score": f"{r['score']:.3f}",
                      "class acc": "-" if r["acc"] is None else f"{r['acc']:.3f}", "n": r["n"],
@@ -586,7 +591,8 @@ def main(argv=None):
         if "?" not in (stats[0][2], stats[1][2]) and stats[0][2] != stats[1][2]:
             sys.exit(f"error: the inputs were featurised differently ({stats[0][2]} vs {stats[1][2]})")
         score = frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
-        rows.append({"A": paths[0], "B": paths[1], "metric": stats[0][2].split("/")[0], "score": f"{score:.3f}",
+        rows.append({"A": paths[0], "B": paths[1], "metric": stats[0][2].split("/")[0],
+                     "score": f"{score:.3f}",
                      "n A": stats[0][3], "n B": stats[1][3]})
     print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
     print(dit.markdown_table(rows))

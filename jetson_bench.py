@@ -173,11 +173,13 @@ def stack_dipgo(path, cfg, device):
 
     ck = dit.load_checkpoint(path, kinds=["dit"])
     base = dit.build_dit(ck).to(device).requires_grad_(False)
-    dcfg = prune.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale, ratio=cfg.stack_ratio,
+    dcfg = prune.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                             ratio=cfg.stack_ratio,
                           dipgo_steps=cfg.stack_steps, seed=cfg.seed, device=str(device), data=cfg.data)
     score, _ = prune.learn_scores(base, dcfg, log=None)
     plan = prune.postprocess(score, cfg.stack_ratio)
-    out = os.path.join(cfg.out, "stack", f"{os.path.splitext(os.path.basename(path))[0]}+dipgo_r{cfg.stack_ratio}.pt")
+    name = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(cfg.out, "stack", f"{name}+dipgo_r{cfg.stack_ratio}.pt")
     prune.save_dipgo(ck, plan, score, dcfg, cfg.stack_ratio, out)
     return out
 
@@ -191,9 +193,11 @@ def stack_dydit(path, cfg, device):
         return None
     as_dit = dict(kind="dit", config=config,
                   ema={k[len("student."):]: v for k, v in ck["ema"].items() if k.startswith("student.")})
-    out = os.path.join(cfg.out, "stack", f"{os.path.splitext(os.path.basename(path))[0]}+dydit_{cfg.stack_ratio}.pt")
-    dcfg = dynamic.DyConfig(out=out, lam=cfg.stack_ratio, steps=cfg.stack_steps, device=str(device), data=cfg.data,
-                            data_dir=cfg.data_dir, seed=cfg.seed, lam_hold=0, lam_ramp=max(cfg.stack_steps // 2, 1),
+    name = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(cfg.out, "stack", f"{name}+dydit_{cfg.stack_ratio}.pt")
+    dcfg = dynamic.DyConfig(out=out, lam=cfg.stack_ratio, steps=cfg.stack_steps, device=str(device),
+                            data=cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, lam_hold=0,
+                            lam_ramp=max(cfg.stack_steps // 2, 1),
                             complete_steps=0)
     dynamic.finetune(dcfg, as_dit, quiet=True)
     return out
@@ -211,11 +215,12 @@ def build_stacks(found, cfg, device):
             print(f"stack: fine-tuning DyDiT from the student {p} ({cfg.stack_steps} steps)")
             q = stack_dydit(p, cfg, device)
             if q is None:
-                print(f"stack: {p} is a one-step student (no timestep): DyDiT's width router has no input; skipped")
+                print(f"stack: {p} is a one-step student (no timestep): DyDiT's width router has no input; "
+                      "skipped")
             else:
                 new.append((q, "dydit"))
     if not any(k == "dipgo" for _, k in new):
-        print("stack: no TinyFusion checkpoint (kind dit, method tinyfusion) found: nothing to stack with DiP-GO")
+        print("stack: no TinyFusion checkpoint (kind dit, method tinyfusion): nothing to stack with DiP-GO")
     return new
 
 
@@ -232,14 +237,15 @@ def bench_model(path, kind, model, cfg, device):
     flops = dit.count_flops(lambda: dit.run_sampler(model, z1, y1, steps, cfg.cfg_scale))
     q = dict(score=None, acc=None, metric="-")
     if cfg.quality:
-        q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.n, steps=steps, cfg_scale=cfg.cfg_scale,
+        q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.n, steps=steps,
+                         cfg_scale=cfg.cfg_scale,
                          seed=cfg.seed, batch_size=min(100, cfg.n), device=device)
     rows = []
     for mode in ("eager", "compile") if cfg.compile else ("eager",):
         fn = torch.compile(model) if mode == "compile" else model
-        r1, c1, _ = time_generation(model, fn, device, cfg.dtype, 1, steps, cfg.cfg_scale, cfg.reps, cfg.warmup, cfg.seed)
-        rb, cb, peak = time_generation(model, fn, device, cfg.dtype, cfg.batch, steps, cfg.cfg_scale, cfg.reps,
-                                       cfg.warmup, cfg.seed)
+        timing = (steps, cfg.cfg_scale, cfg.reps, cfg.warmup, cfg.seed)
+        r1, c1, _ = time_generation(model, fn, device, cfg.dtype, 1, *timing)
+        rb, cb, peak = time_generation(model, fn, device, cfg.dtype, cfg.batch, *timing)
         B = cfg.batch
         rows.append({"model": os.path.relpath(path), "kind": kind, "mode": mode,
                      "params (M)": round(dit.param_count(model) / 1e6, 3), "steps": steps, "calls/img": calls,
@@ -247,7 +253,8 @@ def bench_model(path, kind, model, cfg, device):
                      "b1 ms/call p50": round(pct(c1, 50), 2), "b1 ms/call p90": round(pct(c1, 90), 2),
                      "b1 ms/img p50": round(pct(r1, 50), 1), "b1 ms/img p90": round(pct(r1, 90), 1),
                      f"b{B} ms/call p50": round(pct(cb, 50), 2), f"b{B} ms/call p90": round(pct(cb, 90), 2),
-                     f"b{B} ms/img p50": round(pct(rb, 50) / B, 2), f"b{B} ms/img p90": round(pct(rb, 90) / B, 2),
+                     f"b{B} ms/img p50": round(pct(rb, 50) / B, 2),
+                     f"b{B} ms/img p90": round(pct(rb, 90) / B, 2),
                      f"b{B} img/s": round(1000 * B / statistics.median(rb), 1),
                      "peak MB": "n/a" if peak is None else round(peak, 1),
                      "quality": "-" if q["score"] is None else f"{q['metric']} {q['score']:.2f}",
@@ -272,7 +279,7 @@ def main(argv=None):
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     if device.type == "cpu" and cfg.dtype != "float32":
-        print(f"note: {cfg.dtype} autocast on CPU, as asked; on many CPUs half precision is SLOWER than float32")
+        print(f"note: {cfg.dtype} autocast on CPU, as asked; on many CPUs half precision is SLOWER than fp32")
     os.makedirs(cfg.out, exist_ok=True)
     found = find_checkpoints(paths)
     if cfg.stack:
@@ -285,10 +292,12 @@ def main(argv=None):
         models.append(sample.load_model(p, device))
         rows += bench_model(p, kind, models[-1], cfg, device)
     header = dit.run_header(device, cfg.dtype, f"1 and {cfg.batch}", cfg.seed)
-    note = (f"{cfg.steps} DDIM steps (DiP-GO: its plan's K), CFG {cfg.cfg_scale}; latency: p50/p90 of {cfg.reps} runs "
+    note = (f"{cfg.steps} DDIM steps (DiP-GO: its plan's K), CFG {cfg.cfg_scale}; latency: p50/p90 of "
+            f"{cfg.reps} runs "
             f"after {cfg.warmup} warm-up; quality: fid.evaluate n={cfg.n}, float32 eager; peak MB: "
             + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on CPU (not measured)")
-            + ("; CPU half precision as asked (often slower than fp32)" if device.type == "cpu" and cfg.dtype != "float32" else ""))
+            + ("; CPU half precision as asked (often slower than fp32)"
+               if device.type == "cpu" and cfg.dtype != "float32" else ""))
     table = dit.markdown_table([{k: v for k, v in r.items() if k != "score"} for r in rows])
     text = f"{header}\n\n{note}\n\n{table}\n"
     print("\n" + text)
@@ -305,7 +314,8 @@ def main(argv=None):
     dit.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
                      [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
     order = "\n".join(f"  row {k + 1}: {os.path.relpath(p)}" for k, (p, _) in enumerate(found))
-    print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png, samples.png (same noise per column):\n{order}")
+    print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png, samples.png (same noise per "
+          f"column):\n{order}")
     return rows
 
 

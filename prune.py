@@ -80,22 +80,22 @@ DEPTH_METHODS = ("tinyfusion", "first", "last", "uniform", "shortgpt", "sensitiv
 
 @dataclass
 class PruneConfig:
-    method: str = "tinyfusion"   # tinyfusion | first | last | uniform | shortgpt | sensitivity | magnitude | taylor
-    #                              | randmin | random | index, a comma list of them, or all (all but index);
-    #                              dipgo (Section 2)
-    teacher: str = "out/dit.pt"  # the base DiT; trained first (python dit.py --preset PRESET) when absent
+    method: str = "tinyfusion"   # tinyfusion | first | last | uniform | shortgpt | sensitivity | magnitude
+    #                              | taylor | randmin | random | index, a comma list of them, or all (all but
+    #                              index); dipgo (Section 2)
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
     preset: str = "cpu"          # model preset, only used when the teacher has to be trained
     data: str = "shapes"         # shapes (embedded) | cifar10 | imagenet64, as dit.py
     data_dir: str = "data"       # where cifar10 / imagenet64 live
     out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
-    pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default, 2:4, 3:6 = global)
+    pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default; 3:6 = global)
     kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
     batch_size: int = 64         # batch for mask learning and recovery (paper: 128 learning, 256 recovery)
     learn_steps: int = 200       # mask-learning steps (paper: ~10K = 1 ImageNet epoch; 1 shapes epoch = 156)
     deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
     lora_rank: int = 8           # LoRA rank r (paper 8)
     lora_alpha: float = 16.0     # LoRA alpha (paper 2r)
-    lora_lr: float = 1e-3        # lr of LoRA (or of all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
+    lora_lr: float = 1e-3        # lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
     gate_lr: float = 1e-2        # lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
     tau_start: float = 4.0       # Gumbel-softmax temperature at step 0 (paper 4) ...
     tau_end: float = 0.1         # ... annealed linearly to this (paper 0.1)
@@ -107,7 +107,7 @@ class PruneConfig:
     recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
     recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
     recover_lr: float = 1e-3     # recovery peak lr (paper 2e-4) [inferred for CPU] ...
-    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper: 2e-4 -> 1e-4); 1 = constant
+    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper 2e-4 -> 1e-4); 1 = constant
     kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
     alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
     alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
@@ -143,7 +143,7 @@ class PruneConfig:
 # --------------------------------------------------------------------------------------------------
 
 def parse_pattern(pattern, depth):
-    """Block-local N:M search space, TinyFusion Sec. 3 (N:M local search space): (options (K, M) 0/1 rows = every M-choose-N
+    """Block-local N:M search space, TinyFusion Sec. 3: (options (K, M) 0/1 rows = every M-choose-N
     keep-pattern of one group, number of groups G = depth / M)."""
     try:
         n, m = map(int, pattern.split(":"))
@@ -156,8 +156,9 @@ def parse_pattern(pattern, depth):
 
 
 def st_gumbel_masks(logits, options, batch, tau, scale):
-    """Per-example block masks by hard straight-through Gumbel-softmax, TinyFusion Sec. 3 (differentiable sampling, from MaskLLM).
-    logits (G, K), options (K, M) -> (mask (B, G*M) exactly 0/1 in the forward pass, one-hot (B, G, K))."""
+    """Per-example block masks by hard straight-through Gumbel-softmax (differentiable sampling, TinyFusion
+    Sec. 3, from MaskLLM). logits (G, K), options (K, M) -> (mask (B, G*M), exactly 0/1 in the forward pass,
+    one-hot (B, G, K))."""
     G, K = logits.shape
     gumbel = -torch.empty(batch, G, K, device=logits.device).exponential_().log()  # g ~ Gumbel(0, 1)
     # y = softmax((s z + g) / tau), one independent draw per example and group
@@ -184,7 +185,8 @@ def masked_forward(model, x, t, y, mask):
 
 
 class LoRALinear(nn.Module):
-    """W x + b + (alpha / r) B A x with W, b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv 2106.09685,
+    """W x + b + (alpha / r) B A x with W, b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv
+    2106.09685,
     Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion Sec. 3."""
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -198,7 +200,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha):
-    """Replace every nn.Linear (attention, MLP, adaLN, embedders, final layer) by a LoRALinear; freeze the rest.
+    """Replace every nn.Linear (attention, MLP, adaLN, embedders, final layer) by a LoRALinear; freeze the
+    rest.
     Returns the LoRA parameters."""
     model.requires_grad_(False)
     for parent in list(model.modules()):
@@ -272,7 +275,8 @@ def calib_batch(data, n, seed, device):
 
 
 def calib_loss(model, batch, mask):
-    """Diffusion loss right after pruning ("calibration loss", TinyFusion Table 3) of `model` under a fixed mask."""
+    """Diffusion loss of `model` under a fixed mask right after pruning ("calibration loss", TinyFusion
+    Table 3)."""
     x0, y, i, noise = batch
     diffusion = dit.Diffusion()
     with torch.no_grad():
@@ -288,13 +292,15 @@ def keep_mask(kept, depth, device="cpu"):
 @torch.no_grad()
 def block_influence(model, n, steps, cfg_scale):
     """ShortGPT Block Influence BI_j = 1 - cos(h_in, h_out), averaged over tokens, samples and every step of
-    the base model's own DDIM trajectories [inferred: the official prune_by_score.py uses 128 real images, one forward each at a random t, no CFG]."""
+    the base model's own DDIM trajectories [inferred: the official prune_by_score.py uses 128 real images,
+    one forward each at a random t, no CFG]."""
     sims, calls = torch.zeros(len(model.blocks)), torch.zeros(len(model.blocks))
 
     def record(j, inp, out):
         sims[j] += F.cosine_similarity(inp[0], out, dim=-1).mean().item()  # mean over tokens and samples
         calls[j] += 1
-    hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out)) for j, b in enumerate(model.blocks)]
+    hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out))
+             for j, b in enumerate(model.blocks)]
     dit.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale)
     for h in hooks:
         h.remove()
@@ -302,19 +308,20 @@ def block_influence(model, n, steps, cfg_scale):
 
 
 def baseline_kept(method, model, k, batch, cfg):
-    """Kept block indices (sorted) of a baseline at depth k (TinyFusion Table 1). Higher score = more important."""
+    """Kept block indices (sorted) of a baseline at depth k (TinyFusion Table 1); higher score = keep."""
     L, rng = len(model.blocks), np.random.default_rng(cfg.seed)
     top = lambda score: sorted(torch.topk(torch.as_tensor(score, dtype=torch.float), k).indices.tolist())
     if method == "first":
         return list(range(k))
     if method == "last":
         return list(range(L - k, L))
-    if method == "uniform":  # BK-SDM-style oracle: first and last kept, the middle evenly (28 -> 14: the code's list)
+    if method == "uniform":  # oracle: first and last kept, the middle evenly (28 -> 14: the code's list)
         return sorted(set(np.linspace(0, L - 1, k).round().astype(int).tolist()))
     if method == "index":
         kept = sorted(int(v) for v in cfg.kept.split(",") if v.strip())
         if len(set(kept)) != k or not all(0 <= v < L for v in kept):
-            sys.exit(f"error: --kept {cfg.kept!r} must list {k} distinct blocks in 0..{L - 1} (--pattern {cfg.pattern})")
+            sys.exit(f"error: --kept {cfg.kept!r} must list {k} distinct blocks in 0..{L - 1} "
+                     f"(--pattern {cfg.pattern})")
         return kept
     if method == "random":
         return sorted(rng.choice(L, k, replace=False).tolist())
@@ -324,8 +331,8 @@ def baseline_kept(method, model, k, batch, cfg):
         return top(bi)
     if method == "sensitivity":  # loss increase when block j alone is dropped
         full = calib_loss(model, batch, keep_mask(range(L), L, batch[0].device))
-        return top([calib_loss(model, batch, keep_mask([i for i in range(L) if i != j], L, batch[0].device)) - full
-                    for j in range(L)])
+        drop = lambda j: keep_mask([i for i in range(L) if i != j], L, batch[0].device)  # noqa: E731
+        return top([calib_loss(model, batch, drop(j)) - full for j in range(L)])
     if method == "magnitude":  # sum |W| over the block's weights
         return top([sum(p.abs().sum().item() for p in b.parameters()) for b in model.blocks])
     if method == "taylor":  # first-order Taylor importance sum |W dL/dW| on the calibration batch
@@ -349,7 +356,7 @@ def baseline_kept(method, model, k, batch, cfg):
 # --------------------------------------------------------------------------------------------------
 
 def masked_rep_loss(h_s, h_t, k):
-    """Masked hidden-state KD, TinyFusion Sec. 3 (Masked KD): per sample, mu and sigma over tokens and channels; only
+    """Masked hidden-state KD, TinyFusion Sec. 3: per sample, mu and sigma over tokens and channels; only
     entries with |h - mu| < k sigma count, in student and teacher alike ("massive activations" ignored).
         L_rep = mean (M_s * h_s - M_t * h_t)^2,   M = [|h - mu| < k sigma]          (k = 0: unmasked)"""
     def keep(h):
@@ -374,7 +381,8 @@ def massive_activations(model, batch, k):
 
 
 def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
-    """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0 (1 - frac).
+    """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0
+    (1 - frac).
     Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
     KL between the two reverse Gaussians (student eps detached, as L_vb). cfg.recover == "kd": beta = 0."""
     B, C = x0.shape[0], x0.shape[1]
@@ -388,7 +396,8 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     gt = diffusion.loss_from_output(out_s, x0, xt, i, noise)
     kd = ((out_s[:, :C] - out_t[:, :C]) ** 2).mean()
     if out_s.shape[1] == 2 * C:
-        mean_s, logvar_s, _, _ = diffusion.p_mean_variance(torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1), xt, i)
+        frozen = torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1)
+        mean_s, logvar_s, _, _ = diffusion.p_mean_variance(frozen, xt, i)
         mean_t, logvar_t, _, _ = diffusion.p_mean_variance(out_t, xt, i)
         # KL(N_t || N_s) of the two reverse Gaussians, in bits/dim
         kd = kd + dit.normal_kl(mean_t, logvar_t, mean_s, logvar_s).mean() / math.log(2.0)
@@ -407,7 +416,8 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
 def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
     return dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir, out=out, steps=steps,
                            batch_size=cfg.batch_size, lr=lr, warmup=0, lr_end=lr_end, weight_decay=0.0,
-                           grad_clip=grad_clip, ema_decay=ema_decay, log_every=max(steps // 4, 1), ckpt_every=steps,
+                           grad_clip=grad_clip, ema_decay=ema_decay, log_every=max(steps // 4, 1),
+                           ckpt_every=steps,
                            seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
 
 
@@ -427,15 +437,18 @@ def learn_mask(cfg, teacher_ckpt, data, path):
     else:
         sys.exit(f"error: --deltaw must be lora, full or frozen, not {cfg.deltaw!r}")
     net = MaskSearch(model, options, groups, cfg.learn_steps, cfg)
-    groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}] + ([{"params": weights, "lr": cfg.lora_lr}] if weights else [])
+    groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}]
+    if weights:
+        groups_.append({"params": weights, "lr": cfg.lora_lr})
     diffusion = dit.Diffusion()
 
     def loss_fn(m, xb, yb, step):
         terms = diffusion.loss(m, xb, yb)
         return dict(loss=terms["loss"], mse=terms["mse"], tau=torch.tensor(net.temperature()),
                     conf=net.confidence().min())
-    meta = dict(kind="tinyfusion_search", config=dict(teacher_ckpt["config"], pattern=cfg.pattern, deltaw=cfg.deltaw,
-                                                       lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+    config = dict(teacher_ckpt["config"], pattern=cfg.pattern, deltaw=cfg.deltaw, lora_rank=cfg.lora_rank,
+                  lora_alpha=cfg.lora_alpha)
+    meta = dict(kind="tinyfusion_search", config=config)
     tcfg = train_config(cfg, path, cfg.learn_steps, cfg.gate_lr, cfg.gate_ema, 1.0)
     _, ema, ck = dit.train(net, loss_fn, data, tcfg, meta, param_groups=groups_)
     trainable = sum(p.numel() for g in groups_ for p in g["params"])
@@ -460,16 +473,16 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     else:
         sys.exit(f"error: --recover must be none, finetune, kd or maskedkd, not {cfg.recover!r}")
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
-    tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, dit.PRESET_TRAIN[cfg.preset]["ema_decay"], 1.0,
-                        lr_end=cfg.recover_lr_end)
+    ema_decay = dit.PRESET_TRAIN[cfg.preset]["ema_decay"]
+    tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, ema_decay, 1.0, cfg.recover_lr_end)
     _, _, ck = dit.train(student, loss_fn, data, tcfg, meta)
     return ck
 
 
 # every setting a stage's result depends on, besides the teacher's weights
-SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw", "lora_rank",
-               "lora_alpha", "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema",
-               "seed", "dtype")
+SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw", "lora_rank", "lora_alpha",
+               "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema", "seed",
+               "dtype")
 RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
@@ -480,7 +493,8 @@ DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", 
 def stage_tag(cfg, keys, teacher_ckpt):
     """8 hex digits of the teacher's weights and every setting in `keys`: a stage's file is reused only
     when all of them are equal."""
-    return dit.settings_tag(dict({k: getattr(cfg, k) for k in keys}, teacher=dit.weights_tag(teacher_ckpt["ema"])))
+    settings = {k: getattr(cfg, k) for k in keys}
+    return dit.settings_tag(dict(settings, teacher=dit.weights_tag(teacher_ckpt["ema"])))
 
 
 def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
@@ -489,8 +503,8 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     options, groups = parse_pattern(cfg.pattern, L)
     k, info = groups * int(options[0].sum()), {}
     if method == "tinyfusion":
-        tag = f"tinyfusion_{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{stage_tag(cfg, SEARCH_KEYS, teacher_ckpt)}"
-        kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, tag + "_search.pt"))
+        tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{stage_tag(cfg, SEARCH_KEYS, teacher_ckpt)}"
+        kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, f"tinyfusion_{tag}_search.pt"))
     else:
         kept = baseline_kept(method, teacher, k, batch, cfg)
     loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
@@ -514,12 +528,14 @@ def score_model(model, cfg):
     """fid.evaluate with the same noise (seed 0) for every variant; None when --eval-n 0."""
     if cfg.eval_n <= 0:
         return None
-    return fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size, n=cfg.eval_n,
-                        steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=0, batch_size=100)
+    return fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size,
+                        n=cfg.eval_n, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=0, batch_size=100)
 
 
 def fmt_score(r):
-    return "-" if r is None else f"{r['score']:.2f}" + (f" (acc {r['acc']:.2f})" if r.get("acc") is not None else "")
+    if r is None:
+        return "-"
+    return f"{r['score']:.2f}" + (f" (acc {r['acc']:.2f})" if r.get("acc") is not None else "")
 
 
 def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
@@ -585,11 +601,12 @@ def run_depth_pruning(cfg, methods, device):
     for r in results:
         params, gflops = model_stats(r["model"], device)
         pruned_score = cached_score(("pruned", *r["kept"]), dit.build_dit(r["pruned"]).to(device))
-        rec_score = cached_score(("recovered", *r["kept"]), r["model"]) if r["recovered"] is not None else None
+        rec_score = None if r["recovered"] is None else cached_score(("recovered", *r["kept"]), r["model"])
         r.update(pruned_score=pruned_score, recovered_score=rec_score)
         sec = secs[f"depth {len(r['kept'])}"]
         rows.append(dict(method=r["method"], kept=",".join(map(str, r["kept"])), params=f"{params:.2f}M",
-                         GFLOPs=f"{gflops:.3f}", sampling_s=f"{sec:.2f}", speedup=f"{secs['base'] / sec:.2f}x",
+                         GFLOPs=f"{gflops:.3f}", sampling_s=f"{sec:.2f}",
+                         speedup=f"{secs['base'] / sec:.2f}x",
                          calib_loss=f"{r['calib_loss']:.4f}", pruned=fmt_score(pruned_score),
                          recovered=fmt_score(rec_score)))
     save_mask_png([(r["method"], r["kept"]) for r in results], L, os.path.join(cfg.out, "kept_blocks.png"))
@@ -618,7 +635,10 @@ def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
     Every block is computed so that g_keep gets a gradient. Returns (h, new cache)."""
     new = []
     for b, block in enumerate(blocks):
-        out = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False) if grad_ckpt else block(h, c)
+        if grad_ckpt:
+            out = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+        else:
+            out = block(h, c)
         if gate is not None:
             out = gate[b, 1] * out + gate[b, 0] * (h + cache[b])
         new.append(out - h)
@@ -641,7 +661,7 @@ def cached_blocks(blocks, h, c, cache, keep, store):
 
 
 def st_gate(logits):
-    """Straight-through hard gate, DiP-GO Sec. 3 (pruner): forward = one-hot argmax of softmax(logits) (exactly
+    """Straight-through hard gate, DiP-GO Sec. 3: forward = one-hot argmax of softmax(logits) (exactly
     0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the code)."""
     p = logits.softmax(-1)
     hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
@@ -649,7 +669,7 @@ def st_gate(logits):
 
 
 class Pruner(nn.Module):
-    """Pruner network, DiP-GO Sec. 3 (pruner network): a learnable query per gated (step, block) -> a 1-layer single-head
+    """Pruner network, DiP-GO Sec. 3: a learnable query per gated (step, block) -> a 1-layer single-head
     self-attention across the blocks of each step (Q, K in d/4) + FFN (d -> d/4 -> d), LayerNorms ->
     a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2) with logits [reuse, keep]
     initialised to [0, 1] (P(keep) = 0.73). The released code skips the encoder; encoder=False does too."""
@@ -700,7 +720,7 @@ def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
 
 
 def consistency_loss(x, ref, kind="ssim"):
-    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3 (consistency loss; 1 - SSIM by
+    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3 (1 - SSIM by
     default; MSE and L1 are the code's other options)."""
     if kind == "ssim":
         return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
@@ -712,7 +732,7 @@ def consistency_loss(x, ref, kind="ssim"):
 
 
 def postprocess(score, ratio):
-    """Scores -> static plan, DiP-GO Sec. 3 (post-processing) / code: start with every block kept and theta = 0.95; for
+    """Scores -> static plan, DiP-GO Sec. 3 post-processing (code): every block kept, theta = 0.95; for
     each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
     reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) = P(reuse). Returns plan (K, N) bool,
     True = compute; row 0 (the first step) is always computed."""
@@ -769,21 +789,22 @@ class CachedDiT(nn.Module):
     def forward(self, x, t, y):
         s = self.step_of.get(int(t[0]))
         if s is None:
-            raise ValueError(f"t={int(t[0])} is not on the {self.steps}-step schedule this plan was made for; "
+            raise ValueError(f"t={int(t[0])} is not on the {self.steps}-step schedule of this plan; "
                              f"sample with steps={self.steps}")
         if s == 0:
             self.cache = [None] * len(self.dit.blocks)
         h, c = self.dit.embed(x, t, y)
         if self.gates is not None:
-            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, None if s == 0 else self.gates[s - 1],
-                                         self.grad_ckpt)
+            gate = None if s == 0 else self.gates[s - 1]
+            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.grad_ckpt)
         else:
-            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan[s].tolist(), self.store[s].tolist())
+            keep, store = self.plan[s].tolist(), self.store[s].tolist()
+            h = cached_blocks(self.dit.blocks, h, c, self.cache, keep, store)
         return self.dit.head(h, c)
 
 
 def learn_scores(base, cfg, log=print):
-    """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (few-step gradient optimisation) / code: per step, fresh labels and
+    """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
     (each block is 1/N of the stack's FLOPs, so the sparsity term is the mean keep probability; it is
@@ -822,7 +843,7 @@ def learn_scores(base, cfg, log=print):
 
 
 def build_dipgo(ckpt):
-    """A CachedDiT from a kind "dipgo" checkpoint (base DiT config + EMA weights + plan + steps), eval mode."""
+    """A CachedDiT from a kind "dipgo" checkpoint (base DiT config, EMA weights, plan, steps), eval mode."""
     return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"]).eval()
 
 
@@ -865,7 +886,8 @@ def dipgo_variants(base, score, ratio, cfg):
     plan = postprocess(score, ratio)
     fewer = max(1, round(K * plan.float().mean().item()))  # (c) the plain sampler, as many block calls
     return [(f"DiP-GO r={ratio}", CachedDiT(base, K, plan).eval(), K, plan),
-            (f"uniform r={ratio}", CachedDiT(base, K, uniform_plan(K, N, ratio)).eval(), K, uniform_plan(K, N, ratio)),
+            (f"uniform r={ratio}", CachedDiT(base, K, uniform_plan(K, N, ratio)).eval(), K,
+             uniform_plan(K, N, ratio)),
             (f"random r={ratio}", CachedDiT(base, K, random_plan(K, N, ratio, cfg.seed)).eval(), K,
              random_plan(K, N, ratio, cfg.seed)),
             (f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))]
@@ -882,7 +904,8 @@ def dipgo_main(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     variants = [("full", base, K, torch.ones(K, N, dtype=torch.bool))]
     for r in ratios:
-        print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, {K}-step DDIM")
+        print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, "
+              f"{K}-step DDIM")
         t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
         key = stage_tag(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
         old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else None
@@ -894,7 +917,8 @@ def dipgo_main(cfg):
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
         if old is None or old.get("key") != key:
-            save_dipgo(base_ckpt, plan, score, cfg, r, path, dict(learn_s=round(time.time() - t0, 1), log=log), key)
+            metrics = dict(learn_s=round(time.time() - t0, 1), log=log)
+            save_dipgo(base_ckpt, plan, score, cfg, r, path, metrics, key)
         save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
         print(f"{time.time() - t0:.0f} s; reused slots {int((~plan).sum())} of {(K - 1) * N} "
               f"(target {r * (K - 1) * N:.1f})")
@@ -917,13 +941,15 @@ def dipgo_main(cfg):
         ideal = ideal_speedup(plan, fb, frest, K)
         q = score_model(model, dataclasses.replace(cfg, eval_steps=steps))
         rows.append({"variant": name, "blocks kept": f"{plan.sum().item() / (K * N):.3f}",
-                     "ideal speedup": f"{ideal:.2f}x", "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
+                     "ideal speedup": f"{ideal:.2f}x",
+                     "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
     dit.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
                      [v[2] for v in variants], cfg.cfg_scale)
     print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate on "
-          f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} vs full; "
+          f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
+          "vs full; "
           f"blocks kept = block calls / ({K} x {N}); grid rows = table rows ({cfg.out}/dipgo_samples.png)")
     os.makedirs(cfg.out, exist_ok=True)
     print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
@@ -938,8 +964,9 @@ def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
                          dipgo_loss=("ssim", "mse", "l1"), dtype=dit.DTYPES),
-                    positive=("batch_size", "learn_steps", "lora_rank", "calib_n", "random_masks", "recover_steps",
-                              "eval_steps", "speed_batch", "speed_steps", "dipgo_steps", "dipgo_batch", "dipgo_dim"))
+                    positive=("batch_size", "learn_steps", "lora_rank", "calib_n", "random_masks",
+                              "recover_steps", "eval_steps", "speed_batch", "speed_steps", "dipgo_steps",
+                              "dipgo_batch", "dipgo_dim"))
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -949,7 +976,8 @@ def main(argv=None):
     if all(m in DEPTH_METHODS for m in methods):
         return run_depth_pruning(cfg, methods, device)
     else:
-        sys.exit(f"error: unknown --method {cfg.method!r}; choose from {', '.join(DEPTH_METHODS)}, all, dipgo")
+        sys.exit(f"error: unknown --method {cfg.method!r}; choose from {', '.join(DEPTH_METHODS)}, all, "
+                 "dipgo")
 
 
 if __name__ == "__main__":

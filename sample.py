@@ -89,8 +89,9 @@ def main(argv=None):
         r = fid.evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale,
                          cfg.seed, min(cfg.batch_size, 100), device, verbose=True)
         print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
-        print(dit.markdown_table([{"checkpoint": cfg.ckpt, "metric": r["metric"], "score": f"{r['score']:.3f}",
-                                   "class acc": "-" if r["acc"] is None else f"{r['acc']:.3f}", "n": r["n"],
+        acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
+        print(dit.markdown_table([{"checkpoint": cfg.ckpt, "metric": r["metric"],
+                                   "score": f"{r['score']:.3f}", "class acc": acc, "n": r["n"],
                                    "sampler": f"{cfg.steps} {cfg.method}, cfg {cfg.cfg_scale}"}]))
     if cfg.grid or not (cfg.npz or cfg.fid):
         path = cfg.grid or os.path.splitext(cfg.ckpt)[0] + "_samples.png"

@@ -1483,3 +1483,17 @@ def test_a_finished_dydit_checkpoint_is_reused_only_with_equal_settings(tiny_tea
     # without --out the name carries the settings hash: a changed setting is a new file
     a = dynamic.default_out(str(tmp_path / "p"), cfg, ck)
     assert a != dynamic.default_out(str(tmp_path / "p"), dataclasses.replace(cfg, router_lr=0.1), ck)
+
+
+def test_the_shipped_base_loads_as_a_plain_dit():
+    """weights/dit_shapes.pt: kind dit, the cpu preset's config, float16 EMA weights only, loads with
+    weights_only=True into the DiT it describes and predicts finite eps."""
+    ck = dit.load_checkpoint(os.path.join(HERE, "weights", "dit_shapes.pt"), kinds=["dit"])
+    assert ck["config"] == dict(dit.PRESETS["cpu"], in_channels=3, num_classes=10, learn_sigma=True,
+                                class_dropout_prob=0.1, mlp_ratio=4.0)
+    assert set(ck) >= {"kind", "config", "ema"} and "opt" not in ck
+    assert all(v.dtype == torch.float16 for v in ck["ema"].values())
+    model = dit.build_dit(ck)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.tensor([0, 9]))
+    assert out.shape == (2, 6, 32, 32) and torch.isfinite(out).all() and out.abs().max() > 0
