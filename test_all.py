@@ -1497,3 +1497,10 @@ def test_the_shipped_base_loads_as_a_plain_dit():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.tensor([0, 9]))
     assert out.shape == (2, 6, 32, 32) and torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_dipgo_postprocess_visits_blocks_output_side_first():
+    """Both official prune() functions walk block_names[::-1]: with equal scores and a budget of half the
+    slots, the last block is the one reused."""
+    plan = prune.postprocess(torch.full((3, 2), 0.99), 0.5)  # 3 gated steps x 2 blocks, 3 slots to reuse
+    assert plan[0].all() and (~plan[1:, 1]).all() and plan[1:, 0].all()
