@@ -26,7 +26,7 @@ Choices here ([inferred], no paper specifies them): per-call latency is the medi
 trajectory (DyDiT and DiP-GO calls differ in cost by step); quality is always scored in float32 eager.
 
 Run:
-    python jetson_bench.py                                  # every checkpoint under out/, CPU ~minutes
+    python jetson_bench.py                                  # weights/ + every checkpoint under out/
     python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
     python jetson_bench.py --stack                          # build the stacked variants first
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
@@ -149,9 +149,10 @@ def pct(xs, q):
 # --------------------------------------------------------------------------------------------------
 
 def find_checkpoints(paths, root="out"):
-    """[(path, kind)] of the tinydit checkpoints among `paths` (default: every *.pt under root); others
-    are skipped with a one-line note."""
-    paths = paths or sorted(glob.glob(os.path.join(root, "**", "*.pt"), recursive=True))
+    """[(path, kind)] of the tinydit checkpoints among `paths` (default: the shipped weights/*.pt and every
+    *.pt under root); others are skipped with a one-line note."""
+    paths = paths or sorted(glob.glob("weights/*.pt")) + sorted(glob.glob(os.path.join(root, "**", "*.pt"),
+                                                                          recursive=True))
     found = []
     for p in paths:
         try:

@@ -13,8 +13,8 @@ the script that wrote it, so every sampler and scorer runs every variant without
     kind "dydit"    dynamic.py: DyDiT with per-step sliced widths and token gathering
 
 Run:
-    python sample.py --ckpt out/dit.pt --grid out/grid.png      # labels in rows, same noise for any ckpt
-    python sample.py --ckpt out/dit.pt --npz out/samples.npz --n 10000 --cfg-scale 1.5
+    python sample.py --grid out/grid.png                        # the shipped base: labels in rows
+    python sample.py --ckpt out/dit.pt --npz out/samples.npz --n 10000 --cfg-scale 1.5   # any ckpt
     python sample.py --ckpt out/prune/dipgo_r0.5.pt --fid --steps 20    # fid.evaluate, any kind
 """
 import os
@@ -33,7 +33,7 @@ import prune
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/dit.pt"      # any tinydit checkpoint
+    ckpt: str = "weights/dit_shapes.pt"  # any tinydit checkpoint (default: the shipped base)
     grid: str = ""                # write a grid PNG here (labels in rows); default <ckpt>_samples.png
     npz: str = ""                 # write --n samples to this .npz (arr_0: uint8 N x H x W x 3, labels)
     fid: bool = False             # score --n samples with fid.evaluate (FID, or FD-clf offline)
