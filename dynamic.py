@@ -30,7 +30,7 @@ still 0.60 after 200 steps at lambda 0.5, while w = 10 tracks it (0.501 at step 
 lam_hold / lam_ramp / complete_steps keep the paper's shape, scaled down.
 
 Run:
-    python dynamic.py --lam 0.5             # fine-tune out/dit.pt (~3 min, 2 CPU cores), evaluate vs the base
+    python dynamic.py --lam 0.5             # fine-tune the shipped base (~3 min, 2 CPU cores), evaluate
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5.pt   # any sampler runs a DyDiT checkpoint (kind "dydit")
