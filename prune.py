@@ -367,7 +367,7 @@ def masked_rep_loss(h_s, h_t, k):
 
 @torch.no_grad()
 def massive_activations(model, batch, k):
-    """Spec Sec. 4 check: does this DiT have "massive activations" for Masked KD to ignore? Per block output
+    """Does this DiT have the "massive activations" TinyFusion's Masked KD ignores? Per block output
     h_l on the calibration batch: max |h - mu| / sigma (per sample, as masked_rep_loss) and the share of
     entries beyond k sigma. Returns [(max ratio, share)] per block."""
     x0, y, i, noise = batch
