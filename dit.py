@@ -815,6 +815,12 @@ def ship_weights(ck, path):
                          train_config=ck.get("train_config"), metrics=ck.get("metrics")), path)
 
 
+def run_key(cfg, keys, teacher):
+    """8 hex digits of a teacher checkpoint's weights and the settings `keys` of cfg: everything a saved
+    stage depends on. A stage file is reused only when its key is equal."""
+    return settings_tag(dict({k: getattr(cfg, k) for k in keys}, teacher=weights_tag(teacher["ema"])))
+
+
 def build_dit(ckpt, ema=True):
     """A plain DiT from a checkpoint dict, EMA weights by default (fp16 files are cast), in eval mode."""
     model = DiT(**ckpt["config"])

@@ -373,14 +373,9 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
               "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
 
 
-def settings_key(cfg, teacher):
-    """Hash of the teacher's weights and every TRAIN_KEYS setting: a checkpoint is reused only when equal."""
-    settings = {k: getattr(cfg, k) for k in TRAIN_KEYS}
-    return dit.settings_tag(dict(settings, teacher=dit.weights_tag(teacher["ema"])))
-
-
 def default_out(prefix, cfg, teacher):
-    return f"{prefix}_{cfg.mode}_{cfg.lam}_{settings_key(cfg, teacher)}.pt"
+    """<prefix>_<mode>_<lambda>_<key>.pt: the key hashes the teacher and every TRAIN_KEYS setting."""
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{dit.run_key(cfg, TRAIN_KEYS, teacher)}.pt"
 
 
 def finetune(cfg, teacher, quiet=False):
@@ -399,7 +394,7 @@ def finetune(cfg, teacher, quiet=False):
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
-        meta = dict(kind="dit", config=teacher["config"], key=settings_key(cfg, teacher))
+        meta = dict(kind="dit", config=teacher["config"], key=dit.run_key(cfg, TRAIN_KEYS, teacher))
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
@@ -407,7 +402,7 @@ def finetune(cfg, teacher, quiet=False):
     groups = [dict(params=list(net.parameters())),
               dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
-                key=settings_key(cfg, teacher))
+                key=dit.run_key(cfg, TRAIN_KEYS, teacher))
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True)

@@ -490,20 +490,13 @@ DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", 
               "dipgo_loss", "dipgo_alpha", "dipgo_dim", "dipgo_encoder", "seed")
 
 
-def stage_tag(cfg, keys, teacher_ckpt):
-    """8 hex digits of the teacher's weights and every setting in `keys`: a stage's file is reused only
-    when all of them are equal."""
-    settings = {k: getattr(cfg, k) for k in keys}
-    return dit.settings_tag(dict(settings, teacher=dit.weights_tag(teacher_ckpt["ema"])))
-
-
 def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     """One method end to end: choose the kept blocks, export the shallow DiT, recover it. Returns a dict."""
     L = len(teacher.blocks)
     options, groups = parse_pattern(cfg.pattern, L)
     k, info = groups * int(options[0].sum()), {}
     if method == "tinyfusion":
-        tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{stage_tag(cfg, SEARCH_KEYS, teacher_ckpt)}"
+        tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{dit.run_key(cfg, SEARCH_KEYS, teacher_ckpt)}"
         kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, f"tinyfusion_{tag}_search.pt"))
     else:
         kept = baseline_kept(method, teacher, k, batch, cfg)
@@ -515,7 +508,7 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     recovered = None
     if cfg.recover != "none":
         keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ())
-        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{stage_tag(cfg, keys, teacher_ckpt)}.pt")
+        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{dit.run_key(cfg, keys, teacher_ckpt)}.pt")
         recovered = recover(cfg, pruned, teacher, data, path)
     return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
 
@@ -907,7 +900,7 @@ def dipgo_main(cfg):
         print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, "
               f"{K}-step DDIM")
         t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
-        key = stage_tag(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
+        key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
         old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else None
         if old is not None and old.get("key") == key:
             print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
