@@ -420,13 +420,6 @@ def build_dydit(ckpt, ema=True):
 # --------------------------------------------------------------------------------------------------
 
 
-def time_sampling(models, batch, steps, reps, cfg_scale):
-    """Seconds of one DDIM + CFG generation per model (a list): the min over reps of fid.time_sampling's
-    interleaved rounds; its warm-up round also fills the weight caches."""
-    times = fid.time_sampling(dict(enumerate(models)), batch, steps, cfg_scale, reps)
-    return [min(times[k]) for k in range(len(models))]
-
-
 @torch.no_grad()
 def width_profile(model, ts):
     """(2, L, len(ts)): active fraction of heads [0] and MLP groups [1] per block at each timestep t."""
@@ -490,7 +483,9 @@ def evaluate(name, model, static, cfg, device, lam="1"):
         model.trace = None
     row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}"}
     for k, B in enumerate(int(b) for b in cfg.bench_batches.split(",")):
-        ts, td = time_sampling([static, model], B, cfg.eval_steps, cfg.bench_reps, cfg.cfg_scale)
+        # min over --bench-reps interleaved rounds; the warm-up round also fills the weight caches
+        t = fid.time_sampling(dict(static=static, dy=model), B, cfg.eval_steps, cfg.cfg_scale, cfg.bench_reps)
+        ts, td = min(t["static"]), min(t["dy"])
         row[f"speedup b{B}"] = f"{ts / td:.2f}x"
         if k == 0:  # measured speedup / ideal speedup 1 / ratio
             row["of FLOPs cut"] = f"{ts / td * ratio:.2f}"

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 
 import numpy as np
@@ -318,7 +317,7 @@ def test_imagenet64_loader_reads_a_generated_npz(tmp_path):
 def test_imagenet64_loads_with_one_copy_and_each_rank_reads_its_files(tmp_path):
     """10 generated files: the peak RSS of loading grows by the data set plus about one file (the old
     list + concatenate doubled it), and rank r of w reads files r, r + w, ... only."""
-    rng, n, f = np.random.default_rng(0), 0, 10
+    rng, f = np.random.default_rng(0), 10
     for k in range(f):
         data = rng.integers(0, 256, (1000, 12288), dtype=np.uint8)
         np.savez(tmp_path / f"train_data_batch_{k + 1}.npz", data=data, labels=np.full(1000, k + 1))
@@ -1106,8 +1105,6 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     """python dynamic.py on the tiny preset: fine-tunes (the FLOPs term drives the ratio below 1), saves a
     "dydit" checkpoint that build_dydit rebuilds, samples, times and writes both pictures. fid.evaluate
     is replaced by a stub that only generates (its own tests live in fid's file)."""
-    import fid
-    import sample
     monkeypatch.chdir(tmp_path)
     calls = []
 
@@ -1219,34 +1216,19 @@ def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
     """dit, student (one-step), dipgo and dydit checkpoints are found, loaded by sample.load_model and
     measured with the right number of network calls per image."""
     ck = dit.load_checkpoint(tiny_teacher)
-    paths = {"dit": tiny_teacher}
-    try:
-        import prune  # noqa: F401
-        plan = torch.ones(4, ck["config"]["depth"], dtype=torch.bool)
-        plan[1:, 1:3] = False
-        paths["dipgo"] = str(tmp_path / "dipgo.pt")
-        dit.save_checkpoint(dict(kind="dipgo", config=ck["config"], model=ck["ema"], ema=ck["ema"], plan=plan,
-                                 steps=4), paths["dipgo"])
-    except ImportError as e:
-        print(f"dipgo kind skipped: prune not importable ({e})")
-    try:
-        import dynamic
-        m = dynamic.DyDiT(dit.build_dit(ck), "dydit", 0.5, 5.0)
-        paths["dydit"] = str(tmp_path / "dydit.pt")
-        dit.save_checkpoint(dict(kind="dydit", config=ck["config"], mode="dydit", lam=0.5, tau=5.0,
-                                 model=m.state_dict(), ema=m.state_dict()), paths["dydit"])
-    except ImportError as e:
-        print(f"dydit kind skipped: dynamic not importable ({e})")
-    try:
-        import distill
-        conf = dict(ck["config"], depth=2)
-        s = distill.OneStepDiT(**conf)
-        state = {"student." + k: v for k, v in s.state_dict().items()}
-        paths["student"] = str(tmp_path / "student.pt")
-        dit.save_checkpoint(dict(kind="student", config=dict(conf, arch="onestep"), model=state, ema=state),
-                            paths["student"])
-    except ImportError as e:
-        print(f"student kind skipped: distill not importable ({e})")
+    paths = {k: str(tmp_path / f"{k}.pt") for k in ("dipgo", "dydit", "student")}
+    plan = torch.ones(4, ck["config"]["depth"], dtype=torch.bool)
+    plan[1:, 1:3] = False
+    dit.save_checkpoint(dict(kind="dipgo", config=ck["config"], model=ck["ema"], ema=ck["ema"], plan=plan,
+                             steps=4), paths["dipgo"])
+    m = dynamic.DyDiT(dit.build_dit(ck), "dydit", 0.5, 5.0)
+    dit.save_checkpoint(dict(kind="dydit", config=ck["config"], mode="dydit", lam=0.5, tau=5.0,
+                             model=m.state_dict(), ema=m.state_dict()), paths["dydit"])
+    conf = dict(ck["config"], depth=2)
+    state = {"student." + k: v for k, v in distill.OneStepDiT(**conf).state_dict().items()}
+    dit.save_checkpoint(dict(kind="student", config=dict(conf, arch="onestep"), model=state, ema=state),
+                        paths["student"])
+    paths = dict(dit=tiny_teacher, **paths)
     found = jetson_bench.find_checkpoints(list(paths.values()))
     assert [k for _, k in found] == list(paths)
     cfg = jetson_bench.BenchConfig(steps=3, batch=2, reps=1, warmup=0, quality=False)
@@ -1254,12 +1236,11 @@ def test_every_kind_is_recognised_and_benchmarked(tiny_teacher, tmp_path):
         row = jetson_bench.bench_model(p, kind, sample.load_model(p), cfg, torch.device("cpu"))[0]
         want = {"dit": 3, "dipgo": 4, "dydit": 3, "student": 1}[kind]
         assert row["calls/img"] == want and row["GFLOPs/img"] > 0, (kind, row)
-    if "dipgo" in paths:  # the plan skips blocks: fewer FLOPs per call than the full DiT on the same schedule
-        full = dit.count_flops(lambda: dit.run_sampler(sample.load_model(tiny_teacher), *[
-            torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
-        plan_flops = dit.count_flops(lambda: dit.run_sampler(sample.load_model(paths["dipgo"]), *[
-            torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)], 4, 1.5))
-        assert plan_flops < full
+    # the plan skips blocks: fewer FLOPs per call than the full DiT on the same schedule
+    z, y = torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)
+    full = dit.count_flops(lambda: dit.run_sampler(sample.load_model(tiny_teacher), z, y, 4, 1.5))
+    plan_flops = dit.count_flops(lambda: dit.run_sampler(sample.load_model(paths["dipgo"]), z, y, 4, 1.5))
+    assert plan_flops < full
 
 
 @pytest.mark.parametrize("kind", ["dipgo"])
