@@ -3,53 +3,37 @@ distill.py: one-step "DiT-Nano" students distilled from a multi-step DiT, with t
 
 Paper: "Designing Parameter and Compute Efficient Diffusion Transformers using Distillation", Vignesh
 Sundaresha, 2025, arXiv 2502.14226. Only the abstract and third-party summaries are available, so almost
-every detail below is [inferred] from it and from the methods it names. The idea: a teacher's
-deterministic sampler turns noise z into images x; a small DiT with no timestep input learns z -> x in ONE
-forward pass (GET-style offline pairs), helped by feature distillation through a Teaching Assistant (TA) or
-Multi-In-One (MI1); then depth, width and heads are swept for the quality / size / latency trade-off.
+every detail below is [inferred] from it and from the methods it names. A teacher's deterministic sampler
+turns noise z into images x; a small DiT with no timestep input learns z -> x in ONE forward pass, helped by
+feature distillation through a Teaching Assistant (TA) or Multi-In-One (MI1); then depth, width and heads
+are swept for the quality / size / latency trade-off.
 
-    paper (abstract) / the methods it builds on -> here
-    offline teacher signals (GET-style pairs)          -> make_pairs (DDIM eta=0, cached in out/distill/)
-    one-step DiT, no timestep input (GET, arXiv 2312.04453) -> OneStepDiT (dit.DiT's embedders, blocks, head)
-    large one-step teacher DiT                         -> stage "onestep-teacher" (init from the DiT at t=999)
-    output + feature KD, learned projectors (GET;
-      BK-SDM, arXiv 2305.15798, Sec. 3.2 "KD")         -> distill_loss, Distiller
-    block mapping knob                                 -> block_map (uniform | first | last)
-    Teaching Assistant, two hops: depth then width     -> --ta hop: TA (L_S, D_T) from teacher blocks m(i)
-    TA of intermediate size (TAKD, arXiv 1902.03393)   -> --ta mid: TA of size halfway, then the student
-    Multi-In-One: one student block <- k teacher ones  -> mi1_groups, Distiller(groups=...) then end to end
-    BK-SDM style multi-step student (Sec. 3.2)         -> --setup multistep (task + eps KD + feature KD)
-    depth / width / heads trade-off (abstract)         -> --sweep, sweep, measure, fid.pareto_png
-
-Our readings [inferred]: the output loss is weight-free (no LPIPS can be downloaded): pseudo-Huber by
-default (Song & Dhariwal 2023, iCT Sec. 3.3, divided by sqrt(dim): sqrt(mean((a-b)^2) + c^2) - c, c =
-0.00054), or l2 / l1. Features are the token states h_l after block l (h_0 = patch embedding), each put
-through a LayerNorm without affine before the MSE so lambda_f = 1 weighs every layer alike; the feature
-loss is averaged over matched layers. Block mapping: student layer i -> teacher layer m(i), 1-indexed;
-uniform m(i) = round_half_up(i L_T / L_S); first m(i) = i (naive 1-to-1); last: only L_S -> L_T.
-MI1 reading: "one student block packs a group of consecutive teacher blocks": group j is teacher layers
-(m(j-1), m(j)]; stage A trains student block j alone on the teacher state h_T,m(j-1) (the student's own
-embedding for j = 1; a learned Linear down-projection if widths differ) to reproduce h_T,m(j) through
-the same up-projector W_j that stage B (end to end, output + uniform feature KD) keeps; stage A takes
---local-frac of the student's steps. The one-step teacher (the feature source for fkd / ta / mi1) is the
-base DiT fine-tuned on the pairs with the timestep embedding frozen to a learned constant c0 = t_emb(999).
+    paper (abstract) / the methods it builds on         -> here
+    offline teacher signals (GET, arXiv 2312.04453)     -> make_pairs (DDIM eta 0, cached in out/distill/)
+    one-step DiT, no timestep input (GET)               -> OneStepDiT; the large one, "onestep-teacher"
+    output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
+    block mapping knob                                  -> block_map (uniform | first | last)
+    Teaching Assistant: depth hop, then width hop       -> run_method, --ta hop
+    TA of intermediate size (TAKD, arXiv 1902.03393)    -> run_method, --ta mid
+    Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
+    BK-SDM style multi-step student (Sec. 3.2)          -> --setup multistep (task + eps KD + feature KD)
+    depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
+[inferred]: weight-free output losses; LayerNorm-ed token states as features; the block maps; MI1 as "block
+j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher's init c0.
 
 Run:
     python distill.py --method ta                     # from the shipped base, <= 5 min on 2 CPU cores
     python distill.py --method mi1 --depth 2 --width 96 --heads 2
     python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
-    python distill.py --method ta --ta mid            # classic TAKD (intermediate-size assistant)
     python distill.py --setup multistep --method fkd  # BK-SDM style multi-step student
     python distill.py --sweep --method kd             # depth/width/heads grid + out/distill/pareto.png
 Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per generated
-image, fid.py quality) and out/distill/<run>_grid.png (teacher | helpers | student, same noise per row).
-Measured results: README.md, distill.py section.
+image, quality) and out/distill/<run>_grid.png (one row per model, same noise). Results: README.md.
 """
 import json
 import os
-import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -59,10 +43,7 @@ from tqdm import tqdm
 import dit
 import fid
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
-
+# --- Config ---------------------------------------------------------------------------------------
 
 @dataclass
 class DistillConfig:
@@ -77,7 +58,8 @@ class DistillConfig:
     feat_weight: float = 1.0     # lambda_f on the feature loss (BK-SDM: 1)
     local_frac: float = 0.3      # mi1: share of the student steps spent in the block-local stage A
     steps: int = 300             # student training steps (equal for every method)
-    aux_steps: int = 150         # steps of each helper network: the one-step teacher, the TA
+    teacher_steps: int = 1500    # steps of the one-step teacher (the feature source of fkd / ta / mi1)
+    aux_steps: int = 150         # steps of the teaching assistant (--method ta)
     batch_size: int = 64         # pairs (or images) per step
     lr: float = 1e-3             # AdamW learning rate (constant after a 20-step warm-up)
     ema_decay: float = 0.999     # EMA of the weights (the evaluated model)
@@ -88,18 +70,19 @@ class DistillConfig:
     bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
+    ship: bool = False           # after training the one-step teacher, write it (EMA, fp16) to --shipped
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"       # where cifar10 lives
     out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
-    seed: int = 0                # training seed; evaluation noise uses seed, the pairs seed + 1
+    seed: int = 0                # students, TA, evaluation noise (the pairs and one-step teacher stay fixed)
+    pairs_seed: int = 1          # noise of the offline pairs (the distillation data set, fixed across --seed)
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
     log_every: int = 100         # training log line every N steps
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: the one-step student, block mappings, the distillation loss
-# --------------------------------------------------------------------------------------------------
+# --- Method: the one-step student, block mappings, the distillation loss --------------------------
 
 class OneStepDiT(nn.Module):
     """One-step generator x = G(z, y) (GET, arXiv 2312.04453): a DiT with no timestep input. The
@@ -150,37 +133,28 @@ def block_map(n_student, n_teacher, how="uniform"):
         return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
     if how == "first":
         return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]
-    if how == "last":
-        return [(n_student, n_teacher)]
-    sys.exit(f"error: --mapping must be uniform, first or last, not {how!r}")
+    return [(n_student, n_teacher)]  # last
 
 
 def mi1_groups(n_student, n_teacher):
-    """MI1 block groups [inferred from the abstract]: student block j reproduces teacher layers (a_j, b_j],
-    i.e. it maps h_T,a_j to h_T,b_j, with b_j = the uniform m(j) and a_j = b_(j-1) (a_1 = 0)."""
+    """MI1 groups [inferred]: student block j maps h_T,a_j to h_T,b_j; b_j = uniform m(j), a_j = b_(j-1)."""
     ends = [m for _, m in block_map(n_student, n_teacher)]
     return list(zip([0] + ends[:-1], ends))
 
 
 def output_distance(a, b, how="huber"):
-    """Weight-free output loss, per batch mean. huber: pseudo-Huber of iCT (Song & Dhariwal 2023, Sec. 3.3)
-    per sample, divided by sqrt(dim); l2: MSE; l1: mean absolute error."""
+    """Weight-free output loss: pseudo-Huber (iCT, Song & Dhariwal 2023, Sec. 3.3) per sample | l2 | l1."""
     if how == "huber":
         c = 0.00054
         # d(a, b) = sqrt(||a - b||^2 / dim + c^2) - c
         return (((a - b) ** 2).flatten(1).mean(1) + c * c).sqrt().sub(c).mean()
-    if how == "l2":
-        return F.mse_loss(a, b)
-    if how == "l1":
-        return F.l1_loss(a, b)
-    sys.exit(f"error: --out-loss must be huber, l2 or l1, not {how!r}")
+    return F.mse_loss(a, b) if how == "l2" else F.l1_loss(a, b)
 
 
 def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(LN(W_k h_S,i_k), LN(h_T,j_k)),  (i_k, j_k) = pairs[k]
-    s_feats[k] is the student state of pair k, already projected to the teacher width by W_k. out None =
-    no output term (MI1 stage A); t_feats None or no pairs = output only (kd)."""
+    s_feats[k] is already projected by W_k. out None: no output term (MI1 stage A); no pairs: output only."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target, out_loss)
@@ -195,9 +169,8 @@ def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_we
 
 
 class Distiller(nn.Module):
-    """What one stage trains: the student plus its feature projectors W_k: Linear(D_S -> D_T) (Identity when
-    the widths match; discarded after training). With `groups` set (MI1 stage A) each student block runs
-    alone on the teacher state at the start of its group, brought to D_S by a learned Linear `down`."""
+    """The student plus its projectors W_k: Linear(D_S -> D_T) (dropped after training). With `groups` (MI1
+    stage A) each block runs alone on the teacher state at the start of its group (through `down`)."""
     def __init__(self, student, d_teacher, pairs, groups=None):
         super().__init__()
         d = shape_of(student)[1]
@@ -218,14 +191,11 @@ class Distiller(nn.Module):
         return None, outs
 
 
-# --------------------------------------------------------------------------------------------------
-# Train: offline pairs, initialisation, the stages of each method
-# --------------------------------------------------------------------------------------------------
+# --- Train: offline pairs, initialisation, the stages of each method ------------------------------
 
 @torch.no_grad()
 def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
-    """GET-style offline teacher signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, labels
-    cycling over the classes, noise from torch.Generator(seed). Cached at `path` and reused."""
+    """GET's offline signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, cached at `path`."""
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     device = next(teacher.parameters()).device
@@ -267,8 +237,7 @@ def init_from(dst, src, keep):
 
 
 def build_student(ckpt, ema=True):
-    """The model of a "student" checkpoint (any stage of distill.py), EMA weights, eval mode; the feature
-    projectors in the checkpoint are dropped. For sample.load_model."""
+    """The model of a "student" checkpoint (any stage), EMA weights, eval mode, without the projectors."""
     config = dict(ckpt["config"])
     arch = config.pop("arch")
     model = OneStepDiT(**config) if arch == "onestep" else dit.DiT(**config)
@@ -277,13 +246,12 @@ def build_student(ckpt, ema=True):
     return model.eval()
 
 
-def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None):
-    """Train one network with dit.train and return (EMA model, checkpoint). shape = (depth, width, heads);
-    teacher = the frozen feature/output source (None: learn from the pairs only); how = block mapping
-    (None: output only); init/keep: copy weights from init's blocks keep; mi1: stage A then stage B.
-    The checkpoint path is a hash of everything the stage depends on, so stages are shared across runs."""
+def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None, seed=None):
+    """Train one network with dit.train -> (EMA model, checkpoint). teacher: the frozen feature source (None:
+    the pairs only); how: block mapping (None: output only); init/keep: copy init's blocks keep; mi1: stage A
+    then B. The file name hashes everything the stage depends on, so equal stages are shared across runs."""
     onestep, device = cfg.setup == "onestep", dit.pick_device(cfg.device)
-    steps = steps or cfg.steps
+    steps, cfg = steps or cfg.steps, cfg if seed is None else replace(cfg, seed=seed)
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(cfg.seed)
     student = OneStepDiT(**config) if onestep else dit.DiT(**config)
@@ -328,28 +296,37 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
         phases = [(f"{name}_{tag}_local", n_local), (f"{name}_{tag}", steps - n_local)]
     meta = dict(kind="student", config=dict(config, arch="onestep" if onestep else "dit"), stage=name,
                 method=cfg.method, setup=cfg.setup, key=json.dumps(key))
+    shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
+    if name == "onestep-teacher" and os.path.exists(shipped) and not cfg.ship:
+        ck = dit.load_checkpoint(shipped, kinds=["student"])
+        if ck.get("key") == meta["key"]:
+            print(f"[{name}] reusing {shipped}: every setting that made it is equal (key {tag}, fp16)")
+            model = build_student(ck).to(device).requires_grad_(False)
+            model.tag, model.name = f"{tag}-fp16", name  # stages made from it differ from a float32 one's
+            return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=shipped)
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
-        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n,
-                               batch_size=cfg.batch_size,
-                               lr=cfg.lr, warmup=20, ema_decay=cfg.ema_decay, log_every=cfg.log_every,
-                               ckpt_every=10 ** 9, seed=cfg.seed + k, device=cfg.device, dtype=cfg.dtype)
-        print(f"[{name}] {run}: {n} steps, {shape[0]} blocks, width {shape[1]}, {shape[2]} heads, "
-              f"teacher {getattr(teacher, 'name', None)}, mapping {pairs}"
-              f"{' (MI1 block-local)' if net.groups else ''}")
+        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n, lr=cfg.lr,
+                               batch_size=cfg.batch_size, warmup=20, ema_decay=cfg.ema_decay,
+                               seed=cfg.seed + k, log_every=cfg.log_every, ckpt_every=10**9,
+                               device=cfg.device, dtype=cfg.dtype)
+        print(f"[{name}] {run}: {n} steps, shape {shape}, teacher {getattr(teacher, 'name', None)}, "
+              f"mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
+    if cfg.ship and name == "onestep-teacher":
+        dit.ship_weights(ck, shipped)
+        print(f"[{name}] wrote {shipped} (EMA weights, float16)")
     model = net.student.eval().requires_grad_(False).to(device)
     model.tag, model.name = tag, name
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
 def run_method(cfg, base, shape):
-    """The stages of cfg.method for a student of shape (depth, width, heads). The feature source is the
-    multi-step teacher itself (multistep) or a one-step teacher trained on the pairs (onestep).
-    Returns [(name, model, checkpoint)] in training order."""
+    """[(name, model, checkpoint)] of cfg.method's stages for a student of shape (depth, width, heads). The
+    feature source: the teacher itself (multistep) or a one-step teacher trained on the pairs (onestep)."""
     T, onestep = base["teacher"], cfg.setup == "onestep"
     L_T, D_T, H_T = shape_of(T)
     stages = []
@@ -358,15 +335,13 @@ def run_method(cfg, base, shape):
         stages.append((name, *train_stage(cfg, name, shp, teacher, how, base, **kw)))
         return stages[-1][1]
 
-    if cfg.method not in ("kd", "fkd", "ta", "mi1"):
-        sys.exit(f"error: --method must be kd, fkd, ta or mi1, not {cfg.method!r}")
     if cfg.method == "kd":
         stage("student", shape, None if onestep else T, None)
         return stages
     big = T
     if onestep:
         big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)),
-                    steps=cfg.aux_steps)
+                    steps=cfg.teacher_steps, seed=0)  # one fixed feature source for every --seed
     if cfg.method == "fkd":
         stage("student", shape, big, cfg.mapping)
     elif cfg.method == "mi1":
@@ -375,55 +350,37 @@ def run_method(cfg, base, shape):
         keep = [j - 1 for _, j in block_map(shape[0], L_T)]
         ta = stage("ta", (shape[0], D_T, H_T), big, "uniform", init=big, keep=keep, steps=cfg.aux_steps)
         stage("student", shape, ta, "first")
-    elif cfg.ta == "mid":  # classic TAKD: an assistant of halfway depth and width, distilled like the student
+    else:  # --ta mid, classic TAKD: an assistant of halfway depth and width, distilled like the student
         h = shape[2]
         mid = ((L_T + shape[0] + 1) // 2, (D_T + shape[1]) // 2 // (4 * h) * (4 * h), h)
         ta = stage("ta", mid, big, cfg.mapping, steps=cfg.aux_steps)
         stage("student", shape, ta, cfg.mapping)
-    else:
-        sys.exit(f"error: --ta must be hop or mid, not {cfg.ta!r}")
     return stages
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluate: params, GFLOPs and latency per generated image, quality, grids, the Pareto plot
-# --------------------------------------------------------------------------------------------------
+# --- Evaluate: params, GFLOPs and latency per generated image, quality, the Pareto plot ----------
 
 def measure(cfg, entries, device):
-    """One table row per (name, model, checkpoint). A multi-step model (the teacher, a multistep student) is
-    charged its whole DDIM + CFG sampler, a one-step model one forward. Latency = ms per generated image at
-    batch 1 and 64, median of --bench-reps rounds in which every model runs once (fid.time_sampling)."""
+    """One row per (name, model, checkpoint): a multi-step model pays its whole DDIM + CFG sampler. Latency:
+    ms per image at batch 1 and 64, median of --bench-reps interleaved rounds (fid.time_sampling)."""
     models = {name: model for name, model, _ in entries}
     ms = {B: fid.time_sampling(models, B, cfg.sample_steps, cfg.cfg_scale, cfg.bench_reps) for B in (1, 64)}
     rows = []
     for name, model, ck in entries:
-        one, S = getattr(model, "one_step", False), model.input_size
-        nfe = 1 if one else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
-        y1 = torch.zeros(1, dtype=torch.long, device=device)
-        fwd = (lambda z: model(z, y1)) if one else (lambda z: model(z, y1, y1))
-        gflops = dit.count_flops(fwd, torch.zeros(1, model.in_channels, S, S, device=device)) / 1e9 * nfe
+        nfe = 1 if getattr(model, "one_step", False) else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
+        gflops = fid.sampler_gflops(model, cfg.sample_steps, cfg.cfg_scale)
         L, D, H = shape_of(model)
         row = {"model": name, "L x D x heads": f"{L} x {D} x {H}",
-               "params": f"{dit.param_count(model) / 1e6:.3f}M",
-               "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}",
-               **{f"ms/img b{B}": f"{1000 * statistics.median(t[name]) / B:.2f}" for B, t in ms.items()},
+               "params": f"{dit.param_count(model) / 1e6:.3f}M", "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}",
+               **{f"ms/img b{B}": f"{1000 * torch.tensor(t[name]).median() / B:.2f}" for B, t in ms.items()},
                "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
         if cfg.eval_n:
-            q = fid.evaluate(model, cfg.data, cfg.data_dir, S, n=cfg.eval_n, steps=cfg.sample_steps,
-                             cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+            q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.eval_n,
+                             steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
             row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
             row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
         rows.append(row)
     return rows
-
-
-def side_by_side(cfg, models, path, per=4):
-    """Grid: one row per class, `per` samples of each model side by side, all from the same noise."""
-    nc = min(models[0].num_classes, 10)
-    labels = torch.arange(nc).repeat_interleave(per)
-    imgs = [dit.generate(m, labels, cfg.seed, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale) for m in models]
-    imgs = torch.stack([i.view(nc, per, *i.shape[1:]) for i in imgs], 1)  # (nc, models, per, 3, S, S)
-    dit.save_grid(imgs.flatten(0, 2), path, nrow=per * len(models))
 
 
 # depth vs width at ~equal 18 L D^2 (6x64, 3x92, 2x112: +-4%), and 1/2/4/8 heads at L=3, D=64
@@ -431,8 +388,7 @@ SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4)
 
 
 def sweep(cfg, base, device):
-    """Train cfg.method for every SWEEP shape; the three-way table (teacher first, all timed interleaved)
-    and the Pareto plot."""
+    """Train cfg.method for every SWEEP shape; one table (teacher first) and the Pareto plot."""
     entries = [("teacher", base["teacher"], None)]
     for shape in SWEEP:
         _, model, ck = run_method(cfg, base, shape)[-1]
@@ -446,38 +402,34 @@ def sweep(cfg, base, device):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
                     dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
                          mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"),
                          dtype=dit.DTYPES),
-                    positive=("depth", "width", "heads", "steps", "aux_steps", "batch_size", "lr", "pairs",
-                              "sample_steps", "bench_reps", "log_every"))
+                    positive=("depth", "width", "heads", "steps", "teacher_steps", "aux_steps", "batch_size",
+                              "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
         sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
-    print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
-    print(f"device {device}")
+    print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
     base = dict(teacher=T, config=ck["config"])
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.setup == "onestep":
-        name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.seed + 1}.pt"
+        name = (f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}"
+                f"_seed{cfg.pairs_seed}.pt")
         path = os.path.join(cfg.out, name)
-        p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1, path)
+        p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path)
         base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
                     data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
-    elif cfg.setup == "multistep":
+    else:
         x, y, _ = dit.load_data(cfg.data, cfg.data_dir, T.input_size)
         base.update(data=(x, y), data_tag=f"{cfg.data}-{os.path.basename(os.path.normpath(cfg.data_dir))}")
-    else:
-        sys.exit(f"error: --setup must be onestep or multistep, not {cfg.setup!r}")
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, base, device)
@@ -485,10 +437,11 @@ def main(argv=None):
         return rows
     stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
     grid = os.path.join(cfg.out, f"{cfg.setup}_{cfg.method}_grid.png")
-    side_by_side(cfg, [T] + [m for _, m, _ in stages], grid)
+    dit.save_rows([T] + [m for _, m, _ in stages], grid, cfg.seed, cfg.sample_steps, cfg.cfg_scale)
     rows = measure(cfg, [("teacher", T, None)] + stages, device)
-    print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (teacher | {' | '.join(n for n, _, _ in stages)}, "
-          f"same noise per row): {grid}\nstudent checkpoint: {stages[-1][2]['path']}")
+    names = ", ".join(n for n, _, _ in stages)
+    print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (rows: teacher, {names}; same noise): {grid}"
+          f"\nstudent checkpoint: {stages[-1][2]['path']}")
     return rows
 
 

@@ -28,7 +28,6 @@ Run:
     python dit.py                         # trains out/dit.pt on the embedded data (~4 min, 2 CPU cores)
     python dit.py --preset cifar --data cifar10 --device cuda --steps 400000
     torchrun --nproc_per_node=2 dit.py --preset tiny --steps 20 --out out/ddp
-    python dit.py --bench                 # img/s and achieved GFLOP/s vs this machine's matmul peak
 """
 import argparse
 import copy
@@ -59,9 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 # Model sizes. `cpu` is calibrated for ~4 minutes of training on 2 CPU cores; `cifar` is DiT-S/2 on
 # 32x32 pixels (256 tokens, ~6 GFLOPs/forward as DiT-S/2 on ImageNet-256 latents); `imagenet64` is DiT-B/4.
@@ -104,7 +101,7 @@ class TrainConfig:
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False        # torch.compile the model
-    bench: bool = False          # only run the speed benchmark and exit
+    bench: bool = False          # moved: python jetson_bench.py --peak (train / forward / sampling vs peak)
     ship: str = ""               # after training, also write the EMA weights alone, in float16, to this path
 
 
@@ -164,9 +161,7 @@ def parse_args(config_cls, argv=None, paths=False):
     return config_cls(**args), found
 
 
-# --------------------------------------------------------------------------------------------------
-# Model (names and init as facebookresearch/DiT models.py)
-# --------------------------------------------------------------------------------------------------
+# --- Model (names and init as facebookresearch/DiT models.py) -------------------------------------
 
 Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp scale_mlp gate_mlp")
 
@@ -400,9 +395,7 @@ def samples_like(wrapper, model):
     return wrapper
 
 
-# --------------------------------------------------------------------------------------------------
-# Gaussian diffusion (DDPM, Ho et al. 2020; learned range variance, Nichol & Dhariwal 2021)
-# --------------------------------------------------------------------------------------------------
+# --- Gaussian diffusion (DDPM, Ho et al. 2020; learned range variance, Nichol & Dhariwal 2021) ----
 
 def space_timesteps(num_steps, k):
     """The kept timesteps of a K-step sampler: the official IDDPM / DiT `space_timesteps(T, "K")`: a
@@ -535,9 +528,7 @@ def discretized_gaussian_loglik(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-# --------------------------------------------------------------------------------------------------
-# The reverse process: DDPM / DDIM with classifier-free guidance
-# --------------------------------------------------------------------------------------------------
+# --- The reverse process: DDPM / DDIM with classifier-free guidance -------------------------------
 
 def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generator=None, clip=True):
     """Run the reverse process from noise z (B, C, H, W) with labels y. Gradients flow if the caller
@@ -612,9 +603,7 @@ def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
     save_grid(torch.cat(imgs), path, nrow=len(labels))
 
 
-# --------------------------------------------------------------------------------------------------
-# Data: uint8 (N, 3, H, W) images + int64 labels, held in memory
-# --------------------------------------------------------------------------------------------------
+# --- Data: uint8 (N, 3, H, W) images + int64 labels, held in memory -------------------------------
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -767,9 +756,7 @@ def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
         step += 1
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts, atomic writes, weights_only loads
-# --------------------------------------------------------------------------------------------------
+# --- Checkpoints: plain dicts, atomic writes, weights_only loads ----------------------------------
 
 def save_checkpoint(obj, path):
     """torch.save to path.tmp, then rename: a crash mid-write never destroys the previous file."""
@@ -808,11 +795,10 @@ def settings_tag(settings):
 
 
 def ship_weights(ck, path):
-    """The shipped form of a trained base: kind, config, the EMA weights in float16 (half the size; build_dit
-    casts them back to float32) and how they were made; no optimizer, no RNG."""
-    ema = {k: v.half() for k, v in ck["ema"].items()}
-    save_checkpoint(dict(kind=ck["kind"], config=ck["config"], ema=ema, step=ck["step"],
-                         train_config=ck.get("train_config"), metrics=ck.get("metrics")), path)
+    """The shipped form of a trained checkpoint: every entry but the training state (model, optimizer, scaler,
+    RNG), with the EMA weights in float16 (half the size; the builders cast them back to float32)."""
+    keep = {k: v for k, v in ck.items() if k not in ("model", "ema", "opt", "scaler", "rng")}
+    save_checkpoint(dict(keep, ema={k: v.half() for k, v in ck["ema"].items()}), path)
 
 
 def run_key(cfg, keys, teacher):
@@ -832,9 +818,7 @@ def build_dit(ckpt, ema=True):
     return model.eval()
 
 
-# --------------------------------------------------------------------------------------------------
-# Training loop (shared by every script: pass your own loss_fn)
-# --------------------------------------------------------------------------------------------------
+# --- Training loop (shared by every script: pass your own loss_fn) --------------------------------
 
 def pick_device(name="auto"):
     if name == "auto":
@@ -1052,9 +1036,7 @@ def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto
     return load_checkpoint(path, kinds=["dit"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluate: FLOPs, grids, tables, the speed benchmark
-# --------------------------------------------------------------------------------------------------
+# --- Evaluate: FLOPs, grids, tables ---------------------------------------------------------------
 
 def count_flops(fn, *args):
     """FLOPs of one call fn(*args), counted by torch.utils.flop_counter (matmuls/convs/SDPA: 2*M*N*K).
@@ -1091,62 +1073,12 @@ def markdown_table(rows):
     return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
 
 
-def timeit(fn, device, reps=10, warmup=2):
-    """Seconds for `reps` calls of fn after `warmup` calls (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def bench(cfg):
-    """Train img/s, sampling img/s and achieved forward GFLOP/s as a fraction of the fp32 matmul peak."""
-    device = pick_device(cfg.device)
-    model = DiT(**dit_config(cfg)).to(device)
-    diffusion, B, S = Diffusion(), 64, cfg.image_size
-    x, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
-    t = torch.randint(0, 1000, (B,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step():
-        loss = diffusion.loss(model, x, y)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    fwd_flops = count_flops(model.eval(), x, t, y)
-    with torch.no_grad():
-        fwd_s = timeit(lambda: model(x, t, y), device, reps=10) / 10
-        xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
-        cfg_s = timeit(lambda: forward_with_cfg(model, xx, tt, yy, 4.0), device, reps=5) / 5
-    model.train()
-    train_s = timeit(train_step, device, reps=5) / 5
-    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
-    peak = 2 * 1024 ** 3 * 20 / timeit(lambda: a @ b, device, 20) / 1e9  # fp32 GEMM GFLOP/s
-    rows = [("train step (fwd+bwd+AdamW)", f"{B / train_s:.0f} img/s", 3 * fwd_flops / train_s / 1e9),
-            ("forward", f"{B / fwd_s:.0f} img/s", fwd_flops / fwd_s / 1e9),
-            ("sampling, 50 DDIM steps + CFG", f"{B / (50 * cfg_s):.1f} img/s", 2 * fwd_flops / cfg_s / 1e9)]
-    print(f"\n{device.type}, torch {torch.__version__}, float32, batch {B}, preset {cfg.preset}, "
-          f"{torch.get_num_threads()} threads; matmul peak {peak:.0f} GFLOP/s; "
-          f"forward {fwd_flops / B / 1e9:.3f} GFLOPs/img")
-    print("| what | speed | GFLOP/s (fraction of peak) |\n|---|---|---|")
-    for name, speed, gf in rows:
-        print(f"| {name} | {speed} | {gf:.1f} ({gf / peak:.2f}) |")
-
-
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = resolve(parse_args(TrainConfig, argv))
     if cfg.bench:
-        return bench(cfg)
+        sys.exit("error: the speed benchmark moved to jetson_bench.py: python jetson_bench.py --peak")
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
     ck = train_base(cfg)

@@ -21,20 +21,17 @@ Paper / reference code -> this file
     inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.plan, sliced_forward
     batched token gather / scatter (DyFLUX code)              -> sliced_forward
 
-Our choices ([inferred]): the slicing recipe and its per-pattern cache; the importance score (L1 norm
-of a unit's weights); random routers = Bernoulli masks at the keep rate that meets lambda; the half-width
-baseline = reorder, keep the first H/2 heads and groups (magnitude pruning of 50% of heads and channels);
-a larger router lr and EMA 0.99, because in a few hundred CPU steps (paper: 50k-200k) a +15 bias cannot
-reach 0 at lr 1e-4; FLOPs weight w = 10 instead of 2, because with w = 2 the ratio lagged the ramp and was
-still 0.60 after 200 steps at lambda 0.5, while w = 10 tracks it (0.501 at step 125, realised 0.508);
-lam_hold / lam_ramp / complete_steps keep the paper's shape, scaled down.
+[inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); random
+routers and the half-width baseline (magnitude pruning of half the heads and groups); for a few hundred CPU
+steps (paper: 50k-200k) a router lr of 0.05, EMA 0.99, FLOPs weight w = 10 (paper 2: with 2 the ratio
+lagged the ramp, 0.60 after 200 steps at lambda 0.5) and a scaled-down hold / ramp / warm-up.
 
 Run:
     python dynamic.py --lam 0.5             # fine-tune the shipped base (~3 min, 2 CPU cores), evaluate
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
-    python sample.py --ckpt out/dydit_dydit_0.5.pt   # any sampler runs a DyDiT checkpoint (kind "dydit")
-Expected on 2 CPU cores: see the dynamic.py section of README.md for the measured table.
+    python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
+Measured results (2 CPU cores): README.md, dynamic.py section.
 """
 import dataclasses
 import json
@@ -51,10 +48,7 @@ import dit
 import fid
 from dit import modulate
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
-
+# --- Config ---------------------------------------------------------------------------------------
 
 @dataclass
 class DyConfig:
@@ -85,10 +79,7 @@ class DyConfig:
     data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"        # where the data set lives
 
-# --------------------------------------------------------------------------------------------------
-# Method: routers, masks, the masked (training) graph and the sliced (inference) graph
-# --------------------------------------------------------------------------------------------------
-
+# --- Method: routers, masks, the masked (training) graph and the sliced (inference) graph ---------
 
 def block_macs(block, T):
     """Static MACs of one block, DyDiT Sec. 3.3 (code loss.py): attention 4 N D^2 + 2 N^2 D, MLP
@@ -333,10 +324,7 @@ def reorder_(net):
         fc2.weight.copy_(fc2.weight[:, cp])
     return net
 
-# --------------------------------------------------------------------------------------------------
-# Train: the FLOPs-constrained fine-tuning loss, run by dit.train
-# --------------------------------------------------------------------------------------------------
-
+# --- Train: the FLOPs-constrained fine-tuning loss, run by dit.train ------------------------------
 
 def stratified_steps(B, device, num_steps=1000, bins=4):
     """Diffusion steps for a batch: sample b draws from bin (b mod 4) of [0, 1000) (DyDiT code)."""
@@ -415,10 +403,7 @@ def build_dydit(ckpt, ema=True):
     model.load_state_dict(ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"])
     return model.eval()
 
-# --------------------------------------------------------------------------------------------------
-# Evaluate: realised FLOPs, sampling speed, quality, pictures
-# --------------------------------------------------------------------------------------------------
-
+# --- Evaluate: realised FLOPs, sampling speed, quality, pictures ----------------------------------
 
 @torch.no_grad()
 def width_profile(model, ts):
@@ -500,10 +485,7 @@ def direction(model):
     p = width_profile(model, range(0, 1000, 5)).mean(1)  # (2, 200): every 5th t
     return [round((p[k, 150:].mean() - p[k, :50].mean()).item(), 3) for k in (0, 1)]
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
-
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DyConfig, argv),

@@ -48,9 +48,7 @@ from tqdm import tqdm
 
 import dit
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")
@@ -80,9 +78,7 @@ class FIDConfig:
     device: str = "auto"          # auto | cpu | cuda | mps
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: the Frechet distance between two Gaussians (Heusel et al. 2017, Eq. 6)
-# --------------------------------------------------------------------------------------------------
+# --- Method: the Frechet distance between two Gaussians (Heusel et al. 2017, Eq. 6) ---------------
 
 def gaussian_stats(feats):
     """(mu, Sigma) of (N, D) features, in float64; Sigma is the unbiased sample covariance."""
@@ -112,9 +108,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: the Inception-v3 FID network (state-dict names as torchvision / pt_inception-2015-12-05)
-# --------------------------------------------------------------------------------------------------
+# --- Method: the Inception-v3 FID network (state-dict names as torchvision / pt_inception-2015-12-05) ---
 
 class BasicConv2d(nn.Module):
     """conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU."""
@@ -278,9 +272,7 @@ def load_inception(path, device="cpu"):
     return model.to(device).eval()
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: the offline metric's classifier ([inferred]: our design, not from a paper)
-# --------------------------------------------------------------------------------------------------
+# --- Method: the offline metric's classifier ([inferred]: our design, not from a paper) -----------
 
 class Classifier(nn.Module):
     """A small CNN: three stride-2 conv-BN-ReLU stages (w, 2w, 4w channels), global average pool -> 4w-d
@@ -327,9 +319,7 @@ def train_classifier(images, labels, num_classes, steps=None, batch_size=CLF_BAT
     return model.eval()
 
 
-# --------------------------------------------------------------------------------------------------
-# Apply: features, cached classifier / reference statistics
-# --------------------------------------------------------------------------------------------------
+# --- Apply: features, cached classifier / reference statistics ------------------------------------
 
 @torch.no_grad()
 def extract(net, images, batch_size=100, device="cpu", verbose=False):
@@ -407,9 +397,7 @@ def reference_stats(scorer, data="shapes", data_dir="data", image_size=32, batch
     return mu, sigma
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluate: the API every script scores its variants with
-# --------------------------------------------------------------------------------------------------
+# --- Evaluate: the API every script scores its variants with --------------------------------------
 
 def evaluate(model, data="shapes", data_dir="data", image_size=32, n=500, steps=50, method="ddim",
              cfg_scale=1.5, seed=0, batch_size=100, device=None, cache_dir="", metric="auto", verbose=False):
@@ -458,9 +446,21 @@ def load_images(source, data, data_dir, image_size, seed):
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
 
-# --------------------------------------------------------------------------------------------------
-# Measure: the one sampling timer and the pictures every script shares
-# --------------------------------------------------------------------------------------------------
+# --- Measure: the one sampling timer and the pictures every script shares -------------------------
+
+def timeit(fn, device, reps=10, warmup=2):
+    """Seconds for `reps` calls of fn after `warmup` calls (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
 
 @torch.no_grad()
 def time_sampling(models, batch, steps, cfg_scale=1.5, reps=3, warmup=1, seed=0, dtype="float32"):
@@ -476,10 +476,20 @@ def time_sampling(models, batch, steps, cfg_scale=1.5, reps=3, warmup=1, seed=0,
                             generator=torch.Generator().manual_seed(seed)).to(device)
             y = (torch.arange(batch) % m.num_classes).to(device)
             with dit.autocast(device, dtype):
-                s = dit.timeit(lambda: dit.run_sampler(m, z, y, k, cfg_scale), device, 1, 0)
+                s = timeit(lambda: dit.run_sampler(m, z, y, k, cfg_scale), device, 1, 0)
             if r >= warmup:
                 times[name].append(s)
     return times
+
+
+def sampler_gflops(model, steps, cfg_scale=1.5, seed=0):
+    """GFLOPs to generate one image: dit.count_flops over the whole sampler (every step, both CFG halves,
+    cache hits and slices included; one call for a one-step model), from seeded noise (SDT masks see it)."""
+    device = next(model.parameters()).device
+    z = torch.randn(1, model.in_channels, model.input_size, model.input_size,
+                    generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    return dit.count_flops(lambda: dit.run_sampler(model, z, y, steps, cfg_scale)) / 1e9
 
 
 def heat(a, cell):

@@ -30,6 +30,7 @@ Run:
     python jetson_bench.py out/dit.pt out/prune/dipgo_r0.5.pt --no-quality --reps 3
     python jetson_bench.py --stack                          # build the stacked variants first
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
+    python jetson_bench.py --peak                           # train / forward / sampling speed vs matmul peak
 Writes out/bench/bench.md, bench.csv, bench.json, pareto.png and samples.png (one row per model, same noise).
 Measured tables: README.md, jetson_bench.py section.
 """
@@ -52,9 +53,7 @@ import fid
 import prune
 import sample
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 KINDS = ("dit", "student", "dipgo", "dydit")
 
@@ -78,11 +77,11 @@ class BenchConfig:
     stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO, student + DyDiT)
     stack_ratio: float = 0.5      # DiP-GO reuse ratio for the stacked plan; DyDiT lambda for the stack
     stack_steps: int = 30         # DiP-GO pruner steps / DyDiT fine-tuning steps of the stack
+    peak: bool = False            # only time a fresh --preset DiT (train, forward, sampling) vs matmul peak
+    preset: str = "cpu"           # model size for --peak (dit.PRESETS)
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: one generation, timed per call
-# --------------------------------------------------------------------------------------------------
+# --- Method: one generation, timed per call -------------------------------------------------------
 
 class Timed(nn.Module):
     """Wraps a model so that every network call the sampler makes is timed (CUDA events on GPU, else
@@ -144,9 +143,7 @@ def pct(xs, q):
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
-# --------------------------------------------------------------------------------------------------
-# Apply: find checkpoints, build the stacked variants
-# --------------------------------------------------------------------------------------------------
+# --- Apply: find checkpoints, build the stacked variants ------------------------------------------
 
 def find_checkpoints(paths, root="out"):
     """[(path, kind)] of the tinydit checkpoints among `paths` (default: the shipped weights/*.pt and every
@@ -225,22 +222,16 @@ def build_stacks(found, cfg, device):
     return new
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluate: one row per (checkpoint, mode), the table, CSV / JSON, the Pareto plot
-# --------------------------------------------------------------------------------------------------
+# --- Evaluate: one row per (checkpoint, mode), the table, CSV / JSON, the Pareto plot -------------
 
 def bench_model(path, kind, model, cfg, device):
     """The rows (eager, and compile with --compile) of one checkpoint, loaded as `model`."""
     steps, calls = sampler_steps(model, cfg.steps)
-    z1 = torch.randn(1, model.in_channels, model.input_size, model.input_size,
-                     generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    y1 = torch.zeros(1, dtype=torch.long, device=device)
-    flops = dit.count_flops(lambda: dit.run_sampler(model, z1, y1, steps, cfg.cfg_scale))
+    flops = fid.sampler_gflops(model, steps, cfg.cfg_scale, cfg.seed) * 1e9
     q = dict(score=None, acc=None, metric="-")
     if cfg.quality:
         q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.n, steps=steps,
-                         cfg_scale=cfg.cfg_scale,
-                         seed=cfg.seed, batch_size=min(100, cfg.n), device=device)
+                         cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=min(100, cfg.n), device=device)
     rows = []
     for mode in ("eager", "compile") if cfg.compile else ("eager",):
         fn = torch.compile(model) if mode == "compile" else model
@@ -270,15 +261,50 @@ def pareto_points(rows, batch):
             for r in rows if r["mode"] == "eager" and r["score"] is not None]
 
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
+def peak_table(preset, device, B=64):
+    """Train img/s, forward and sampling img/s of a fresh `preset` DiT at batch B, and their achieved GFLOP/s
+    as a fraction of this device's fp32 matmul peak (a 1024^3 GEMM, measured in the same run)."""
+    tc = dit.resolve(dit.TrainConfig(preset=preset))
+    model, diffusion, S = dit.DiT(**dit.dit_config(tc)).to(device), dit.Diffusion(), tc.image_size
+    x, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+    t = torch.randint(0, 1000, (B,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        loss = diffusion.loss(model, x, y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fwd_flops = dit.count_flops(model.eval(), x, t, y)
+    with torch.no_grad():
+        fwd_s = fid.timeit(lambda: model(x, t, y), device, reps=10) / 10
+        xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
+        cfg_s = fid.timeit(lambda: dit.forward_with_cfg(model, xx, tt, yy, 4.0), device, reps=5) / 5
+    model.train()
+    train_s = fid.timeit(train_step, device, reps=5) / 5
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    peak = 2 * 1024 ** 3 * 20 / fid.timeit(lambda: a @ b, device, 20) / 1e9  # fp32 GEMM GFLOP/s
+    rows = [("train step (fwd+bwd+AdamW)", f"{B / train_s:.0f} img/s", 3 * fwd_flops / train_s / 1e9),
+            ("forward", f"{B / fwd_s:.0f} img/s", fwd_flops / fwd_s / 1e9),
+            ("sampling, 50 DDIM steps + CFG", f"{B / (50 * cfg_s):.1f} img/s", 2 * fwd_flops / cfg_s / 1e9)]
+    print(f"\n{device.type}, torch {torch.__version__}, float32, batch {B}, preset {preset}, "
+          f"{torch.get_num_threads()} threads; matmul peak {peak:.0f} GFLOP/s; "
+          f"forward {fwd_flops / B / 1e9:.3f} GFLOPs/img")
+    table = [{"what": n, "speed": v, "GFLOP/s (fraction of peak)": f"{g:.1f} ({g / peak:.2f})"}
+             for n, v, g in rows]
+    print(dit.markdown_table(table))
+    return rows, peak
+
+
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg, paths = dit.parse_args(BenchConfig, argv, paths=True)
     dit.check(cfg, dict(dtype=dit.DTYPES), ("steps", "batch", "reps", "n", "stack_ratio", "stack_steps"))
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
+    if cfg.peak:
+        return peak_table(cfg.preset, device)
     if device.type == "cpu" and cfg.dtype != "float32":
         print(f"note: {cfg.dtype} autocast on CPU, as asked; on many CPUs half precision is SLOWER than fp32")
     os.makedirs(cfg.out, exist_ok=True)

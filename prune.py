@@ -70,9 +70,7 @@ import torch.utils.checkpoint
 import dit
 import fid
 
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 DEPTH_METHODS = ("tinyfusion", "first", "last", "uniform", "shortgpt", "sensitivity", "magnitude", "taylor",
                  "randmin", "random", "index")
@@ -138,9 +136,7 @@ class PruneConfig:
 # Section 1: TinyFusion
 # ==================================================================================================
 
-# --------------------------------------------------------------------------------------------------
-# Method: search space, mask sampler, masked model, LoRA, export
-# --------------------------------------------------------------------------------------------------
+# --- Method: search space, mask sampler, masked model, LoRA, export -------------------------------
 
 def parse_pattern(pattern, depth):
     """Block-local N:M search space, TinyFusion Sec. 3: (options (K, M) 0/1 rows = every M-choose-N
@@ -185,9 +181,8 @@ def masked_forward(model, x, t, y, mask):
 
 
 class LoRALinear(nn.Module):
-    """W x + b + (alpha / r) B A x with W, b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv
-    2106.09685,
-    Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion Sec. 3."""
+    """W x + b + (alpha / r) B A x, W and b frozen, B = 0 at the start (LoRA, Hu et al. 2021, arXiv
+    2106.09685, Sec. 4.1, Eq. 3): the recoverability update dW of TinyFusion Sec. 3."""
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -200,9 +195,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha):
-    """Replace every nn.Linear (attention, MLP, adaLN, embedders, final layer) by a LoRALinear; freeze the
-    rest.
-    Returns the LoRA parameters."""
+    """Every nn.Linear (attention, MLP, adaLN, embedders, head) -> a LoRALinear; the rest frozen. Returns
+    the LoRA parameters."""
     model.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -261,9 +255,7 @@ def export_pruned(ckpt, kept, **info):
                 ema={k: v.clone() for k, v in weights.items()}, kept=list(kept), **info)
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: baselines (TinyFusion Tables 1 and 3)
-# --------------------------------------------------------------------------------------------------
+# --- Method: baselines (TinyFusion Tables 1 and 3) ------------------------------------------------
 
 def calib_batch(data, n, seed, device):
     """A fixed calibration batch (x0, y, i, noise): the same images, timesteps and noise for every mask."""
@@ -275,8 +267,7 @@ def calib_batch(data, n, seed, device):
 
 
 def calib_loss(model, batch, mask):
-    """Diffusion loss of `model` under a fixed mask right after pruning ("calibration loss", TinyFusion
-    Table 3)."""
+    """Diffusion loss under a fixed mask right after pruning ("calibration loss", TinyFusion Table 3)."""
     x0, y, i, noise = batch
     diffusion = dit.Diffusion()
     with torch.no_grad():
@@ -342,18 +333,14 @@ def baseline_kept(method, model, k, batch, cfg):
         score = [sum((p * p.grad).abs().sum().item() for p in b.parameters()) for b in model.blocks]
         model.zero_grad()
         return top(score)
-    if method == "randmin":  # lowest calibration loss among random k-of-L masks
-        combos = list(itertools.combinations(range(L), k))
-        if len(combos) > cfg.random_masks:
-            combos = [sorted(rng.choice(L, k, replace=False).tolist()) for _ in range(cfg.random_masks)]
-        losses = [calib_loss(model, batch, keep_mask(c, L, batch[0].device)) for c in combos]
-        return list(combos[int(np.argmin(losses))])
-    sys.exit(f"error: unknown --method {method!r}; choose from {', '.join(DEPTH_METHODS)}, all, dipgo")
+    combos = list(itertools.combinations(range(L), k))  # randmin: the lowest calibration loss of k-of-L masks
+    if len(combos) > cfg.random_masks:
+        combos = [sorted(rng.choice(L, k, replace=False).tolist()) for _ in range(cfg.random_masks)]
+    losses = [calib_loss(model, batch, keep_mask(c, L, batch[0].device)) for c in combos]
+    return list(combos[int(np.argmin(losses))])
 
 
-# --------------------------------------------------------------------------------------------------
-# Method: recovery losses (TinyFusion Sec. 3, Masked KD; Table 5)
-# --------------------------------------------------------------------------------------------------
+# --- Method: recovery losses (TinyFusion Sec. 3, Masked KD; Table 5) ------------------------------
 
 def masked_rep_loss(h_s, h_t, k):
     """Masked hidden-state KD, TinyFusion Sec. 3: per sample, mu and sigma over tokens and channels; only
@@ -381,8 +368,7 @@ def massive_activations(model, batch, k):
 
 
 def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
-    """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta(frac) L_rep, beta = beta_0
-    (1 - frac).
+    """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta L_rep, beta = beta_0 (1 - frac).
     Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
     KL between the two reverse Gaussians (student eps detached, as L_vb). cfg.recover == "kd": beta = 0."""
     B, C = x0.shape[0], x0.shape[1]
@@ -409,16 +395,13 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     return dict(loss=loss, kd=kd.detach(), gt=gt["loss"].detach(), rep=rep.detach())
 
 
-# --------------------------------------------------------------------------------------------------
-# Train / Apply: learn the mask, export, recover (every stage through dit.train)
-# --------------------------------------------------------------------------------------------------
+# --- Train / Apply: learn the mask, export, recover (every stage through dit.train) ---------------
 
 def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
     return dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir, out=out, steps=steps,
                            batch_size=cfg.batch_size, lr=lr, warmup=0, lr_end=lr_end, weight_decay=0.0,
                            grad_clip=grad_clip, ema_decay=ema_decay, log_every=max(steps // 4, 1),
-                           ckpt_every=steps,
-                           seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+                           ckpt_every=steps, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
 
 
 def learn_mask(cfg, teacher_ckpt, data, path):
@@ -431,11 +414,9 @@ def learn_mask(cfg, teacher_ckpt, data, path):
         weights = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     elif cfg.deltaw == "full":
         weights = list(model.parameters())
-    elif cfg.deltaw == "frozen":
-        model.requires_grad_(False)
+    else:  # frozen: only the logits learn
         weights = []
-    else:
-        sys.exit(f"error: --deltaw must be lora, full or frozen, not {cfg.deltaw!r}")
+        model.requires_grad_(False)
     net = MaskSearch(model, options, groups, cfg.learn_steps, cfg)
     groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}]
     if weights:
@@ -465,13 +446,11 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     if cfg.recover == "finetune":
         def loss_fn(m, xb, yb, step):
             return {k: v for k, v in diffusion.loss(m, xb, yb).items() if k in ("loss", "mse", "vb")}
-    elif cfg.recover in ("kd", "maskedkd"):
+    else:  # kd, maskedkd
         student.y_embedder.dropout_prob = 0.0  # recovery_loss drops labels, the same ones for the teacher
 
         def loss_fn(m, xb, yb, step):  # beta decays with the step: a resumed run continues the schedule
             return recovery_loss(m, teacher, diffusion, xb, yb, step / cfg.recover_steps, cfg)
-    else:
-        sys.exit(f"error: --recover must be none, finetune, kd or maskedkd, not {cfg.recover!r}")
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
     ema_decay = dit.PRESET_TRAIN[cfg.preset]["ema_decay"]
     tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, ema_decay, 1.0, cfg.recover_lr_end)
@@ -617,9 +596,7 @@ def run_depth_pruning(cfg, methods, device):
 # Section 2: DiP-GO
 # ==================================================================================================
 
-# --------------------------------------------------------------------------------------------------
-# Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing
-# --------------------------------------------------------------------------------------------------
+# --- Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing -----------------
 
 def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
     """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
@@ -717,11 +694,7 @@ def consistency_loss(x, ref, kind="ssim"):
     default; MSE and L1 are the code's other options)."""
     if kind == "ssim":
         return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
-    if kind == "mse":
-        return F.mse_loss(x, ref)
-    if kind == "l1":
-        return F.l1_loss(x, ref)
-    raise ValueError(f"--loss must be ssim, mse or l1, not {kind!r}")
+    return F.mse_loss(x, ref) if kind == "mse" else F.l1_loss(x, ref)
 
 
 def postprocess(score, ratio):
@@ -759,9 +732,7 @@ def random_plan(steps, depth, ratio, seed=0):
     return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse.view(S, depth)])
 
 
-# --------------------------------------------------------------------------------------------------
-# Section 2: DiP-GO. Apply: the SuperNet / cached model, pruner training, checkpoint
-# --------------------------------------------------------------------------------------------------
+# --- Section 2: DiP-GO. Apply: the SuperNet / cached model, pruner training, checkpoint -----------
 
 class CachedDiT(nn.Module):
     """A DiT that runs a DiP-GO plan inside any sampler (dit.sample / generate / fid.evaluate). It knows
@@ -846,9 +817,7 @@ def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None, key=None)
                              dipgo_config=dataclasses.asdict(cfg), metrics=metrics or {}, key=key), path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Section 2: DiP-GO. Evaluate: compute accounting, timing, quality, pictures
-# --------------------------------------------------------------------------------------------------
+# --- Section 2: DiP-GO. Evaluate: compute accounting, timing, quality, pictures -------------------
 
 def block_flops(model):
     """(FLOPs of one block, FLOPs of everything else) for one image and one forward."""
@@ -876,14 +845,11 @@ def save_heatmap(score, plan, path, cell=12):
 def dipgo_variants(base, score, ratio, cfg):
     """DiP-GO's plan and the three matched-compute baselines for one ratio: [(name, model, steps, plan)]."""
     K, N = cfg.eval_steps, len(base.blocks)
-    plan = postprocess(score, ratio)
-    fewer = max(1, round(K * plan.float().mean().item()))  # (c) the plain sampler, as many block calls
-    return [(f"DiP-GO r={ratio}", CachedDiT(base, K, plan).eval(), K, plan),
-            (f"uniform r={ratio}", CachedDiT(base, K, uniform_plan(K, N, ratio)).eval(), K,
-             uniform_plan(K, N, ratio)),
-            (f"random r={ratio}", CachedDiT(base, K, random_plan(K, N, ratio, cfg.seed)).eval(), K,
-             random_plan(K, N, ratio, cfg.seed)),
-            (f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))]
+    plans = {f"DiP-GO r={ratio}": postprocess(score, ratio), f"uniform r={ratio}": uniform_plan(K, N, ratio),
+             f"random r={ratio}": random_plan(K, N, ratio, cfg.seed)}
+    fewer = max(1, round(K * plans[f"DiP-GO r={ratio}"].float().mean().item()))  # (c) as many block calls
+    return ([(name, CachedDiT(base, K, p).eval(), K, p) for name, p in plans.items()]
+            + [(f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))])
 
 
 def dipgo_main(cfg):
@@ -901,17 +867,16 @@ def dipgo_main(cfg):
               f"{K}-step DDIM")
         t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
         key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
-        old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else None
-        if old is not None and old.get("key") == key:
+        old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else {}
+        if old.get("key") == key:
             print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
-            score, log = old["score"], old["metrics"].get("log")
+            score = old["score"]
         else:
             score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r))
+            metrics = dict(learn_s=round(time.time() - t0, 1), log=log)
+            save_dipgo(base_ckpt, postprocess(score, r), score, cfg, r, path, metrics, key)
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
-        if old is None or old.get("key") != key:
-            metrics = dict(learn_s=round(time.time() - t0, 1), log=log)
-            save_dipgo(base_ckpt, plan, score, cfg, r, path, metrics, key)
         save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
         print(f"{time.time() - t0:.0f} s; reused slots {int((~plan).sum())} of {(K - 1) * N} "
               f"(target {r * (K - 1) * N:.1f})")
@@ -939,19 +904,15 @@ def dipgo_main(cfg):
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
     dit.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
-                     [v[2] for v in variants], cfg.cfg_scale)
-    print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate on "
+                  [v[2] for v in variants], cfg.cfg_scale)
+    print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate, "
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
-          "vs full; "
-          f"blocks kept = block calls / ({K} x {N}); grid rows = table rows ({cfg.out}/dipgo_samples.png)")
-    os.makedirs(cfg.out, exist_ok=True)
+          f"vs full; blocks kept = block calls / ({K} x {N}); dipgo_samples.png: a row per variant")
     print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
     return rows
 
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
@@ -966,11 +927,9 @@ def main(argv=None):
     if cfg.method == "dipgo":
         return dipgo_main(cfg)
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
-    if all(m in DEPTH_METHODS for m in methods):
-        return run_depth_pruning(cfg, methods, device)
-    else:
-        sys.exit(f"error: unknown --method {cfg.method!r}; choose from {', '.join(DEPTH_METHODS)}, all, "
-                 "dipgo")
+    if not all(m in DEPTH_METHODS for m in methods):
+        sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
+    return run_depth_pruning(cfg, methods, device)
 
 
 if __name__ == "__main__":

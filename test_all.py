@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -54,9 +55,7 @@ def run(args, **kw):
                           **kw)
 
 
-# --------------------------------------------------------------------------------------------------
-# dit.py: the model
-# --------------------------------------------------------------------------------------------------
+# --- dit.py: the model ----------------------------------------------------------------------------
 
 def test_adaln_zero_fresh_block_is_identity():
     """adaLN-Zero (DiT Sec. 3.2): every gate starts at 0, so a fresh block returns its input exactly,
@@ -154,9 +153,7 @@ def test_return_features_gives_each_block_output():
     assert len(feats) == 4 and torch.allclose(model.head(h, c), out, atol=1e-6)
 
 
-# --------------------------------------------------------------------------------------------------
-# dit.py: diffusion and training
-# --------------------------------------------------------------------------------------------------
+# --- dit.py: diffusion and training ---------------------------------------------------------------
 
 def test_respacing_keeps_alpha_bar_at_kept_steps():
     """IDDPM respacing: the respaced process has the original alpha_bar at every kept timestep."""
@@ -266,9 +263,7 @@ def test_torchrun_ddp_two_processes_train(tmp_path):
     assert ck["step"] == 4 and len(ck["rng"]) == 2
 
 
-# --------------------------------------------------------------------------------------------------
-# dit.py: data
-# --------------------------------------------------------------------------------------------------
+# --- dit.py: data ---------------------------------------------------------------------------------
 
 def test_shapes_dataset_is_deterministic_and_balanced():
     x, y, nc = dit.load_data("shapes", image_size=32)
@@ -339,9 +334,7 @@ def test_missing_data_gives_one_clear_line(tmp_path):
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
 
 
-# --------------------------------------------------------------------------------------------------
-# sample.py
-# --------------------------------------------------------------------------------------------------
+# --- sample.py ------------------------------------------------------------------------------------
 
 class OracleEps(torch.nn.Module):
     """The exact eps of a one-image data set {x*}: eps = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)."""
@@ -415,11 +408,7 @@ def test_bad_checkpoints_and_flags_give_one_clear_line(tmp_path):
     assert "unknown --preset" in str(e.value)
 
 
-# --------------------------------------------------------------------------------------------------
-# fid.py
-# --------------------------------------------------------------------------------------------------
-
-
+# --- fid.py ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
@@ -437,9 +426,7 @@ def no_inception(monkeypatch, tmp_path):
     monkeypatch.setattr(fid, "download_inception", lambda *a: pytest.fail("tests must not download"))
 
 
-# --------------------------------------------------------------------------------------------------
-# Frechet distance
-# --------------------------------------------------------------------------------------------------
+# --- Frechet distance -----------------------------------------------------------------------------
 
 def random_spd(rng, d):
     a = rng.normal(size=(d, d))
@@ -484,9 +471,7 @@ def test_fd_is_symmetric_and_handles_rank_deficient_covariances():
     assert np.isfinite(d) and d > 0
 
 
-# --------------------------------------------------------------------------------------------------
-# Inception-v3 FID network
-# --------------------------------------------------------------------------------------------------
+# --- Inception-v3 FID network ---------------------------------------------------------------------
 
 def test_inception_parameter_names_and_shapes_match_the_fid_weights_file():
     """Names/shapes of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3 names, no AuxLogits,
@@ -556,9 +541,7 @@ def test_inception_preprocessing_is_pytorch_fid_range_and_shape():
     assert y[2, :, 0, 0].tolist() == pytest.approx((x[2, :, 0, 0].float() / 127.5 - 1).tolist(), abs=1e-5)
 
 
-# --------------------------------------------------------------------------------------------------
-# FD-clf, evaluate(), the CLI
-# --------------------------------------------------------------------------------------------------
+# --- FD-clf, evaluate(), the CLI ------------------------------------------------------------------
 
 def test_classifier_metric_ranks_real_data_far_better_than_noise(cache):
     scorer = fid.get_scorer("auto", "shapes", "data", 16, "cpu", cache)
@@ -608,9 +591,7 @@ def test_cli_scores_npz_folder_and_stats_inputs(cache, tmp_path, capsys):
     assert abs(float(last.split("|")[4])) < 1e-6, last
 
 
-# --------------------------------------------------------------------------------------------------
-# distill.py
-# --------------------------------------------------------------------------------------------------
+# --- distill.py -----------------------------------------------------------------------------------
 
 TINY = dict(dit.PRESETS["tiny"], in_channels=3, num_classes=10, mlp_ratio=4.0)
 
@@ -711,8 +692,8 @@ def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
     written, and the student checkpoint loads with build_student into the same model."""
     out = str(tmp_path / "d")
     rows = distill.main(args + ["--teacher", tiny_teacher, "--out", out, "--width", "32", "--steps", "6",
-                                "--aux-steps", "4", "--pairs", "32", "--batch-size", "16",
-                                "--sample-steps", "2", "--eval-n", "0", "--log-every", "100"])
+                                "--aux-steps", "4", "--teacher-steps", "4", "--pairs", "32", "--eval-n", "0",
+                                "--batch-size", "16", "--sample-steps", "2", "--log-every", "100"])
     assert rows[0]["model"] == "teacher" and rows[-1]["model"] == "student" and rows[-1]["train steps"] == 6
     setup = "multistep" if "multistep" in args else "onestep"
     assert os.path.exists(os.path.join(out, f"{setup}_{args[args.index('--method') + 1]}_grid.png"))
@@ -724,11 +705,24 @@ def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
     assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
 
 
-# --------------------------------------------------------------------------------------------------
-# prune.py, Section 1: TinyFusion
-# --------------------------------------------------------------------------------------------------
+def test_a_shipped_one_step_teacher_is_reused_only_with_equal_settings(tiny_teacher, tmp_path, capsys):
+    """--ship writes the one-step teacher (EMA, float16) to --shipped; a fresh --out with the same settings
+    reuses it instead of training one, another --teacher-steps trains its own."""
+    common = ["--teacher", tiny_teacher, "--method", "fkd", "--width", "32", "--steps", "2", "--pairs", "16",
+              "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0", "--bench-reps", "1",
+              "--shipped", str(tmp_path / "w")]
+    distill.main(common + ["--teacher-steps", "3", "--out", str(tmp_path / "a"), "--ship"])
+    shipped = glob.glob(str(tmp_path / "w" / "distill_onestep-teacher_*.pt"))
+    assert len(shipped) == 1
+    assert {v.dtype for v in torch.load(shipped[0], weights_only=True)["ema"].values()} == {torch.float16}
+    capsys.readouterr()
+    distill.main(common + ["--teacher-steps", "3", "--out", str(tmp_path / "b")])
+    assert "reusing" in capsys.readouterr().out and not glob.glob(str(tmp_path / "b" / "onestep-teacher_*"))
+    distill.main(common + ["--teacher-steps", "4", "--out", str(tmp_path / "c")])
+    assert glob.glob(str(tmp_path / "c" / "onestep-teacher_*.pt"))
 
 
+# --- prune.py, Section 1: TinyFusion --------------------------------------------------------------
 
 def random_tiny_dit(depth=4, seed=0):
     """A tiny DiT whose blocks are not the identity (adaLN-Zero gates randomised)."""
@@ -851,11 +845,7 @@ def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
     assert len(glob.glob(str(tmp_path / "d4_k1-2_finetune_*.pt"))) == 3
 
 
-# --------------------------------------------------------------------------------------------------
-# prune.py, Section 2: DiP-GO
-# --------------------------------------------------------------------------------------------------
-
-
+# --- prune.py, Section 2: DiP-GO ------------------------------------------------------------------
 
 def tiny_base(path):
     return dit.build_dit(dit.load_checkpoint(path)).requires_grad_(False)
@@ -973,11 +963,7 @@ def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
         assert os.path.exists(os.path.join(out, f))
 
 
-# --------------------------------------------------------------------------------------------------
-# dynamic.py
-# --------------------------------------------------------------------------------------------------
-
-
+# --- dynamic.py -----------------------------------------------------------------------------------
 
 def mixed_dydit(ckpt, seed=0):
     """A DyDiT on the tiny teacher whose routers switch some heads / groups / tokens off: TDW biases
@@ -1130,9 +1116,7 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
         assert os.path.exists(tmp_path / f"dy_{name}.png")
 
 
-# --------------------------------------------------------------------------------------------------
-# jetson_bench.py
-# --------------------------------------------------------------------------------------------------
+# --- jetson_bench.py ------------------------------------------------------------------------------
 
 def analytic_forward_flops(cfg, B=1):
     """2*M*N*K of every matmul in one DiT forward, counted by hand (lookups and elementwise ops: 0)."""
@@ -1163,6 +1147,16 @@ def pruned_copy(path, out, keep):
     dit.save_checkpoint(dict(kind="dit", config=dict(ck["config"], depth=len(keep)), model=sub(ck["ema"]),
                              ema=sub(ck["ema"]), kept=list(keep), method="tinyfusion"), out)
     return out
+
+
+def test_peak_table_times_a_fresh_dit_against_the_matmul_peak(capsys):
+    """jetson_bench.py --peak (moved from dit.py --bench, which now says so in one line)."""
+    rows, peak = jetson_bench.peak_table("tiny", torch.device("cpu"), B=4)
+    assert peak > 0 and len(rows) == 3 and all(gf > 0 for _, _, gf in rows)
+    assert "fraction of peak" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        dit.main(["--bench"])
+    assert "jetson_bench.py --peak" in str(e.value)
 
 
 def test_flop_counter_matches_analytic_matmul_count():
@@ -1253,9 +1247,7 @@ def test_stack_tinyfusion_dipgo_builds_a_plan_checkpoint(tiny_teacher, tmp_path,
     assert len(model.dit.blocks) == 3 and model.steps == 3 and model.plan.shape == (3, 3)
 
 
-# --------------------------------------------------------------------------------------------------
-# Trust: resume, defaults and bad input (each fails on the code before its fix)
-# --------------------------------------------------------------------------------------------------
+# --- Trust: resume, defaults and bad input (each fails on the code before its fix) ----------------
 
 def official_space_timesteps(num_timesteps, section_counts):
     """The arithmetic of IDDPM / DiT respace.py space_timesteps, transcribed (sections of the process,
@@ -1442,9 +1434,9 @@ def test_torchrun_unused_parameters_and_a_new_world_size(tmp_path, tiny_teacher)
     unused) and a DyDiT ablation mode train; a 2-process dit.py checkpoint resumes in one process."""
     common = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
     r = run(common + ["distill.py", "--method", "mi1", "--teacher", tiny_teacher, "--out", str(tmp_path),
-                      "--width", "32", "--steps", "4", "--aux-steps", "2", "--pairs", "16",
-                      "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0", "--bench-reps", "1",
-                      "--device", "cpu"])
+                      "--width", "32", "--steps", "4", "--aux-steps", "2", "--teacher-steps", "2",
+                      "--pairs", "16", "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0",
+                      "--bench-reps", "1", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
     dy = str(tmp_path / "dy.pt")
     r = run(common + ["dynamic.py", "--mode", "tdw", "--teacher", tiny_teacher, "--out", dy,
@@ -1529,6 +1521,15 @@ def test_dipgo_postprocess_visits_blocks_output_side_first():
     slots, the last block is the one reused."""
     plan = prune.postprocess(torch.full((3, 2), 0.99), 0.5)  # 3 gated steps x 2 blocks, 3 slots to reuse
     assert plan[0].all() and (~plan[1:, 1]).all() and plan[1:, 0].all()
+
+
+def test_readme_files_table_lists_the_real_line_counts():
+    """The README's Files table says "line counts from wc -l on this commit": keep it true."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    listed = dict(re.findall(r"^\| `(\w+\.py)` \|.*\| (\d+) \|$", text, re.M))
+    assert set(listed) == {s + ".py" for s in SCRIPTS} | {"test_all.py"}
+    for name, n in listed.items():
+        assert int(n) == len(open(os.path.join(HERE, name)).read().splitlines()), name
 
 
 def test_no_line_over_110_columns():
