@@ -499,7 +499,7 @@ def main(argv=None):
     runs = [(m, float(v)) for m, v in (r.split(":") for r in cfg.variants.split(","))] if cfg.sweep \
         else [(cfg.mode, cfg.lam)]
     base = dit.build_dit(teacher).to(device)
-    static, rows, pictures, dirs = base, [], [], {}
+    static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
     if not cfg.sweep:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
     for mode, lam in runs:
@@ -510,21 +510,23 @@ def main(argv=None):
         ck = finetune(run, teacher)
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if mode == "static":  # the control: speedups of every later row are measured against it
-            static = dit.build_dit(ck).to(device)
+            static = grid["static"] = dit.build_dit(ck).to(device)
             rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
                      evaluate("base (not fine-tuned)", base, static, cfg, device)]
         else:
-            model = build_dydit(ck).to(device)
+            model = grid[f"{mode} {lam}"] = build_dydit(ck).to(device)
             rows.append(evaluate(mode, model, static, cfg, device, lam))
             pictures += save_pictures(model, os.path.splitext(out)[0], cfg)
             dirs[f"{mode} {lam}"] = direction(model)
+        samples = os.path.join(os.path.dirname(out) or ".", "dydit_samples.png")
+        dit.save_rows(grid, samples, cfg.seed, cfg.eval_steps, cfg.cfg_scale)
         print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
         print(f"{cfg.steps} fine-tuning steps per variant; quality: fid.evaluate n={cfg.eval_n}, "
               f"{cfg.eval_steps} DDIM steps, cfg {cfg.cfg_scale}; speed: the same sampling, vs the first "
               "static row\n"
               + dit.markdown_table(rows))
         print("active width, t in [750,1000) minus t in [0,250) (heads, groups): " + json.dumps(dirs))
-        print("pictures: " + ", ".join(pictures))
+        print(f"pictures: {', '.join(pictures)}; {samples}: a row per model ({', '.join(grid)}), same noise")
 
 if __name__ == "__main__":
     main()

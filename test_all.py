@@ -1114,6 +1114,8 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     assert ratio.mean() < 0.95  # the FLOPs term switched units / tokens off
     for name in ("widths", "tokens"):
         assert os.path.exists(tmp_path / f"dy_{name}.png")
+    from PIL import Image  # the samples grid: base and the DyDiT, one 16 px row each, 10 classes
+    assert Image.open(tmp_path / "dydit_samples.png").size == (10 * 18 + 2, 2 * 18 + 2)
 
 
 # --- jetson_bench.py ------------------------------------------------------------------------------
