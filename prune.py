@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from scipy.stats import spearmanr
 
 import dit
 import fid
@@ -588,6 +589,13 @@ def run_depth_pruning(cfg, methods, device):
           f"{cfg.cfg_scale}; pruned = right after pruning, recovered = after {cfg.recover_steps} steps of "
           f"{cfg.recover}; sampling_s = {cfg.speed_steps} DDIM steps + CFG at batch {cfg.speed_batch}")
     print_results(rows, device, cfg, os.path.join(cfg.out, "results.json"))
+    distinct = {tuple(r["kept"]): r for r in results if r["recovered_score"] and r["pruned_score"]}.values()
+    if len(distinct) >= 3:  # TinyFusion's point: the loss right after pruning barely predicts recovery
+        rec = [r["recovered_score"]["score"] for r in distinct]
+        for what, xs in (("calibration loss", [r["calib_loss"] for r in distinct]),
+                         ("quality right after pruning", [r["pruned_score"]["score"] for r in distinct])):
+            rho, p = spearmanr(xs, rec)
+            print(f"Spearman({what}, recovered quality), {len(rec)} distinct masks: {rho:.2f} (p = {p:.2f})")
     print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
     return results
 

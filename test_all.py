@@ -817,7 +817,7 @@ def test_massive_activation_probe_finds_a_planted_outlier():
     assert prune.massive_activations(model, batch, spiked[1][0] + 1)[1][1] == 0.0
 
 
-def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
+def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path, capsys):
     """All methods 4 -> 2 blocks with the same (tiny) recovery, one table; checkpoints are plain DiTs."""
     common = ["--teacher", tiny_teacher, "--preset", "tiny", "--out", str(tmp_path), "--batch-size", "8",
               "--learn-steps", "4", "--recover-steps", "2", "--calib-n", "8", "--eval-n", "0",
@@ -843,6 +843,9 @@ def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path):
     for flags in (["--recover-lr", "2e-3"], ["--recover-lr-end", "1.0"], ["--alpha-kd", "0.5"], []):
         prune.main(["--method", "index", "--kept", "1,2"] + common + flags)
     assert len(glob.glob(str(tmp_path / "d4_k1-2_finetune_*.pt"))) == 3
+    capsys.readouterr()  # scored runs print the rank correlation of TinyFusion's point over distinct masks
+    prune.main(["--method", "first,last,uniform"] + common + ["--eval-n", "6"])  # the last flag wins
+    assert capsys.readouterr().out.count("Spearman(") == 2
 
 
 # --- prune.py, Section 2: DiP-GO ------------------------------------------------------------------
