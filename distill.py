@@ -261,8 +261,11 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     pairs = block_map(shape[0], L_T, how) if how else []
     key = dict(name=name, config=config, setup=cfg.setup, pairs=pairs, mi1=mi1, data=base["data_tag"],
                teacher=getattr(teacher, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
-               **{k: getattr(cfg, k) for k in ("out_loss", "feat_weight", "local_frac", "batch_size", "lr",
-                                               "ema_decay", "seed", "dtype")})
+               **{k: getattr(cfg, k) for k in ("out_loss", "batch_size", "lr", "ema_decay", "seed", "dtype")})
+    if pairs:  # the feature weight and MI1's split only matter to the stages that use them
+        key["feat_weight"] = cfg.feat_weight
+    if mi1:
+        key["local_frac"] = cfg.local_frac
     tag = dit.settings_tag(key)
     net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
     diffusion = dit.Diffusion()
