@@ -32,6 +32,7 @@ image, quality) and out/distill/<run>_grid.png (one row per model, same noise). 
 """
 import json
 import os
+import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 
@@ -246,12 +247,14 @@ def build_student(ckpt, ema=True):
     return model.eval()
 
 
-def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None, seed=None):
+def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None,
+                shared=False):
     """Train one network with dit.train -> (EMA model, checkpoint). teacher: the frozen feature source (None:
     the pairs only); how: block mapping (None: output only); init/keep: copy init's blocks keep; mi1: stage A
-    then B. The file name hashes everything the stage depends on, so equal stages are shared across runs."""
+    then B. The file name hashes everything the stage depends on, so equal stages are shared across runs.
+    shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
     onestep, device = cfg.setup == "onestep", dit.pick_device(cfg.device)
-    steps, cfg = steps or cfg.steps, cfg if seed is None else replace(cfg, seed=seed)
+    steps, cfg = steps or cfg.steps, replace(cfg, seed=0) if shared else cfg
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(cfg.seed)
     student = OneStepDiT(**config) if onestep else dit.DiT(**config)
@@ -300,7 +303,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     meta = dict(kind="student", config=dict(config, arch="onestep" if onestep else "dit"), stage=name,
                 method=cfg.method, setup=cfg.setup, key=json.dumps(key))
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
-    if name == "onestep-teacher" and os.path.exists(shipped) and not cfg.ship:
+    if shared and os.path.exists(shipped) and not cfg.ship:
         ck = dit.load_checkpoint(shipped, kinds=["student"])
         if ck.get("key") == meta["key"]:
             print(f"[{name}] reusing {shipped}: every setting that made it is equal (key {tag}, fp16)")
@@ -319,7 +322,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
-    if cfg.ship and name == "onestep-teacher":
+    if shared and cfg.ship:
         dit.ship_weights(ck, shipped)
         print(f"[{name}] wrote {shipped} (EMA weights, float16)")
     model = net.student.eval().requires_grad_(False).to(device)
@@ -344,7 +347,7 @@ def run_method(cfg, base, shape):
     big = T
     if onestep:
         big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)),
-                    steps=cfg.teacher_steps, seed=0)  # one fixed feature source for every --seed
+                    steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
     if cfg.method == "fkd":
         stage("student", shape, big, cfg.mapping)
     elif cfg.method == "mi1":
@@ -375,7 +378,7 @@ def measure(cfg, entries, device):
         L, D, H = shape_of(model)
         row = {"model": name, "L x D x heads": f"{L} x {D} x {H}",
                "params": f"{dit.param_count(model) / 1e6:.3f}M", "NFE": nfe, "GFLOPs/img": f"{gflops:.3f}",
-               **{f"ms/img b{B}": f"{1000 * torch.tensor(t[name]).median() / B:.2f}" for B, t in ms.items()},
+               **{f"ms/img b{B}": f"{1000 * statistics.median(t[name]) / B:.2f}" for B, t in ms.items()},
                "train steps": ck["steps"] if ck else "-", "train s": ck["wall_s"] if ck else "-"}
         if cfg.eval_n:
             q = fid.evaluate(model, cfg.data, cfg.data_dir, model.input_size, n=cfg.eval_n,
