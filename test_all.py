@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from scipy.stats import spearmanr
 
 import dit
 import distill
@@ -799,6 +800,16 @@ def test_masked_rep_loss_ignores_massive_activations():
     hs[0, 0, 0], ht[0, 0, 0] = 1000.0, 2000.0
     assert prune.masked_rep_loss(hs, ht, 2.0) == 0
     assert prune.masked_rep_loss(hs, ht, 0.0) > 100
+
+
+def test_spearman_p_is_exact_for_few_masks():
+    """3 masks in perfect order: 2 of the 3! orderings reach |rho| = 1, so p = 1/3 (not scipy's 0); rho
+    itself and the large-n p agree with scipy."""
+    assert prune.spearman([0.1, 0.2, 0.3], [5.0, 4.0, 3.0]) == (-1.0, 1 / 3)
+    rho, p = prune.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert abs(rho - spearmanr([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])[0]) < 1e-12 and 0.05 < p < 0.5
+    xs, ys = np.arange(12.0), np.array([3, 1, 2, 6, 5, 4, 9, 7, 8, 12, 11, 10.0])
+    assert prune.spearman(xs, ys) == tuple(spearmanr(xs, ys))
 
 
 def test_massive_activation_probe_finds_a_planted_outlier():
