@@ -513,16 +513,13 @@ def fmt_score(r):
 
 def spearman(xs, ys):
     """Spearman's rho and its two-sided p. For n <= 8 the p is exact: the share of the n! orderings of ys
-    whose |rho| reaches the observed one (scipy's t approximation prints p = 0 for 3 points in order)."""
+    whose |rho| reaches the observed one (scipy's t approximation prints p = 0 for 3 points in order).
+    rho = Pearson correlation of the ranks; the first ordering is the observed one."""
     if len(xs) > 8:
         return tuple(spearmanr(xs, ys))
-    def rho(a, b):  # Pearson correlation of ranks, over the last axis
-        a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
-        return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
-    rx, ry = rankdata(xs), rankdata(ys)
-    r = rho(rx, ry)
-    perms = rho(rx, np.array(list(itertools.permutations(ry))))
-    return float(r), float(np.mean(np.abs(perms) >= abs(r) - 1e-12))
+    dx, dy = (r - r.mean() for r in (rankdata(xs), rankdata(ys)))
+    rhos = np.array(list(itertools.permutations(dy))) @ dx / np.sqrt((dx @ dx) * (dy @ dy))
+    return float(rhos[0]), float(np.mean(np.abs(rhos) >= abs(rhos[0]) - 1e-12))
 
 
 def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
