@@ -71,6 +71,7 @@ class DistillConfig:
     bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    preset: str = ""             # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
     ship: bool = False           # after training the one-step teacher, write it (EMA, fp16) to --shipped
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
@@ -81,6 +82,10 @@ class DistillConfig:
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
     log_every: int = 100         # training log line every N steps
+
+
+# the GPU presets' recipe for every stage (DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy) [inferred]
+PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 
 # --- Method: the one-step student, block mappings, the distillation loss --------------------------
@@ -161,9 +166,11 @@ def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_we
         terms["out"] = output_distance(out, target, out_loss)
         loss = terms["out"]
     if t_feats is not None and pairs:
+        # assignment 5 begin: feature KD with its projector
         norm = lambda h: F.layer_norm(h, h.shape[-1:])  # (B, T, D_T), no affine
         mse = [F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs)]
         terms["feat"] = sum(mse) / len(pairs)
+        # assignment 5 end
         loss = loss + feat_weight * terms["feat"]
     terms["loss"] = loss
     return terms
@@ -183,7 +190,9 @@ class Distiller(nn.Module):
     def forward(self, x, y, t=None, t_feats=None):
         if self.groups is None:
             out, feats = features(self.student, x, y, t)
+            # assignment 5 begin: feature KD with its projector
             return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.pairs)]
+            # assignment 5 end
         h, c, net = embed(self.student, x, y, t)
         outs = []
         for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
@@ -313,7 +322,8 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
-        tcfg = dit.TrainConfig(data=cfg.data, out=os.path.join(cfg.out, run + ".pt"), steps=n, lr=cfg.lr,
+        tcfg = dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir,
+                               out=os.path.join(cfg.out, run + ".pt"), steps=n, lr=cfg.lr,
                                batch_size=cfg.batch_size, warmup=20, ema_decay=cfg.ema_decay,
                                seed=cfg.seed + k, log_every=cfg.log_every, ckpt_every=10**9,
                                device=cfg.device, dtype=cfg.dtype)
@@ -322,7 +332,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
-    if shared and cfg.ship:
+    if shared and cfg.ship and dit.is_main():
         dit.ship_weights(ck, shipped)
         print(f"[{name}] wrote {shipped} (EMA weights, float16)")
     model = net.student.eval().requires_grad_(False).to(device)
@@ -399,6 +409,8 @@ def sweep(cfg, base, device):
     for shape in SWEEP:
         _, model, ck = run_method(cfg, base, shape)[-1]
         entries.append((f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck))
+    if not dit.is_main():  # under torchrun: rank 0 measures, the others wait in dist_finish
+        return []
     rows = measure(cfg, entries, device)
     points = [(float(r["ms/img b1"]), float(q), f"{r['model'][8:]} {r['params']}")
               for r in rows[1:] for k, q in r.items() if "lower better" in k]
@@ -419,9 +431,12 @@ def main(argv=None):
                               "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
         sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
+    dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
-    print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
+    dit.dist_setup(device)
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
+    dit.method_preset(cfg, ck, PAPER)
+    print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
     base = dict(teacher=T, config=ck["config"])
@@ -430,24 +445,28 @@ def main(argv=None):
         name = (f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}"
                 f"_seed{cfg.pairs_seed}.pt")
         path = os.path.join(cfg.out, name)
-        p = make_pairs(T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path)
+        p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path)
         base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
                     data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
     else:
         x, y, _ = dit.load_data(cfg.data, cfg.data_dir, T.input_size)
-        base.update(data=(x, y), data_tag=f"{cfg.data}-{os.path.basename(os.path.normpath(cfg.data_dir))}")
+        base.update(data=(x, y), data_tag=f"{cfg.data}-{dit.data_tag(x, y)}")
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, base, device)
-        print(f"\n{header}\n{dit.markdown_table(rows)}")
-        return rows
+        if rows:
+            print(f"\n{header}\n{dit.markdown_table(rows)}")
+        return dit.dist_finish() or rows
     stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
+    if not dit.is_main():  # under torchrun: rank 0 measures and writes, the others wait in dist_finish
+        return dit.dist_finish()
     grid = os.path.join(cfg.out, f"{cfg.setup}_{cfg.method}_grid.png")
     dit.save_rows([T] + [m for _, m, _ in stages], grid, cfg.seed, cfg.sample_steps, cfg.cfg_scale)
     rows = measure(cfg, [("teacher", T, None)] + stages, device)
     names = ", ".join(n for n, _, _ in stages)
     print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (rows: teacher, {names}; same noise): {grid}"
           f"\nstudent checkpoint: {stages[-1][2]['path']}")
+    dit.dist_finish()
     return rows
 
 

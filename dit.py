@@ -30,6 +30,7 @@ Run:
     torchrun --nproc_per_node=2 dit.py --preset tiny --steps 20 --out out/ddp
 """
 import argparse
+import builtins
 import copy
 import dataclasses
 import functools
@@ -47,6 +48,7 @@ import time
 import urllib.request
 from collections import namedtuple
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -121,6 +123,22 @@ def resolve(cfg):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def method_preset(cfg, teacher_ckpt, paper):
+    """A method script's preset: cfg.preset, or "" = the base's (its train_config; cpu if it does not say).
+    On the GPU presets (cifar, imagenet64) every field of `paper` still at its CPU default takes the paper's
+    value (constant EMA, lr 1e-4 as DiT Sec. 4 ...); the CPU presets keep ours. The EMA warm-up follows the
+    preset in train() (resolve)."""
+    if not cfg.preset:
+        cfg.preset = (teacher_ckpt.get("train_config") or {}).get("preset", "cpu")
+    if cfg.preset not in PRESETS:
+        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for k, v in paper.items():
+        if cfg.preset in ("cifar", "imagenet64") and getattr(cfg, k) == defaults[k]:
+            setattr(cfg, k, v)
+    return cfg
+
+
 def check(cfg, choices=None, positive=()):
     """One error line (and exit) for a flag outside its choices or a count that must be positive."""
     for k, allowed in (choices or {}).items():
@@ -168,7 +186,9 @@ Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp sc
 
 def modulate(x, shift, scale):
     """adaLN modulation, DiT Sec. 3.2: x * (1 + scale) + shift, broadcast over the tokens."""
+    # assignment 1 begin: adaLN-Zero modulation in the DiT block
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # assignment 1 end
 
 
 class PatchEmbed(nn.Module):
@@ -264,10 +284,14 @@ class DiTBlock(nn.Module):
         return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
 
     def attn_branch(self, x, mod):
+        # assignment 1 begin: adaLN-Zero modulation in the DiT block
         return mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
+        # assignment 1 end
 
     def mlp_branch(self, x, mod):
+        # assignment 1 begin: adaLN-Zero modulation in the DiT block
         return mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
+        # assignment 1 end
 
     def forward(self, x, c):
         mod = self.modulation(c)
@@ -508,12 +532,16 @@ class Diffusion:
         return dict(loss=loss.mean(), mse=mse.mean(), vb=vb.mean(), out=out, xt=xt, i=i, noise=noise)
 
     def vb_terms(self, out, x0, xt, i):
-        """KL(q(x_{i-1}|x_i,x0) || p(x_{i-1}|x_i)) in bits/dim; at i = 0 the decoder NLL (IDDPM Sec. 2)."""
+        """The L_vb term of L_hybrid (IDDPM Sec. 2 and 3.1), per sample, in bits/dim:
+            L_{i-1} = KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i))   for i > 0
+            L_0     = -log p(x0 | x1)  (the discretised Gaussian decoder)  for i = 0"""
+        # assignment 3 begin: the IDDPM hybrid loss's L_vb term
         true_mean, true_logvar = self.q_posterior(x0, xt, i)
         mean, logvar, _, _ = self.p_mean_variance(out, xt, i)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(i == 0, nll, kl)
+        # assignment 3 end
 
 
 def discretized_gaussian_loglik(x, means, log_scales):
@@ -558,12 +586,19 @@ def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generat
             # x_{i-1} = mu(x_i, x0_hat) + sigma_i * n   (DDPM Algorithm 2, sigma learned or fixed)
             x = mean + torch.exp(0.5 * logvar) * noise if i > 0 else mean
         else:
-            ab, ab_prev = diffusion.ac[i], diffusion.ac_prev[i]
-            # sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)      (DDIM Eq. 16)
-            sigma = eta * ((1 - ab_prev) / (1 - ab)) ** 0.5 * (1 - ab / ab_prev) ** 0.5
-            # x_{i-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma n  (DDIM Eq. 12)
-            x = ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+            x = ddim_step(x0, eps, diffusion.ac[i], diffusion.ac_prev[i], eta, noise)
     return x
+
+
+def ddim_step(x0, eps, ab, ab_prev, eta=0.0, noise=0):
+    """One DDIM update, Song et al. 2021 Eq. 12 with sigma of Eq. 16: from x_t (given as its predicted x0 and
+    eps; ab = alpha-bar at t) to x_{t_prev} (ab_prev). eta = 0: deterministic; eta = 1: DDPM's variance."""
+    # assignment 2 begin: the DDIM step
+    # sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)      (DDIM Eq. 16)
+    sigma = eta * ((1 - ab_prev) / (1 - ab)) ** 0.5 * (1 - ab / ab_prev) ** 0.5
+    # x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma n   (DDIM Eq. 12)
+    return ab_prev ** 0.5 * x0 + (1 - ab_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+    # assignment 2 end
 
 
 def run_sampler(model, z, y, steps=50, cfg_scale=1.0, method="ddim", eta=0.0, generator=None):
@@ -767,9 +802,15 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path, kinds=None):
     """Load a tinydit checkpoint dict with weights_only=True; one clear error line when it is missing,
-    corrupt, or not of the expected kind."""
+    corrupt, damaged (a shipped file whose sha256 differs from its folder's SHA256SUMS), or not of the
+    expected kind."""
     if not os.path.exists(path):
         sys.exit(f"error: checkpoint {path} not found (train one with `python dit.py --out {path}`)")
+    sums = read_sums(os.path.dirname(path))
+    name = os.path.basename(path)
+    if name in sums and sha256(path) != sums[name][0]:
+        sys.exit(f"error: {path} is damaged (its sha256 differs from {os.path.dirname(path)}/SHA256SUMS); "
+                 f"rebuild it with `{sums[name][1]}` or restore it with `git checkout -- {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -794,17 +835,59 @@ def settings_tag(settings):
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def read_sums(folder):
+    """{file: (sha256, the command that rebuilds it)} of folder/SHA256SUMS: `# <file>: <command>` above each
+    `<sha256>  <file>` line (sha256sum -c reads it too); {} when absent."""
+    path = os.path.join(folder or ".", "SHA256SUMS")
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    cmds = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    return {n: (h, cmds.get(n, "?")) for h, n in (line.split() for line in lines if line[:1] not in "#")}
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def ship_weights(ck, path):
     """The shipped form of a trained checkpoint: every entry but the training state (model, optimizer, scaler,
-    RNG), with the EMA weights in float16 (half the size; the builders cast them back to float32)."""
+    RNG), with the EMA weights in float16 (half the size; the builders cast them back to float32). Its sha256
+    and this command go into SHA256SUMS beside it, checked by every load_checkpoint."""
     keep = {k: v for k, v in ck.items() if k not in ("model", "ema", "opt", "scaler", "rng")}
     save_checkpoint(dict(keep, ema={k: v.half() for k, v in ck["ema"].items()}), path)
+    folder = os.path.dirname(path) or "."
+    cmd = " ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:])
+    sums = dict(read_sums(folder), **{os.path.basename(path): (sha256(path), cmd)})
+    with open(os.path.join(folder, "SHA256SUMS.tmp"), "w") as f:
+        f.write("".join(f"# {n}: {c}\n{h}  {n}\n" for n, (h, c) in sorted(sums.items())))
+    os.replace(os.path.join(folder, "SHA256SUMS.tmp"), os.path.join(folder, "SHA256SUMS"))
 
 
-def run_key(cfg, keys, teacher):
-    """8 hex digits of a teacher checkpoint's weights and the settings `keys` of cfg: everything a saved
-    stage depends on. A stage file is reused only when its key is equal."""
-    return settings_tag(dict({k: getattr(cfg, k) for k in keys}, teacher=weights_tag(teacher["ema"])))
+def check_writable(path, folder=False):
+    """One error line, before any work, when the output file (or folder) cannot be written."""
+    d = path if folder else (os.path.dirname(path) or ".")
+    try:
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, ".write_test"), "w").close()
+        os.remove(os.path.join(d, ".write_test"))
+    except OSError as e:
+        sys.exit(f"error: cannot write to {d} ({e.strerror}); choose another --out")
+    if not folder and os.path.isdir(path):
+        sys.exit(f"error: --out {path} is a folder; give a file path (e.g. {path}/model.pt)")
+
+
+def data_tag(x, y):
+    """8 hex digits of a data set's arrays (shape + bytes): a result made from other data is not reused."""
+    shapes = str((tuple(x.shape), tuple(y.shape))).encode()
+    return hashlib.sha1(shapes + x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:8]
+
+
+def run_key(cfg, keys, teacher, data=None):
+    """8 hex digits of a teacher checkpoint's weights, the settings `keys` of cfg and (when given) the data's
+    tag (data_tag): everything a saved stage depends on. A stage file is reused only when its key is equal."""
+    extra = {} if data is None else dict(data_tag=data)
+    return settings_tag(dict({k: getattr(cfg, k) for k in keys}, teacher=weights_tag(teacher["ema"]),
+                             **extra))
 
 
 def build_dit(ckpt, ema=True):
@@ -827,7 +910,49 @@ def pick_device(name="auto"):
         sys.exit("error: --device cuda asked for, but no CUDA GPU is visible")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         sys.exit(f"error: --device must be auto, cpu, cuda or mps, not {name!r}")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: each rank its own GPU
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return torch.device(name)
+
+
+def dist_setup(device):
+    """(rank, world) of this process. Under torchrun (WORLD_SIZE > 1) it joins the process group once (gloo
+    on CPU, nccl on CUDA, on this rank's device) and silences print() on every rank but 0, so a script's
+    log and table appear once; print(..., force=True) still prints."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # long timeout: rank 0 evaluates and writes the pictures while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+        if dist.get_rank() != 0:
+            quiet = builtins.print
+            builtins.print = lambda *a, force=False, **k: quiet(*a, **k) if force else None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main():
+    """True on rank 0 (and in a plain, single-process run): the process that writes files and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def main_first(fn, *args, **kw):
+    """fn(*args, **kw) on rank 0 first, then on the others: fn caches its result in a file, which rank 0
+    writes and the other ranks then read (the offline pairs)."""
+    for turn in (True, False):
+        if is_main() == turn:
+            out = fn(*args, **kw)
+        if dist.is_initialized():
+            dist.barrier()
+    return out
+
+
+def dist_finish():
+    """End of a script's main under torchrun: the other ranks wait here while rank 0 evaluates and writes."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def autocast(device, dtype):
@@ -875,15 +1000,10 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
     steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes exactly (model, EMA,
     optimizer, scaler, step, every RNG, data order). sharded: each rank holds only its own part of the
     data and draws batch_size / world from it. Returns (model, ema, ckpt dict)."""
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    rank, world, device = 0, 1, pick_device(cfg.device)
-    if ddp:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-            torch.cuda.set_device(device)
+    cfg = resolve(cfg)  # the one place where a 0 / -1 setting becomes the preset's value
+    device = pick_device(cfg.device)
+    rank, world = dist_setup(device)
+    ddp = world > 1
     if cfg.batch_size % world:
         sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
@@ -942,9 +1062,10 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
                                  train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
 
     def agreed(*flags):  # the max of each flag over the ranks, so every rank takes the same decision
+        if not ddp:
+            return [float(f) for f in flags]
         v = torch.tensor([float(f) for f in flags], device=device)
-        if ddp:
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
         return v.tolist()
 
     model.train()
@@ -960,8 +1081,11 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             with autocast(device, cfg.dtype):
                 terms = loss_fn(net, xb, yb, step)
             loss = terms["loss"]
-            if agreed(not torch.isfinite(loss))[0]:
-                sys.exit(f"error: loss is {loss.item()} at step {step}; {cfg.out} keeps the last good one")
+            names = [k for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0]
+            # the step's one host sync: every logged scalar at once (the finite check reads it too)
+            values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
+            if agreed(not math.isfinite(values["loss"]))[0]:
+                sys.exit(f"error: loss is {values['loss']} at step {step}; {cfg.out} keeps the last good one")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -974,9 +1098,8 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             ema_update(ema, model, decay)
             step += 1
             bar.update(1)
-            for k, v in terms.items():
-                if torch.is_tensor(v) and v.dim() == 0:
-                    logs[k] = logs.get(k, 0.0) + v.item()
+            for k, v in values.items():
+                logs[k] = logs.get(k, 0.0) + v
             n_logged += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ms = (time.time() - last) * 1000 / n_logged  # means over the steps since the last line
@@ -989,7 +1112,7 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
                         f.write(json.dumps(rec) + "\n")
                 last_logs, logs, last, n_logged = rec, {}, time.time(), 0
             sig = int(agreed(stop["sig"])[0])
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or sig:
+            if (step % cfg.ckpt_every == 0 and step < cfg.steps) or sig:  # the last step: saved below
                 checkpoint({})
             if sig:
                 print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
@@ -1079,15 +1202,18 @@ def main(argv=None):
     cfg = resolve(parse_args(TrainConfig, argv))
     if cfg.bench:
         sys.exit("error: the speed benchmark moved to jetson_bench.py: python jetson_bench.py --peak")
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
+    check_writable(cfg.out)
+    if cfg.ship:
+        check_writable(cfg.ship)
+    device = pick_device(cfg.device)
+    dist_setup(device)
+    print(json.dumps(dataclasses.asdict(cfg)))
     ck = train_base(cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return dist.destroy_process_group()
+    if not is_main():
+        return dist_finish()
     if cfg.ship:
         ship_weights(dict(load_checkpoint(cfg.out), metrics=ck.get("metrics")), cfg.ship)
         print(f"wrote the EMA weights (float16) to {cfg.ship}")
-    device = pick_device(cfg.device)
     model = build_dit(ck).to(device)
     grid = os.path.splitext(cfg.out)[0] + "_grid.png"
     save_grid(generate(model, labels=torch.arange(10).repeat_interleave(8), seed=cfg.seed), grid, nrow=8)
@@ -1100,8 +1226,7 @@ def main(argv=None):
                            "GFLOPs/forward": f"{gflops:.3f}", "steps": ck["step"],
                            "wall time": f"{m.get('wall_s')} s", "final loss": m.get("final_loss"),
                            "grid": grid}]))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist_finish()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from dit import modulate
 @dataclass
 class DyConfig:
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    preset: str = ""              # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
     mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
     lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
@@ -80,6 +81,10 @@ class DyConfig:
     data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"        # where the data set lives
 
+# the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
+PAPER = dict(lr=1e-4, ema_decay=0.9999)
+
+
 # --- Method: routers, masks, the masked (training) graph and the sliced (inference) graph ---------
 
 def block_macs(block, T):
@@ -94,11 +99,21 @@ def gumbel_sigmoid(logits, tau, training):
     in training, deterministic 1[sigmoid(l) > 0.5] = 1[l > 0] at inference."""
     if not training:
         return (logits > 0).float()
+    # assignment 8 begin: DyDiT's Gumbel-sigmoid router and FLOPs-ratio loss
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     # y_soft = sigmoid((l + log u - log(1 - u)) / tau); logistic noise = a difference of two Gumbels
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     hard = (soft > 0.5).float()
     return hard - soft.detach() + soft  # forward: hard; backward: d soft
+    # assignment 8 end
+
+
+def flops_loss(ratio, lam, weight):
+    """FLOPs-constrained loss, DyDiT Sec. 3.3: w (mean_b r_b - lambda)^2, the squared error of the
+    batch-mean FLOPs ratio r_b (per sample, from masked_forward) to the target lambda."""
+    # assignment 8 begin: DyDiT's Gumbel-sigmoid router and FLOPs-ratio loss
+    return weight * (ratio.mean() - lam) ** 2
+    # assignment 8 end
 
 
 class Routers(nn.Module):
@@ -350,8 +365,7 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
     out, ratio, *out_c = net(xt, t, yb, return_ratio=True, with_complete=warm)
     terms = diffusion.loss_from_output(out, xb, xt, i, noise)
     lam = lam_target(step, cfg)
-    flops_loss = cfg.flops_weight * (ratio.mean() - lam) ** 2  # squared error of the batch mean
-    loss = terms["loss"] + flops_loss
+    loss = terms["loss"] + flops_loss(ratio, lam, cfg.flops_weight)
     if warm:  # + L_diff of the complete model on the same x_t
         loss = loss + diffusion.loss_from_output(out_c[0], xb, xt, i, noise)["loss"]
     return dict(loss=loss, mse=terms["mse"], flops=ratio.mean().detach(), lam=torch.tensor(lam))
@@ -362,9 +376,15 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
               "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
 
 
+def run_key(cfg, teacher):
+    """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data actually loaded."""
+    x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
+    return dit.run_key(cfg, TRAIN_KEYS, teacher, dit.data_tag(x, y))
+
+
 def default_out(prefix, cfg, teacher):
-    """<prefix>_<mode>_<lambda>_<key>.pt: the key hashes the teacher and every TRAIN_KEYS setting."""
-    return f"{prefix}_{cfg.mode}_{cfg.lam}_{dit.run_key(cfg, TRAIN_KEYS, teacher)}.pt"
+    """<prefix>_<mode>_<lambda>_<key>.pt (run_key)."""
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{run_key(cfg, teacher)}.pt"
 
 
 def finetune(cfg, teacher, quiet=False):
@@ -376,14 +396,15 @@ def finetune(cfg, teacher, quiet=False):
     net = dit.build_dit(teacher).train()
     if cfg.reorder or cfg.mode == "halfwidth":
         reorder_(net)
-    tc = dit.TrainConfig(data=cfg.data, data_dir=cfg.data_dir, out=out, steps=cfg.steps,
+    tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
+                         steps=cfg.steps,
                          batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=0, ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
-        meta = dict(kind="dit", config=teacher["config"], key=dit.run_key(cfg, TRAIN_KEYS, teacher))
+        meta = dict(kind="dit", config=teacher["config"], key=run_key(cfg, teacher))
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
@@ -391,7 +412,7 @@ def finetune(cfg, teacher, quiet=False):
     groups = [dict(params=list(net.parameters())),
               dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
-                key=dit.run_key(cfg, TRAIN_KEYS, teacher))
+                key=run_key(cfg, teacher))
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True)
@@ -493,15 +514,19 @@ def main(argv=None):
                     dict(mode=("dydit", "tdw", "sdt", "random", "halfwidth", "static")),
                     positive=("lam", "steps", "batch_size", "lr", "router_lr", "tau", "eval_n", "eval_steps",
                               "bench_reps"))
-    print(json.dumps(dataclasses.asdict(cfg)))
+    dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
+    dit.dist_setup(device)
     teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device,
                               seed=cfg.seed)
+    dit.method_preset(cfg, teacher, PAPER)
+    print(json.dumps(dataclasses.asdict(cfg)))
     runs = [(m, float(v)) for m, v in (r.split(":") for r in cfg.variants.split(","))] if cfg.sweep \
         else [(cfg.mode, cfg.lam)]
     base = dit.build_dit(teacher).to(device)
     static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
-    if not cfg.sweep:
+    lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
+    if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
     for mode, lam in runs:
         run = dataclasses.replace(cfg, mode=mode, lam=lam)
@@ -510,6 +535,8 @@ def main(argv=None):
         t0 = time.time()
         ck = finetune(run, teacher)
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
+        if not lead:
+            continue
         if mode == "static":  # the control: speedups of every later row are measured against it
             static = grid["static"] = dit.build_dit(ck).to(device)
             rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
@@ -528,6 +555,8 @@ def main(argv=None):
               + dit.markdown_table(rows))
         print("active width, t in [750,1000) minus t in [0,250) (heads, groups): " + json.dumps(dirs))
         print(f"pictures: {', '.join(pictures)}; {samples}: a row per model ({', '.join(grid)}), same noise")
+    dit.dist_finish()
+
 
 if __name__ == "__main__":
     main()

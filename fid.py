@@ -94,6 +94,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    # assignment 4 begin: the Frechet distance
     diff = mu1 - mu2
     covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
@@ -106,6 +107,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     # d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    # assignment 4 end
 
 
 # --- Method: the Inception-v3 FID network (state-dict names as torchvision / pt_inception-2015-12-05) ---

@@ -83,7 +83,7 @@ class PruneConfig:
     #                              | taylor | randmin | random | index, a comma list of them, or all (all but
     #                              index); dipgo (Section 2)
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
-    preset: str = "cpu"          # model preset, only used when the teacher has to be trained
+    preset: str = ""             # "" = the base's (cpu when it must be trained); cifar / imagenet64 -> PAPER
     data: str = "shapes"         # shapes (embedded) | cifar10 | imagenet64, as dit.py
     data_dir: str = "data"       # where cifar10 / imagenet64 live
     out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
@@ -133,6 +133,11 @@ class PruneConfig:
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
 
 
+# On the GPU presets, flags left at their CPU defaults take the paper's values (TinyFusion Sec. 4: LoRA lr
+# 1e-4, logits 10x, recovery 2e-4 -> 1e-4; the EMA constant from a copy, as DiT)
+PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
+
+
 # ==================================================================================================
 # Section 1: TinyFusion
 # ==================================================================================================
@@ -156,6 +161,7 @@ def st_gumbel_masks(logits, options, batch, tau, scale):
     """Per-example block masks by hard straight-through Gumbel-softmax (differentiable sampling, TinyFusion
     Sec. 3, from MaskLLM). logits (G, K), options (K, M) -> (mask (B, G*M), exactly 0/1 in the forward pass,
     one-hot (B, G, K))."""
+    # assignment 6 begin: TinyFusion's straight-through Gumbel-softmax N:M mask
     G, K = logits.shape
     gumbel = -torch.empty(batch, G, K, device=logits.device).exponential_().log()  # g ~ Gumbel(0, 1)
     # y = softmax((s z + g) / tau), one independent draw per example and group
@@ -164,6 +170,7 @@ def st_gumbel_masks(logits, options, batch, tau, scale):
     # straight-through: the value is exactly `hard`, the gradient is d soft
     onehot = hard + (soft - soft.detach())
     return (onehot @ options).reshape(batch, -1), onehot  # (B, G, M) -> (B, L)
+    # assignment 6 end
 
 
 def masked_forward(model, x, t, y, mask):
@@ -399,7 +406,8 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
 # --- Train / Apply: learn the mask, export, recover (every stage through dit.train) ---------------
 
 def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
-    return dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir, out=out, steps=steps,
+    return dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
+                           steps=steps,
                            batch_size=cfg.batch_size, lr=lr, warmup=0, lr_end=lr_end, weight_decay=0.0,
                            grad_clip=grad_clip, ema_decay=ema_decay, log_every=max(steps // 4, 1),
                            ckpt_every=steps, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
@@ -453,7 +461,7 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
         def loss_fn(m, xb, yb, step):  # beta decays with the step: a resumed run continues the schedule
             return recovery_loss(m, teacher, diffusion, xb, yb, step / cfg.recover_steps, cfg)
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
-    ema_decay = dit.PRESET_TRAIN[cfg.preset]["ema_decay"]
+    ema_decay = dit.PRESET_TRAIN[cfg.preset or "cpu"]["ema_decay"]
     tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, ema_decay, 1.0, cfg.recover_lr_end)
     _, _, ck = dit.train(student, loss_fn, data, tcfg, meta)
     return ck
@@ -475,20 +483,24 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     L = len(teacher.blocks)
     options, groups = parse_pattern(cfg.pattern, L)
     k, info = groups * int(options[0].sum()), {}
+    data_tag = dit.data_tag(*data)  # a result made from other data is not reused
     if method == "tinyfusion":
-        tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{dit.run_key(cfg, SEARCH_KEYS, teacher_ckpt)}"
+        key = dit.run_key(cfg, SEARCH_KEYS, teacher_ckpt, data_tag)
+        tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{key}"
         kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, f"tinyfusion_{tag}_search.pt"))
     else:
         kept = baseline_kept(method, teacher, k, batch, cfg)
     loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
     pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
     name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
-    dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
+    if dit.is_main():
+        dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
     print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
     recovered = None
     if cfg.recover != "none":
         keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ())
-        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{dit.run_key(cfg, keys, teacher_ckpt)}.pt")
+        key = dit.run_key(cfg, keys, teacher_ckpt, data_tag)
+        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{key}.pt")
         recovered = recover(cfg, pruned, teacher, data, path)
     return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
 
@@ -553,7 +565,9 @@ def model_stats(model, device):
 def run_depth_pruning(cfg, methods, device):
     """Prune the base DiT with every method in `methods`, recover each the same way, then score, time and
     picture them all against the base in one run."""
-    teacher_ckpt = dit.get_teacher(cfg.teacher, cfg.preset, cfg.data, cfg.data_dir, cfg.device, cfg.seed)
+    teacher_ckpt = dit.get_teacher(cfg.teacher, cfg.preset or "cpu", cfg.data, cfg.data_dir, cfg.device,
+                                   cfg.seed)
+    dit.method_preset(cfg, teacher_ckpt, PAPER)
     teacher = dit.build_dit(teacher_ckpt).to(device)
     data = dit.load_data(cfg.data, cfg.data_dir, teacher.input_size)[:2]
     batch = calib_batch(data, cfg.calib_n, cfg.seed, device)
@@ -563,6 +577,8 @@ def run_depth_pruning(cfg, methods, device):
               f"{', '.join(f'{m:.1f}' for m, _ in ma)}; share beyond {cfg.kd_sigma} sigma = "
               f"{', '.join(f'{f:.3f}' for _, f in ma)}")
     results = [prune_method(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
+    if not dit.is_main():  # under torchrun: rank 0 scores, times and writes; the others wait in dist_finish
+        return results
 
     variants, timed, scores = {"base": teacher}, {"base": teacher}, {}
     for r in results:
@@ -716,6 +732,21 @@ def consistency_loss(x, ref, kind="ssim"):
     return F.mse_loss(x, ref) if kind == "mse" else F.l1_loss(x, ref)
 
 
+def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, kind="ssim"):
+    """The pruner's objective, DiP-GO Sec. 3 (consistency + sparsity):
+        L = L_cons(x, ref) + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
+    x: the gated SuperNet's images, ref: the full sampler's; logits (K-1, N, 2) = [reuse, keep]; gates: their
+    hard straight-through values. Each block is 1/N of the stack's FLOPs, so the sparsity term is the mean
+    keep probability, dropped while the hard plan already computes less than 1 - r.
+    Returns (loss, L_cons, sparsity, kept_hard)."""
+    # assignment 7 begin: DiP-GO's consistency + sparsity loss
+    cons = consistency_loss(x, ref, kind)
+    kept = gates[..., 1].detach().mean()
+    sparse = logits.softmax(-1)[..., 1].mean()
+    return cons + alpha * sparse * (kept > 1 - ratio).float(), cons, sparse, kept
+    # assignment 7 end
+
+
 def postprocess(score, ratio):
     """Scores -> static plan, DiP-GO Sec. 3 post-processing (code): every block kept, theta = 0.95; for
     each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
@@ -809,10 +840,8 @@ def learn_scores(base, cfg, log=print):
         logits = pruner()  # (K-1, N, 2)
         net.gates = st_gate(logits)
         x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
-        cons = consistency_loss(x, ref, cfg.dipgo_loss)
-        kept = net.gates[..., 1].detach().mean()
-        sparse = logits.softmax(-1)[..., 1].mean()
-        loss = cons + cfg.dipgo_alpha * sparse * (kept > 1 - cfg.ratio).float()
+        loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha,
+                                              cfg.dipgo_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
@@ -875,7 +904,11 @@ def dipgo_main(cfg):
     """Learn a plan per ratio, save it (kind "dipgo"), and compare it with the three baselines at matched
     compute in one run: blocks kept, ideal and measured speed-up (same batch), quality, PSNR vs full."""
     device = dit.pick_device(cfg.device)
-    base_ckpt = dit.get_teacher(cfg.teacher, cfg.preset, cfg.data, cfg.data_dir, cfg.device, cfg.seed)
+    base_ckpt = dit.get_teacher(cfg.teacher, cfg.preset or "cpu", cfg.data, cfg.data_dir, cfg.device,
+                                cfg.seed)
+    dit.method_preset(cfg, base_ckpt, PAPER)
+    if not dit.is_main():  # the pruner needs no data parallelism: rank 0 does all of DiP-GO
+        return []
     base = dit.build_dit(base_ckpt).to(device).requires_grad_(False)
     K, N = cfg.eval_steps, len(base.blocks)
     ratios = [float(r) for r in cfg.ratios.split(",")] if cfg.ratios else [cfg.ratio]
@@ -940,15 +973,16 @@ def main(argv=None):
                     positive=("batch_size", "learn_steps", "lora_rank", "calib_n", "random_masks",
                               "recover_steps", "eval_steps", "speed_batch", "speed_steps", "dipgo_steps",
                               "dipgo_batch", "dipgo_dim"))
-    print(json.dumps(asdict(cfg)))
-    device = dit.pick_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    if cfg.method == "dipgo":
-        return dipgo_main(cfg)
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
-    if not all(m in DEPTH_METHODS for m in methods):
+    if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
-    return run_depth_pruning(cfg, methods, device)
+    dit.check_writable(cfg.out, folder=True)
+    device = dit.pick_device(cfg.device)
+    dit.dist_setup(device)
+    print(json.dumps(asdict(cfg)))
+    out = dipgo_main(cfg) if cfg.method == "dipgo" else run_depth_pruning(cfg, methods, device)
+    dit.dist_finish()
+    return out
 
 
 if __name__ == "__main__":

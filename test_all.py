@@ -32,6 +32,7 @@ import fid
 import jetson_bench
 import prune
 import sample
+from course.graders import *  # noqa: F401,F403  (its __all__: the assignment graders, pytest -k assignment)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_CIFAR = os.path.join(HERE, "..", "shared", "data", "cifar10-subset")
@@ -381,7 +382,16 @@ def test_ddim_eta0_is_deterministic_and_batch_independent(tiny_teacher):
     labels = torch.arange(8) % 10
     a = dit.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=8)
     b = dit.generate(model, labels, seed=0, steps=10, eta=0.0, batch_size=3)
-    assert torch.equal(a, b)
+    assert_images_close(a, b)
+
+
+def assert_images_close(a, b, levels=1, frac=0.01):
+    """uint8 images made by the same computation on other batch shapes: matrix kernels pick other blockings
+    for other shapes (and CPUs), so a pixel near a rounding boundary may land one grey level away. Allowed:
+    at most `levels` grey levels anywhere, on at most `frac` of the pixels; a real bug moves far more."""
+    d = (a.int() - b.int()).abs()
+    moved = (d > 0).float().mean().item()
+    assert d.max() <= levels and moved <= frac, (d.max().item(), moved)
 
 
 def test_sample_cli_writes_grid_and_npz(tiny_teacher, tmp_path):
@@ -1465,6 +1475,141 @@ def test_torchrun_unused_parameters_and_a_new_world_size(tmp_path, tiny_teacher)
     assert r.returncode == 0 and len(dit.load_checkpoint(out)["rng"]) == 2, r.stderr[-2000:]
     r = run(["dit.py", "--preset", "tiny", "--steps", "4", "--out", out, "--device", "cpu"])
     assert r.returncode == 0 and "new noise" in r.stdout and dit.load_checkpoint(out)["step"] == 4
+
+
+def torchrun(args, port):
+    return run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"] + args)
+
+
+def test_method_scripts_under_torchrun_print_one_table_and_match_one_process(tiny_teacher, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): distill, prune (TinyFusion + DiP-GO) and dynamic each run to
+    the end with one table; only rank 0 writes. The one-step student of a 2-process run equals the 1-process
+    run: each rank takes half of each batch and DDP averages the gradients, so only float rounding of the
+    summation differs (measured 1.5e-8 after 4 AdamW steps; allowed 1e-5, while a wrong shard moves ~1e-3)."""
+    common = ["--teacher", tiny_teacher, "--device", "cpu"]
+    kd = ["distill.py", "--method", "kd", "--width", "32", "--steps", "4", "--pairs", "16", "--sample-steps",
+          "2", "--batch-size", "8", "--eval-n", "0", "--bench-reps", "1"] + common
+    r = torchrun(kd + ["--out", str(tmp_path / "d2")], 29541)
+    assert r.returncode == 0 and r.stdout.count("| model |") == 1, r.stderr[-2000:]
+    assert run(kd + ["--out", str(tmp_path / "d1")]).returncode == 0
+    (a,), (b,) = (glob.glob(str(tmp_path / d / "student_*[0-9a-f].pt")) for d in ("d1", "d2"))
+    a, b = dit.load_checkpoint(a)["model"], dit.load_checkpoint(b)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    small = ["--eval-n", "4", "--eval-steps", "2", "--speed-batch", "2", "--speed-steps", "1"] + common
+    r = torchrun(["prune.py", "--method", "tinyfusion,first", "--learn-steps", "2", "--recover-steps", "2",
+                  "--batch-size", "8", "--calib-n", "8", "--out", str(tmp_path / "p")] + small, 29542)
+    assert r.returncode == 0 and r.stdout.count("| method |") == 1, r.stderr[-2000:]
+    assert len(glob.glob(str(tmp_path / "p" / "*_pruned.pt"))) == 2
+    r = torchrun(["prune.py", "--method", "dipgo", "--dipgo-steps", "2", "--dipgo-batch", "2",
+                  "--out", str(tmp_path / "g")] + small, 29543)
+    assert r.returncode == 0 and r.stdout.count("| variant |") == 1, r.stderr[-2000:]
+    r = torchrun(["dynamic.py", "--mode", "dydit", "--out", str(tmp_path / "dy.pt"), "--steps", "2",
+                  "--batch-size", "8", "--eval-n", "2", "--eval-steps", "2", "--bench-batches", "1",
+                  "--bench-reps", "1"] + common, 29544)
+    assert r.returncode == 0 and r.stdout.count("| variant |") == 1, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["distill", "prune", "dynamic"])
+def test_method_scripts_on_a_gpu_preset_train_with_the_papers_ema_and_lr(tiny_teacher, tmp_path, monkeypatch,
+                                                                           script):
+    """--preset cifar: every stage trains with the paper's recipe (DiT Sec. 4: constant EMA 0.9999 from a
+    copy, lr 1e-4; TinyFusion's recovery lr 2e-4), not the CPU preset's warm-up EMA."""
+    seen = []
+
+    def fake_train(model, loss_fn, data, cfg, meta, **kw):
+        seen.append(dit.resolve(copy.copy(cfg)))
+        raise SystemExit("stop")
+    monkeypatch.setattr(dit, "train", fake_train)
+    args = dict(distill=["--method", "kd", "--pairs", "8", "--sample-steps", "2", "--out", str(tmp_path)],
+                prune=["--method", "first", "--calib-n", "8", "--out", str(tmp_path)],
+                dynamic=["--sweep", "--variants", "static:1", "--out", str(tmp_path / "dy")])[script]
+    with pytest.raises(SystemExit, match="stop"):
+        globals()[script].main(args + ["--preset", "cifar", "--teacher", tiny_teacher, "--device", "cpu"])
+    cfg = seen[0]
+    assert cfg.ema_warmup == 0 and cfg.ema_decay == 0.9999 and cfg.lr == (2e-4 if script == "prune" else 1e-4)
+
+
+def fake_cifar(folder, seed, n=6):
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "cifar-10-batches-py"))
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(folder, "cifar-10-batches-py", name), "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, n))}, f)
+    return str(folder)
+
+
+def test_results_are_keyed_on_the_data_they_came_from(tiny_teacher, tmp_path):
+    """Another --data-dir with other images gives another key (so the stage retrains under a new file name);
+    a byte-identical copy of the same images gives the same key (reused)."""
+    ck = dit.load_checkpoint(tiny_teacher)
+    a, b = fake_cifar(tmp_path / "a", 0), fake_cifar(tmp_path / "b", 1)
+    shutil.copytree(a, tmp_path / "a_copy")
+    cfg = dynamic.DyConfig(data="cifar10", steps=1)
+    dirs = (a, b, str(tmp_path / "a_copy"))
+    keys = [dynamic.run_key(dataclasses.replace(cfg, data_dir=d), ck) for d in dirs]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    x, y, _ = dit.load_data("cifar10", a, 16)
+    tag = dit.data_tag(x, y)
+    assert tag != dit.data_tag(x.flip(0), y) and tag == dit.data_tag(x.clone(), y)
+
+
+@pytest.mark.parametrize("script,out", [("dit", "f/x.pt"), ("distill", "f/d"), ("prune", "f/p"),
+                                        ("dynamic", "f/dy.pt")])
+def test_an_unwritable_out_fails_in_one_line_before_any_work(tmp_path, script, out):
+    """--out below a file cannot be created: one error line, and no work started (the missing base is not
+    trained first)."""
+    (tmp_path / "f").write_text("a file, not a folder")
+    missing = str(tmp_path / "no_base.pt")
+    args = ["--out", str(tmp_path / out), "--device", "cpu"]
+    args += [] if script == "dit" else ["--teacher", missing]
+    with pytest.raises(SystemExit) as e:
+        globals()[script].main(args)
+    assert str(e.value.code).startswith("error: cannot write to") and not os.path.exists(missing)
+
+
+def test_a_damaged_shipped_file_is_refused_with_its_rebuild_command(tmp_path, monkeypatch):
+    """ship_weights records sha256 + command in SHA256SUMS; load_checkpoint checks it. A byte flipped in the
+    middle of the file (which torch.load may still read) ends in one line naming the file and the command.
+    The repository's own shipped files match their list."""
+    for name, (digest, _) in dit.read_sums(os.path.join(HERE, "weights")).items():
+        assert dit.sha256(os.path.join(HERE, "weights", name)) == digest, name
+    ck = dit.load_checkpoint(os.path.join(HERE, "weights", "dit_shapes.pt"))
+    path = str(tmp_path / "w" / "base.pt")
+    monkeypatch.setattr(sys, "argv", ["dit.py", "--ship", path])
+    dit.ship_weights(dict(ck, model=ck["ema"]), path)
+    assert dit.load_checkpoint(path)["kind"] == "dit"
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(SystemExit) as e:
+        dit.load_checkpoint(path)
+    msg = str(e.value.code)
+    assert "damaged" in msg and path in msg and "python dit.py --ship" in msg
+
+
+def test_training_saves_the_final_state_once_and_syncs_the_host_once_per_step(tmp_path, monkeypatch):
+    """The final checkpoint is written once (not at the last step and again after the loop), and a step
+    reads its loss terms back with one .tolist() (the finite check and the log share it): the loop's own
+    .item() / .tolist() calls are counted."""
+    x, y, _ = dit.load_data("shapes", image_size=16)
+    cfg = tiny_cfg(tmp_path, steps=4, batch_size=8, log_every=2, ckpt_every=100)
+    saves, syncs = [], []
+    save = dit.save_checkpoint
+    monkeypatch.setattr(dit, "save_checkpoint", lambda obj, path: saves.append(path) or save(obj, path))
+    for name in ("item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        def counted(t, *a, _o=orig, _n=name):  # count the reads made by the loop itself (not by AdamW)
+            if sys._getframe(1).f_code.co_filename == dit.__file__:
+                syncs.append(_n)
+            return _o(t, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    d = dit.Diffusion()
+    torch.manual_seed(0)
+    model = dit.DiT(**dit.dit_config(cfg, 10))
+    loss = lambda m, xb, yb, s: d.loss(m, xb, yb)  # noqa: E731
+    dit.train(model, loss, (x, y), cfg, dict(kind="dit", config={}), quiet=True)
+    assert saves == [cfg.out] and len(syncs) == cfg.steps, (saves, syncs)
 
 
 SCRIPTS = ("dit", "fid", "distill", "prune", "dynamic", "sample", "jetson_bench")
