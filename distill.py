@@ -322,7 +322,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
-        tcfg = dit.TrainConfig(preset=cfg.preset, data=cfg.data, data_dir=cfg.data_dir,
+        tcfg = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir,
                                out=os.path.join(cfg.out, run + ".pt"), steps=n, lr=cfg.lr,
                                batch_size=cfg.batch_size, warmup=20, ema_decay=cfg.ema_decay,
                                seed=cfg.seed + k, log_every=cfg.log_every, ckpt_every=10**9,
