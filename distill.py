@@ -322,11 +322,10 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
-        tcfg = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir,
-                               out=os.path.join(cfg.out, run + ".pt"), steps=n, lr=cfg.lr,
-                               batch_size=cfg.batch_size, warmup=20, ema_decay=cfg.ema_decay,
-                               seed=cfg.seed + k, log_every=cfg.log_every, ckpt_every=10**9,
-                               device=cfg.device, dtype=cfg.dtype)
+        tcfg = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, steps=n,
+                               out=os.path.join(cfg.out, run + ".pt"), lr=cfg.lr, batch_size=cfg.batch_size,
+                               warmup=20, ema_decay=cfg.ema_decay, seed=cfg.seed + k, log_every=cfg.log_every,
+                               ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, shape {shape}, teacher {getattr(teacher, 'name', None)}, "
               f"mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
