@@ -376,35 +376,35 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
               "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
 
 
-def run_key(cfg, teacher):
-    """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data actually loaded."""
-    x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
+def run_key(cfg, teacher, data=None):
+    """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
+    x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
     return dit.run_key(cfg, TRAIN_KEYS, teacher, dit.data_tag(x, y))
 
 
-def default_out(prefix, cfg, teacher):
+def default_out(prefix, cfg, teacher, key=None):
     """<prefix>_<mode>_<lambda>_<key>.pt (run_key)."""
-    return f"{prefix}_{cfg.mode}_{cfg.lam}_{run_key(cfg, teacher)}.pt"
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{key or run_key(cfg, teacher)}.pt"
 
 
 def finetune(cfg, teacher, quiet=False):
     """Full fine-tuning of the base DiT into a DyDiT (or a static / half-width baseline) with dit.train.
     Returns the checkpoint dict (kind "dydit", or "dit" for mode static)."""
     x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
-    diffusion, out = dit.Diffusion(), cfg.out or default_out("out/dydit", cfg, teacher)
+    key = run_key(cfg, teacher, (x, y))  # hashed once, from the arrays this run trains on
+    diffusion, out = dit.Diffusion(), cfg.out or default_out("out/dydit", cfg, teacher, key)
     torch.manual_seed(cfg.seed)
     net = dit.build_dit(teacher).train()
     if cfg.reorder or cfg.mode == "halfwidth":
         reorder_(net)
     tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
-                         steps=cfg.steps,
-                         batch_size=cfg.batch_size,
-                         lr=cfg.lr, warmup=0, ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
+                         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
+                         ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
-        meta = dict(kind="dit", config=teacher["config"], key=run_key(cfg, teacher))
+        meta = dict(kind="dit", config=teacher["config"], key=key)
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
@@ -412,7 +412,7 @@ def finetune(cfg, teacher, quiet=False):
     groups = [dict(params=list(net.parameters())),
               dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
-                key=run_key(cfg, teacher))
+                key=key)
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True)
