@@ -13,22 +13,21 @@ are swept for the quality / size / latency trade-off.
     one-step DiT, no timestep input (GET)               -> OneStepDiT; the large one, "onestep-teacher"
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
     block mapping knob                                  -> block_map (uniform | first | last)
-    Teaching Assistant: depth hop, then width hop       -> run_method, --ta hop
-    TA of intermediate size (TAKD, arXiv 1902.03393)    -> run_method, --ta mid
+    Teaching Assistant: depth hop, then width hop       -> teaching_assistant, --ta hop
+    TA of intermediate size (TAKD, arXiv 1902.03393)    -> teaching_assistant, --ta mid
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
     BK-SDM style multi-step student (Sec. 3.2)          -> --setup multistep (task + eps KD + feature KD)
     depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
-[inferred]: weight-free output losses; LayerNorm-ed token states as features; the block maps; MI1 as "block
-j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher's init c0.
+[inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
+MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
 Run:
     python distill.py --method ta                     # from the shipped base, <= 5 min on 2 CPU cores
-    python distill.py --method mi1 --depth 2 --width 96 --heads 2
     python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
     python distill.py --setup multistep --method fkd  # BK-SDM style multi-step student
     python distill.py --sweep --method kd             # depth/width/heads grid + out/distill/pareto.png
 Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per generated
-image, quality) and out/distill/<run>_grid.png (one row per model, same noise). Results: README.md.
+image, quality) and out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
 import json
 import os
@@ -43,50 +42,6 @@ from tqdm import tqdm
 
 import dit
 import fid
-
-# --- Config ---------------------------------------------------------------------------------------
-
-@dataclass
-class DistillConfig:
-    method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
-    setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
-    ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
-    mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
-    depth: int = 3               # student blocks (teacher: 6)
-    width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
-    heads: int = 2               # student attention heads
-    out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
-    feat_weight: float = 1.0     # lambda_f on the feature loss (BK-SDM: 1)
-    local_frac: float = 0.3      # mi1: share of the student steps spent in the block-local stage A
-    steps: int = 300             # student training steps (equal for every method)
-    teacher_steps: int = 1500    # steps of the one-step teacher (the feature source of fkd / ta / mi1)
-    aux_steps: int = 150         # steps of the teaching assistant (--method ta)
-    batch_size: int = 64         # pairs (or images) per step
-    lr: float = 1e-3             # AdamW learning rate (constant after a 20-step warm-up)
-    ema_decay: float = 0.999     # EMA of the weights (the evaluated model)
-    pairs: int = 1000            # offline (noise, image, label) pairs from the teacher
-    sample_steps: int = 10       # teacher DDIM steps (eta 0): the pairs, and the teacher's quality/latency
-    cfg_scale: float = 1.5       # classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
-    eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
-    bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
-    sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
-    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
-    preset: str = ""             # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
-    shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
-    ship: bool = False           # after training the one-step teacher, write it (EMA, fp16) to --shipped
-    data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
-    data_dir: str = "data"       # where cifar10 lives
-    out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
-    seed: int = 0                # students, TA, evaluation noise (the pairs and one-step teacher stay fixed)
-    pairs_seed: int = 1          # noise of the offline pairs (the distillation data set, fixed across --seed)
-    device: str = "auto"         # auto | cpu | cuda | mps
-    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
-    log_every: int = 100         # training log line every N steps
-
-
-# the GPU presets' recipe for every stage (DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy) [inferred]
-PAPER = dict(lr=1e-4, ema_decay=0.9999)
-
 
 # --- Method: the one-step student, block mappings, the distillation loss --------------------------
 
@@ -157,18 +112,33 @@ def output_distance(a, b, how="huber"):
     return F.mse_loss(a, b) if how == "l2" else F.l1_loss(a, b)
 
 
-def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0):
+def standardise(h, ref):
+    """(h - mu_c) / sd_c with the mean and std of each channel c of ref over the batch and the tokens
+    [inferred]: every channel of a target counts the same (a token-wise LayerNorm leaves one channel with
+    most of the energy, and part of each target the same for every image)."""
+    mu, sd = ref.mean((0, 1)), ref.std((0, 1)).clamp_min(1e-4)
+    return (h - mu) / sd
+
+
+def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0,
+                 feat_norm="channel"):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
-        L = d(out, target) + lambda_f * mean_k MSE(LN(W_k h_S,i_k), LN(h_T,j_k)),  (i_k, j_k) = pairs[k]
-    s_feats[k] is already projected by W_k. out None: no output term (MI1 stage A); no pairs: output only."""
+        L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = pairs[k]
+    std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected
+    by W_k. out None: no output term (MI1 stage A); no pairs: output only. feat_norm "token": a LayerNorm per
+    token on both sides instead (the previous version, kept as an ablation)."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target, out_loss)
         loss = terms["out"]
     if t_feats is not None and pairs:
         # assignment 5 begin: feature KD with its projector
-        norm = lambda h: F.layer_norm(h, h.shape[-1:])  # (B, T, D_T), no affine
-        mse = [F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs)]
+        if feat_norm == "token":
+            mse = [F.mse_loss(F.layer_norm(s, s.shape[-1:]), F.layer_norm(t_feats[j], s.shape[-1:]))
+                   for s, (_, j) in zip(s_feats, pairs)]
+        else:
+            mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
+                   for s, (_, j) in zip(s_feats, pairs)]
         terms["feat"] = sum(mse) / len(pairs)
         # assignment 5 end
         loss = loss + feat_weight * terms["feat"]
@@ -256,9 +226,9 @@ def build_student(ckpt, ema=True):
     return model.eval()
 
 
-def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=False, steps=None,
+def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=False, steps=None,
                 shared=False):
-    """Train one network with dit.train -> (EMA model, checkpoint). teacher: the frozen feature source (None:
+    """Train one network with dit.train -> (EMA model, checkpoint). source: the frozen feature source (None:
     the pairs only); how: block mapping (None: output only); init/keep: copy init's blocks keep; mi1: stage A
     then B. The file name hashes everything the stage depends on, so equal stages are shared across runs.
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
@@ -269,56 +239,44 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     student = OneStepDiT(**config) if onestep else dit.DiT(**config)
     if init is not None:
         init_from(student, init, keep)
-    L_T, D_T, _ = shape_of(teacher) if teacher is not None else (0, 0, 0)
+    L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     pairs = block_map(shape[0], L_T, how) if how else []
-    key = dict(name=name, config=config, setup=cfg.setup, pairs=pairs, mi1=mi1, data=base["data_tag"],
-               teacher=getattr(teacher, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
-               **{k: getattr(cfg, k) for k in ("out_loss", "batch_size", "lr", "ema_decay", "seed", "dtype")})
-    if pairs:  # the feature weight and MI1's split only matter to the stages that use them
-        key["feat_weight"] = cfg.feat_weight
-    if mi1:
-        key["local_frac"] = cfg.local_frac
-    tag = dit.settings_tag(key)
+    tag = dit.settings_tag(key := stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps))
     net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
-    diffusion = dit.Diffusion()
+    diffusion, cache = dit.Diffusion(), None
+    if onestep and source is not None:  # fixed inputs: the source's used states, computed once per stage
+        cache = source_states(source, base, {j for _, j in pairs} | {a for a, _ in net.groups or []})
 
     def loss_fn(net, xb, yb, step):
         if onestep:  # yb indexes the pairs; xb (the same images as uint8) is unused
             x, t, target, y = base["z"][yb], None, base["x"][yb], base["y"][yb]
         else:  # BK-SDM: the student's diffusion loss + the teacher's eps and features at the same (x_t, t)
-            y = torch.where(torch.rand(len(yb), device=yb.device) < 0.1, base["config"]["num_classes"], yb)
+            y = base["teacher"].y_embedder.token_drop(yb)  # the base's CFG label dropout, same for both nets
             i = torch.randint(0, diffusion.num_steps, (len(xb),), device=xb.device)
             noise = torch.randn_like(xb)
             x, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
-        t_out, t_feats = None, None
-        if teacher is not None:
+        t_out, t_feats = None, None if cache is None else {j: h[yb] for j, h in cache.items()}
+        if cache is None and source is not None:
             with torch.no_grad():
-                t_out, t_feats = features(teacher, x, y, t)
+                t_out, t_feats = features(source, x, y, t)
         out, s_feats = net(x, y, t, t_feats)
+        C, kw = xb.shape[1], (cfg.out_loss, cfg.feat_weight, cfg.feat_norm)
         if onestep:
-            return distill_loss(out, target, s_feats, t_feats, pairs, cfg.out_loss, cfg.feat_weight)
-        C = xb.shape[1]
-        terms = distill_loss(None if out is None else out[:, :C], t_out[:, :C], s_feats, t_feats, pairs,
-                             cfg.out_loss, cfg.feat_weight)
+            return distill_loss(out, target, s_feats, t_feats, pairs, *kw)
+        terms = distill_loss(out if out is None else out[:, :C], t_out[:, :C], s_feats, t_feats, pairs, *kw)
         if out is not None:
             terms["task"] = diffusion.loss_from_output(out, xb, x, i, noise)["loss"]
             terms["loss"] = terms["loss"] + terms["task"]
         return terms
 
     phases = [(f"{name}_{tag}", steps)]
-    if mi1:  # stage A (block-local) then stage B (end to end), the same total steps
-        n_local = max(1, round(cfg.local_frac * steps))
-        phases = [(f"{name}_{tag}_local", n_local), (f"{name}_{tag}", steps - n_local)]
+    if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
+        phases.insert(0, (f"{name}_{tag}_local", max(1, round(cfg.local_frac * steps))))
     meta = dict(kind="student", config=dict(config, arch="onestep" if onestep else "dit"), stage=name,
                 method=cfg.method, setup=cfg.setup, key=json.dumps(key))
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
-    if shared and os.path.exists(shipped) and not cfg.ship:
-        ck = dit.load_checkpoint(shipped, kinds=["student"])
-        if ck.get("key") == meta["key"]:
-            print(f"[{name}] reusing {shipped}: every setting that made it is equal (key {tag}, fp16)")
-            model = build_student(ck).to(device).requires_grad_(False)
-            model.tag, model.name = f"{tag}-fp16", name  # stages made from it differ from a float32 one's
-            return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=shipped)
+    if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
+        return found
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
@@ -326,7 +284,7 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
                                out=os.path.join(cfg.out, run + ".pt"), lr=cfg.lr, batch_size=cfg.batch_size,
                                warmup=20, ema_decay=cfg.ema_decay, seed=cfg.seed + k, log_every=cfg.log_every,
                                ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
-        print(f"[{name}] {run}: {n} steps, shape {shape}, teacher {getattr(teacher, 'name', None)}, "
+        print(f"[{name}] {run}: {n} steps, shape {shape}, source {getattr(source, 'name', None)}, "
               f"mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
         _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
         net = ema.train().requires_grad_(True)
@@ -339,37 +297,82 @@ def train_stage(cfg, name, shape, teacher, how, base, init=None, keep=None, mi1=
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
+def stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps):
+    """Every setting a stage's result depends on (its checkpoint's name hashes it)."""
+    key = dict(name=name, config=config, setup=cfg.setup, pairs=pairs, mi1=mi1, data=base["data_tag"],
+               teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
+               **{k: getattr(cfg, k) for k in ("out_loss", "batch_size", "lr", "ema_decay", "seed", "dtype")})
+    if pairs:  # the feature weight and MI1's split only matter to the stages that use them
+        key["feat_weight"] = cfg.feat_weight
+        if cfg.feat_norm == "channel":  # (token: the old loss, whose keys had no such entry)
+            key["feat_norm"] = "channel"
+    if mi1:
+        key.update(local_frac=cfg.local_frac, local_on_top=True)
+    return key
+
+
+@torch.no_grad()
+def source_states(source, base, used, chunk=250):
+    """{j: h_j (N, T, D)}: the frozen feature source's states j on every pair, computed once."""
+    chunks = [features(source, base["z"][k:k + chunk], base["y"][k:k + chunk])[1]
+              for k in range(0, len(base["z"]), chunk)]
+    return {j: torch.cat([f[j] for f in chunks]) for j in sorted(used)}
+
+
+def load_shipped(path, meta, tag, steps, device):
+    """(model, checkpoint) of a shipped helper whose settings key equals meta's, else None."""
+    ck = dit.load_checkpoint(path, kinds=["student"]) if os.path.exists(path) else {}
+    if ck.get("key") != meta["key"]:
+        return None
+    name = meta["stage"]
+    print(f"[{name}] reusing {path}: every setting that made it is equal (key {tag}, fp16)")
+    model = build_student(ck).to(device).requires_grad_(False)
+    model.tag, model.name = f"{tag}-fp16", name  # stages made from it differ from a float32 one's
+    return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=path)
+
+
+def teaching_assistant(cfg, source, shape, stage):
+    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` -> the TA [inferred]:
+    hop (default): the TA has the student's depth and the source's width, starts from source blocks m(i)
+    (block removal, BK-SDM Sec. 3.1) and is distilled with output + feature KD; the student then only has
+    to shrink the width (block i -> block i). mid (TAKD, arXiv 1902.03393): a TA of halfway depth and
+    width, trained like the student."""
+    L_T, D_T, H_T = shape_of(source)
+    if cfg.ta == "hop":
+        keep = [j - 1 for _, j in block_map(shape[0], L_T)]
+        return stage("ta", (shape[0], D_T, H_T), source, "uniform", init=source, keep=keep,
+                     steps=cfg.aux_steps, shared=cfg.setup == "onestep")  # one fixed TA for every --seed
+    h = shape[2]
+    mid = ((L_T + shape[0] + 1) // 2, (D_T + shape[1]) // 2 // (4 * h) * (4 * h), h)
+    return stage("ta", mid, source, cfg.mapping, steps=cfg.aux_steps)
+
+
 def run_method(cfg, base, shape):
-    """[(name, model, checkpoint)] of cfg.method's stages for a student of shape (depth, width, heads). The
-    feature source: the teacher itself (multistep) or a one-step teacher trained on the pairs (onestep)."""
-    T, onestep = base["teacher"], cfg.setup == "onestep"
-    L_T, D_T, H_T = shape_of(T)
+    """[(name, model, checkpoint)] of cfg.method's stages for a student of shape (depth, width, heads).
+    Networks: base_dit (the multi-step base, "teacher"), onestep_teacher (the base made one-step on the
+    pairs), ta, student. The feature source is base_dit (multistep) or onestep_teacher (onestep)."""
+    base_dit, onestep = base["teacher"], cfg.setup == "onestep"
+    L_T, D_T, H_T = shape_of(base_dit)
     stages = []
 
-    def stage(name, shp, teacher, how, **kw):
-        stages.append((name, *train_stage(cfg, name, shp, teacher, how, base, **kw)))
+    def stage(name, shp, source, how, **kw):
+        stages.append((name, *train_stage(cfg, name, shp, source, how, base, **kw)))
         return stages[-1][1]
 
     if cfg.method == "kd":
-        stage("student", shape, None if onestep else T, None)
+        stage("student", shape, None if onestep else base_dit, None)
         return stages
-    big = T
+    source = base_dit
     if onestep:
-        big = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=T, keep=list(range(L_T)),
-                    steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
+        source = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=base_dit, keep=list(range(L_T)),
+                       steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
     if cfg.method == "fkd":
-        stage("student", shape, big, cfg.mapping)
+        stage("student", shape, source, cfg.mapping)
     elif cfg.method == "mi1":
-        stage("student", shape, big, "uniform", mi1=True)
-    elif cfg.ta == "hop":  # hop 1: depth L_T -> L_S at width D_T (blocks m(i)); hop 2: width D_T -> D_S
-        keep = [j - 1 for _, j in block_map(shape[0], L_T)]
-        ta = stage("ta", (shape[0], D_T, H_T), big, "uniform", init=big, keep=keep, steps=cfg.aux_steps)
-        stage("student", shape, ta, "first")
-    else:  # --ta mid, classic TAKD: an assistant of halfway depth and width, distilled like the student
-        h = shape[2]
-        mid = ((L_T + shape[0] + 1) // 2, (D_T + shape[1]) // 2 // (4 * h) * (4 * h), h)
-        ta = stage("ta", mid, big, cfg.mapping, steps=cfg.aux_steps)
-        stage("student", shape, ta, cfg.mapping)
+        stage("student", shape, source, "uniform", mi1=True)
+    else:
+        ta = teaching_assistant(cfg, source, shape, stage)
+        stage("student", shape, ta, "first" if cfg.ta == "hop" else cfg.mapping)
     return stages
 
 
@@ -419,12 +422,56 @@ def sweep(cfg, base, device):
     return rows
 
 
-# --- main -----------------------------------------------------------------------------------------
+# ===== plumbing: nothing paper-specific below (config, main) ======================================
+
+@dataclass
+class DistillConfig:
+    method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
+    setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
+    ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
+    mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
+    depth: int = 3               # student blocks (teacher: 6)
+    width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
+    heads: int = 2               # student attention heads
+    out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
+    feat_weight: float = 0.1     # lambda_f on the feature loss (BK-SDM: 1; 0.1 here, see docs) [inferred]
+    feat_norm: str = "channel"   # targets standardised per channel | token (a LayerNorm, the old loss)
+    local_frac: float = 0.3      # mi1: block-local stage A steps = local_frac * steps, before the steps
+    steps: int = 2400            # student training steps (equal for every method; end-to-end for MI1)
+    teacher_steps: int = 1500    # steps of the one-step teacher (the feature source of fkd / ta / mi1)
+    aux_steps: int = 1000        # steps of the teaching assistant (--method ta; one fixed TA, shippable)
+    batch_size: int = 64         # pairs (or images) per step
+    lr: float = 1e-3             # AdamW learning rate (constant after a 20-step warm-up)
+    ema_decay: float = 0.999     # EMA of the weights (the evaluated model)
+    pairs: int = 1000            # offline (noise, image, label) pairs from the teacher
+    sample_steps: int = 10       # teacher DDIM steps (eta 0): the pairs, and the teacher's quality/latency
+    cfg_scale: float = 1.5       # classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
+    eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
+    bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
+    sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    preset: str = ""             # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
+    shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
+    ship: bool = False           # write the fixed helpers this run trained (EMA, fp16) to --shipped
+    data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
+    data_dir: str = "data"       # where cifar10 lives
+    out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
+    seed: int = 0                # students, TA, evaluation noise (the pairs and one-step teacher stay fixed)
+    pairs_seed: int = 1          # noise of the offline pairs (the distillation data set, fixed across --seed)
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
+    log_every: int = 100         # training log line every N steps
+
+
+# the GPU presets' recipe for every stage (DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy) [inferred]
+PAPER = dict(lr=1e-4, ema_decay=0.9999)
+
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
                     dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
                          mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"),
+                         feat_norm=("channel", "token"),
                          dtype=dit.DTYPES),
                     positive=("depth", "width", "heads", "steps", "teacher_steps", "aux_steps", "batch_size",
                               "lr", "pairs", "sample_steps", "bench_reps", "log_every"))

@@ -60,125 +60,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-# --- Config ---------------------------------------------------------------------------------------
-
-# Model sizes. `cpu` is calibrated for ~4 minutes of training on 2 CPU cores; `cifar` is DiT-S/2 on
-# 32x32 pixels (256 tokens, ~6 GFLOPs/forward as DiT-S/2 on ImageNet-256 latents); `imagenet64` is DiT-B/4.
-PRESETS = {
-    "tiny": dict(input_size=16, patch_size=4, hidden_size=64, depth=4, num_heads=2),
-    "cpu": dict(input_size=32, patch_size=4, hidden_size=128, depth=6, num_heads=4),
-    "cifar": dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6),
-    "imagenet64": dict(input_size=64, patch_size=4, hidden_size=768, depth=12, num_heads=12),
-}
-# Training defaults per preset: the paper's (DiT Sec. 4) for the GPU presets, ours for tiny / cpu.
-PRESET_TRAIN = {
-    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, ema_warmup=1),
-    "cpu": dict(steps=1600, batch_size=16, lr=2e-3, warmup=50, ema_decay=0.999, ema_warmup=1),
-    "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
-    "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
-}
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "cpu"          # model size: tiny | cpu | cifar | imagenet64 (see PRESETS)
-    data: str = "shapes"         # shapes (embedded, offline) | cifar10 | imagenet64
-    data_dir: str = "data"       # where cifar10 / imagenet64 files live (or are downloaded to)
-    image_size: int = 0          # 0 = the preset's input_size; images are resized to this
-    out: str = "out/dit.pt"      # checkpoint path; re-running with the same --out resumes
-    steps: int = 0               # optimizer steps; 0 = the preset's default
-    batch_size: int = 0          # global batch; 0 = the preset's default
-    lr: float = 0.0              # AdamW learning rate; 0 = the preset's default (paper: 1e-4)
-    warmup: int = -1             # linear lr warm-up steps; -1 = the preset's default (paper: 0)
-    lr_end: float = 1.0          # after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant (paper)
-    weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
-    grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
-    ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
-    ema_warmup: int = -1         # 1 = decay min(d, (1+n)/(10+n)) [ours]; 0 = constant d (paper); -1 = preset
-    learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term
-    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1; 0 = no CFG)
-    log_every: int = 50          # one log line (and one JSON line) every N steps
-    ckpt_every: int = 500        # atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
-    seed: int = 0                # seeds model init, data order, noise and timesteps
-    device: str = "auto"         # auto | cpu | cuda | mps
-    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
-    compile: bool = False        # torch.compile the model
-    bench: bool = False          # moved: python jetson_bench.py --peak (train / forward / sampling vs peak)
-    ship: str = ""               # after training, also write the EMA weights alone, in float16, to this path
-
-
-def resolve(cfg):
-    """Fill the 0/-1 "use the preset's default" fields of a TrainConfig in place."""
-    if cfg.preset not in PRESETS:
-        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    for k, v in PRESET_TRAIN[cfg.preset].items():  # 0 (or -1 where 0 is a value) = the preset's default
-        if getattr(cfg, k) == (-1 if k in ("warmup", "ema_warmup") else 0):
-            setattr(cfg, k, v)
-    if cfg.image_size == 0:
-        cfg.image_size = PRESETS[cfg.preset]["input_size"]
-    return check(cfg, dict(data=("shapes", "cifar10", "imagenet64"), dtype=DTYPES),
-                 positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "image_size", "ema_decay"))
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def method_preset(cfg, teacher_ckpt, paper):
-    """A method script's preset: cfg.preset, or "" = the base's (its train_config; cpu if it does not say).
-    On the GPU presets (cifar, imagenet64) every field of `paper` still at its CPU default takes the paper's
-    value (constant EMA, lr 1e-4 as DiT Sec. 4 ...); the CPU presets keep ours. The EMA warm-up follows the
-    preset in train() (resolve)."""
-    if not cfg.preset:
-        cfg.preset = (teacher_ckpt.get("train_config") or {}).get("preset", "cpu")
-    if cfg.preset not in PRESETS:
-        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for k, v in paper.items():
-        if cfg.preset in ("cifar", "imagenet64") and getattr(cfg, k) == defaults[k]:
-            setattr(cfg, k, v)
-    return cfg
-
-
-def check(cfg, choices=None, positive=()):
-    """One error line (and exit) for a flag outside its choices or a count that must be positive."""
-    for k, allowed in (choices or {}).items():
-        if getattr(cfg, k) not in allowed:
-            sys.exit(f"error: --{k.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
-                     f"not {getattr(cfg, k)!r}")
-    for k in positive:
-        if not getattr(cfg, k) > 0:
-            sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
-    return cfg
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block
-        sys.stderr.write(f"error: {message}; see --help\n")
-        sys.exit(2)
-
-
-def parse_args(config_cls, argv=None, paths=False):
-    """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile); the help of a
-    flag is its field's trailing comment. Unknown flags: one error line. paths=True also takes positional
-    paths anywhere on the line and returns (config, paths)."""
-    p = OneLineParser(description=sys.modules["__main__"].__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(config_cls), re.M))
-    for f in dataclasses.fields(config_cls):
-        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + f" (default: {f.default})"
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=h)
-    if not paths:
-        return config_cls(**vars(p.parse_args(argv)))
-    p.add_argument("paths", nargs="*", help="input paths")
-    args = vars(p.parse_intermixed_args(argv))
-    found = args.pop("paths")
-    return config_cls(**args), found
-
-
 # --- Model (names and init as facebookresearch/DiT models.py) -------------------------------------
 
 Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp scale_mlp gate_mlp")
@@ -189,6 +70,45 @@ def modulate(x, shift, scale):
     # assignment 1 begin: adaLN-Zero modulation in the DiT block
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
     # assignment 1 end
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3). The two residual halves are callable on their own so that
+    the method scripts (pruning, caching, dynamic width) reuse them without copying this code:
+        x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))      attn_branch
+        x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))       mlp_branch"""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def zero_init_(self):
+        """adaLN-Zero (Sec. 3.2): the modulation starts at exactly 0, so every gate is 0 and the block is the
+        identity. Called by DiT.initialize_weights after the Xavier init of every linear."""
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def modulation(self, c):
+        """The six (B, D) vectors of adaLN-Zero, by name (as DiT's models.py unpacks them)."""
+        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
+
+    def attn_branch(self, x, mod):
+        # assignment 1 begin: adaLN-Zero modulation in the DiT block
+        return mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
+        # assignment 1 end
+
+    def mlp_branch(self, x, mod):
+        # assignment 1 begin: adaLN-Zero modulation in the DiT block
+        return mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
+        # assignment 1 end
+
+    def forward(self, x, c):
+        mod = self.modulation(c)
+        x = x + self.attn_branch(x, mod)
+        return x + self.mlp_branch(x, mod)
 
 
 class PatchEmbed(nn.Module):
@@ -266,39 +186,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3). The two residual halves are callable on their own so that
-    the method scripts (pruning, caching, dynamic width) reuse them without copying this code:
-        x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))      attn_branch
-        x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))       mlp_branch"""
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def modulation(self, c):
-        """The six (B, D) vectors of adaLN-Zero, by name (as DiT's models.py unpacks them)."""
-        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
-
-    def attn_branch(self, x, mod):
-        # assignment 1 begin: adaLN-Zero modulation in the DiT block
-        return mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
-        # assignment 1 end
-
-    def mlp_branch(self, x, mod):
-        # assignment 1 begin: adaLN-Zero modulation in the DiT block
-        return mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
-        # assignment 1 end
-
-    def forward(self, x, c):
-        mod = self.modulation(c)
-        x = x + self.attn_branch(x, mod)
-        return x + self.mlp_branch(x, mod)
-
-
 class FinalLayer(nn.Module):
     """LN -> adaLN (shift, scale) -> Linear(D -> p*p*C_out), zero-initialised."""
     def __init__(self, hidden_size, patch_size, out_channels):
@@ -306,6 +193,12 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def zero_init_(self):
+        """adaLN-Zero's output side: modulation and output linear at 0, so a fresh DiT predicts 0."""
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -343,8 +236,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Xavier-uniform linears, zero biases; N(0, 0.02) embeddings; adaLN-Zero: every modulation
-        linear and the output linear start at exactly 0, so each block is the identity (Sec. 3.2)."""
+        """Xavier-uniform linears, zero biases; N(0, 0.02) embeddings; then adaLN-Zero (zero_init_ of each
+        block and of the final layer: each block starts as the identity, Sec. 3.2)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -358,10 +251,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                         self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for m in list(self.blocks) + [self.final_layer]:  # adaLN-Zero, owned by each block and the head
+            m.zero_init_()
 
     def unpatchify(self, x):
         """(B, T, p*p*C) -> (B, C, I, I)"""
@@ -417,7 +308,6 @@ def samples_like(wrapper, model):
             setattr(wrapper, a, getattr(model, a))
     wrapper.one_step = getattr(model, "one_step", False)
     return wrapper
-
 
 # --- Gaussian diffusion (DDPM, Ho et al. 2020; learned range variance, Nichol & Dhariwal 2021) ----
 
@@ -555,7 +445,6 @@ def discretized_gaussian_loglik(x, means, log_scales):
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
-
 # --- The reverse process: DDPM / DDIM with classifier-free guidance -------------------------------
 
 def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generator=None, clip=True):
@@ -637,6 +526,181 @@ def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
     imgs = [generate(m, labels, seed, k, cfg_scale=cfg_scale) for m, k in zip(models, steps)]
     save_grid(torch.cat(imgs), path, nrow=len(labels))
 
+# --- Training loop (shared by every script: pass your own loss_fn) --------------------------------
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def lr_factor(step, cfg):
+    """lr multiplier at `step`: linear warm-up to 1, then constant (lr_end = 1, DiT) or a cosine to lr_end."""
+    if step < cfg.warmup or cfg.lr_end == 1.0:
+        return min(1.0, (step + 1) / max(cfg.warmup, 1))
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr_end + (1.0 - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(step, cfg):
+    """EMA decay at `step`: constant (paper, --ema-warmup 0) or min(d, (1+n)/(10+n)) while young (ours)."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False):
+    """The one training loop (DiT Sec. 4: AdamW, constant lr after an optional warm-up, EMA of the weights).
+    loss_fn(model, xb, yb, step) -> dict with 'loss' (a scalar tensor) and other scalar terms to log; `step`
+    (0-based) lets a schedule resume exactly. `data` = (images uint8, labels); `meta` = the checkpoint's
+    'kind' and 'config' (+ anything else to save). Everything else (DDP, resume, autocast and GradScaler,
+    logs, checkpoints, signals) lives in `Session`, below the plumbing line. sharded: each rank holds only
+    its part of the data. Re-running with the same cfg.out resumes exactly. Returns (model, ema, ckpt)."""
+    s = Session(model, data, cfg, meta, param_groups, quiet, find_unused, sharded)
+    cfg, opt, ema = s.cfg, s.opt, s.ema
+    if s.finished:  # a finished checkpoint with the same settings: nothing to train
+        return model.eval(), ema, s.ck
+    model.train()
+    with s:  # closes the progress bar and restores the signal handlers however the loop ends
+        while s.step < cfg.steps:
+            xb, yb = s.batch()
+            for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule) or cosine
+                g["lr"] = g["base_lr"] * lr_factor(s.step, cfg)
+            with autocast(s.device, cfg.dtype):
+                terms = loss_fn(s.net, xb, yb, s.step)
+            values = s.scalars(terms)  # the step's one host sync; stops on a non-finite loss
+            opt.zero_grad(set_to_none=True)
+            s.scaler.scale(terms["loss"]).backward()
+            if cfg.grad_clip > 0:
+                s.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            s.scaler.step(opt)
+            s.scaler.update()
+            ema_update(ema, model, ema_decay(s.step, cfg))
+            s.end_step(values)  # step += 1, log line, checkpoint, signals
+    return model.eval(), ema, s.finish()
+
+
+# ==================================================================================================
+# plumbing: nothing paper-specific below (config, flags, data, checkpoints, devices and DDP, the
+# training session, tables)
+# ==================================================================================================
+
+# --- Config ---------------------------------------------------------------------------------------
+
+# Model sizes. `cpu` is calibrated for ~4 minutes of training on 2 CPU cores; `cifar` is DiT-S/2 on
+# 32x32 pixels (256 tokens, ~6 GFLOPs/forward as DiT-S/2 on ImageNet-256 latents); `imagenet64` is DiT-B/4.
+PRESETS = {
+    "tiny": dict(input_size=16, patch_size=4, hidden_size=64, depth=4, num_heads=2),
+    "cpu": dict(input_size=32, patch_size=4, hidden_size=128, depth=6, num_heads=4),
+    "cifar": dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6),
+    "imagenet64": dict(input_size=64, patch_size=4, hidden_size=768, depth=12, num_heads=12),
+}
+# Training defaults per preset: the paper's (DiT Sec. 4) for the GPU presets, ours for tiny / cpu.
+PRESET_TRAIN = {
+    "tiny": dict(steps=200, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, ema_warmup=1),
+    "cpu": dict(steps=1600, batch_size=16, lr=2e-3, warmup=50, ema_decay=0.999, ema_warmup=1),
+    "cifar": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
+    "imagenet64": dict(steps=400_000, batch_size=256, lr=1e-4, warmup=0, ema_decay=0.9999, ema_warmup=0),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"          # model size: tiny | cpu | cifar | imagenet64 (see PRESETS)
+    data: str = "shapes"         # shapes (embedded, offline) | cifar10 | imagenet64
+    data_dir: str = "data"       # where cifar10 / imagenet64 files live (or are downloaded to)
+    image_size: int = 0          # 0 = the preset's input_size; images are resized to this
+    out: str = "out/dit.pt"      # checkpoint path; re-running with the same --out resumes
+    steps: int = 0               # optimizer steps; 0 = the preset's default
+    batch_size: int = 0          # global batch; 0 = the preset's default
+    lr: float = 0.0              # AdamW learning rate; 0 = the preset's default (paper: 1e-4)
+    warmup: int = -1             # linear lr warm-up steps; -1 = the preset's default (paper: 0)
+    lr_end: float = 1.0          # after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant (paper)
+    weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
+    grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
+    ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
+    ema_warmup: int = -1         # 1 = decay min(d, (1+n)/(10+n)) [ours]; 0 = constant d (paper); -1 = preset
+    learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term
+    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1; 0 = no CFG)
+    log_every: int = 50          # one log line (and one JSON line) every N steps
+    ckpt_every: int = 500        # atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
+    seed: int = 0                # seeds model init, data order, noise and timesteps
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
+    compile: bool = False        # torch.compile the model
+    bench: bool = False          # moved: python jetson_bench.py --peak (train / forward / sampling vs peak)
+    ship: str = ""               # after training, also write the EMA weights alone, in float16, to this path
+
+
+def resolve(cfg):
+    """Fill the 0/-1 "use the preset's default" fields of a TrainConfig in place."""
+    if cfg.preset not in PRESETS:
+        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    for k, v in PRESET_TRAIN[cfg.preset].items():  # 0 (or -1 where 0 is a value) = the preset's default
+        if getattr(cfg, k) == (-1 if k in ("warmup", "ema_warmup") else 0):
+            setattr(cfg, k, v)
+    if cfg.image_size == 0:
+        cfg.image_size = PRESETS[cfg.preset]["input_size"]
+    return check(cfg, dict(data=("shapes", "cifar10", "imagenet64"), dtype=DTYPES),
+                 positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "image_size", "ema_decay"))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def method_preset(cfg, teacher_ckpt, paper):
+    """A method script's preset: cfg.preset, or "" = the base's (its train_config; cpu if it does not say).
+    On the GPU presets (cifar, imagenet64) every field of `paper` still at its CPU default takes the paper's
+    value (constant EMA, lr 1e-4 as DiT Sec. 4 ...); the CPU presets keep ours. The EMA warm-up follows the
+    preset in train() (resolve)."""
+    if not cfg.preset:
+        cfg.preset = (teacher_ckpt.get("train_config") or {}).get("preset", "cpu")
+    if cfg.preset not in PRESETS:
+        sys.exit(f"error: unknown --preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for k, v in paper.items():
+        if cfg.preset in ("cifar", "imagenet64") and getattr(cfg, k) == defaults[k]:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def check(cfg, choices=None, positive=()):
+    """One error line (and exit) for a flag outside its choices or a count that must be positive."""
+    for k, allowed in (choices or {}).items():
+        if getattr(cfg, k) not in allowed:
+            sys.exit(f"error: --{k.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
+                     f"not {getattr(cfg, k)!r}")
+    for k in positive:
+        if not getattr(cfg, k) > 0:
+            sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
+    return cfg
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block
+        sys.stderr.write(f"error: {message}; see --help\n")
+        sys.exit(2)
+
+
+def parse_args(config_cls, argv=None, paths=False):
+    """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile); the help of a
+    flag is its field's trailing comment. Unknown flags: one error line. paths=True also takes positional
+    paths anywhere on the line and returns (config, paths)."""
+    p = OneLineParser(description=sys.modules["__main__"].__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(config_cls), re.M))
+    for f in dataclasses.fields(config_cls):
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=f.default, help=h)
+    if not paths:
+        return config_cls(**vars(p.parse_args(argv)))
+    p.add_argument("paths", nargs="*", help="input paths")
+    args = vars(p.parse_intermixed_args(argv))
+    found = args.pop("paths")
+    return config_cls(**args), found
 
 # --- Data: uint8 (N, 3, H, W) images + int64 labels, held in memory -------------------------------
 
@@ -790,7 +854,6 @@ def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
         yield xb, y[idx]
         step += 1
 
-
 # --- Checkpoints: plain dicts, atomic writes, weights_only loads ----------------------------------
 
 def save_checkpoint(obj, path):
@@ -900,8 +963,8 @@ def build_dit(ckpt, ema=True):
         sys.exit(f"error: checkpoint weights do not match its config: {str(e).splitlines()[0]}")
     return model.eval()
 
+# --- Devices, DDP and the training session --------------------------------------------------------
 
-# --- Training loop (shared by every script: pass your own loss_fn) --------------------------------
 
 def pick_device(name="auto"):
     if name == "auto":
@@ -954,27 +1017,11 @@ def dist_finish():
         dist.barrier()
         dist.destroy_process_group()
 
-
 def autocast(device, dtype):
     """Autocast context for --dtype (a no-op for float32)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         sys.exit(f"error: --dtype must be float32, bfloat16 or float16, not {dtype!r}")
     return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
-def lr_factor(step, cfg):
-    """lr multiplier at `step`: linear warm-up to 1, then constant (lr_end = 1, DiT) or a cosine to lr_end."""
-    if step < cfg.warmup or cfg.lr_end == 1.0:
-        return min(1.0, (step + 1) / max(cfg.warmup, 1))
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr_end + (1.0 - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
 
 def rng_state(device):
     """Every random stream the loop draws from: the CPU generator and, on CUDA, the device's."""
@@ -990,141 +1037,148 @@ def set_rng_state(state, device):
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
+class Session:
+    """Everything `train` needs that is not the algorithm: the device and DDP (gloo / nccl; stop and NaN
+    decisions are collective), AdamW, the EMA copy, the GradScaler (float16), resume (model, EMA, optimizer,
+    scaler, step, every RNG, data order), torch.compile, the data stream, a log line + JSON lines, atomic
+    checkpoints every ckpt_every steps, at the end and on SIGINT / SIGTERM."""
+    def __init__(self, model, data, cfg, meta, param_groups=None, quiet=False, find_unused=False,
+                 sharded=False):
+        self.cfg = cfg = resolve(cfg)  # the one place where a 0 / -1 setting becomes the preset's value
+        self.model, self.meta, self.quiet = model, meta, quiet
+        self.device = device = pick_device(cfg.device)
+        self.rank, self.world = rank, world = dist_setup(device)
+        if cfg.batch_size % world:
+            sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
+        torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
+        model.to(device)
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA starts as a copy (official)
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+        for g in self.opt.param_groups:
+            g.setdefault("base_lr", g["lr"])
+        self.step, self.log_path = 0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        self.finished = os.path.exists(cfg.out) and self.resume()
+        if self.finished:
+            return
+        self.net = torch.compile(model) if cfg.compile else model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
+                                                           find_unused_parameters=find_unused)
+        images, labels = data
+        flip = cfg.data != "shapes"
+        self.it = (batches(images, labels, cfg.batch_size // world, cfg.seed + 1000 * rank, self.step,
+                           flip=flip) if sharded
+                   else batches(images, labels, cfg.batch_size, cfg.seed, self.step, rank, world, flip=flip))
+        self.stop = {"sig": 0}
+        on_signal = lambda sig, _: self.stop.update(sig=sig)  # noqa: E731
+        self.handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.t0, self.last, self.logs, self.last_logs, self.n_logged = time.time(), time.time(), {}, {}, 0
+        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=rank != 0 or quiet,
+                        desc=os.path.basename(cfg.out), dynamic_ncols=True, leave=False)
 
-def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False):
-    """The one training loop. loss_fn(model, xb, yb, step) -> dict with 'loss' (a scalar tensor) and other
-    scalar terms to log; `step` (0-based) lets a schedule resume exactly. `data` = (images uint8, labels);
-    `meta` = the checkpoint's 'kind' and 'config' (+ anything else to save). AdamW + warm-up (+ cosine),
-    EMA, grad clipping, autocast (+ GradScaler for float16), torch.compile, DDP under torchrun (gloo / nccl;
-    stop and NaN decisions are collective), a log line + JSON lines, atomic checkpoints every ckpt_every
-    steps, at the end and on SIGINT/SIGTERM. Re-running with the same cfg.out resumes exactly (model, EMA,
-    optimizer, scaler, step, every RNG, data order). sharded: each rank holds only its own part of the
-    data and draws batch_size / world from it. Returns (model, ema, ckpt dict)."""
-    cfg = resolve(cfg)  # the one place where a 0 / -1 setting becomes the preset's value
-    device = pick_device(cfg.device)
-    rank, world = dist_setup(device)
-    ddp = world > 1
-    if cfg.batch_size % world:
-        sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
-    model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA starts as a copy (official)
-    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    for g in opt.param_groups:
-        g.setdefault("base_lr", g["lr"])
-    step, log_path = 0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    if os.path.exists(cfg.out):  # resume
+    def resume(self):
+        """Load cfg.out (same settings only). True when it already holds every step (self.ck: the file)."""
+        cfg, meta, rank = self.cfg, self.meta, self.rank
         ck = load_checkpoint(cfg.out, kinds=[meta["kind"]])
         if ck["config"] != meta["config"] or ck.get("key", meta.get("key")) != meta.get("key"):
             sys.exit(f"error: {cfg.out} was made with other settings (model config or settings key); "
                      "use another --out")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["opt"])
         if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step = ck["step"]
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank], device)
+            self.scaler.load_state_dict(ck["scaler"])
+        self.step = ck["step"]
+        if len(ck["rng"]) == self.world:
+            set_rng_state(ck["rng"][rank], self.device)
         else:  # another world size: the old per-rank streams cannot be split; re-seed, deterministically
-            print(f"note: {cfg.out} was written by {len(ck['rng'])} processes, now {world}: new noise")
-            torch.manual_seed(cfg.seed + rank + 1000003 * step)
-        if step >= cfg.steps:
-            if rank == 0 and not quiet:
+            print(f"note: {cfg.out} was written by {len(ck['rng'])} processes, now {self.world}: new noise")
+            torch.manual_seed(cfg.seed + rank + 1000003 * self.step)
+        if self.step >= cfg.steps:
+            if rank == 0 and not self.quiet:
                 same = "settings (its key)" if meta.get("key") else "model config"
-                print(f"reusing {cfg.out}: finished ({step} steps) with the same {same}")
-            return model.eval(), ema, ck
-        if rank == 0 and not quiet:
-            print(f"resuming {cfg.out} at step {step}")
-    net = torch.compile(model) if cfg.compile else model
-    if ddp:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
-    images, labels = data
-    flip = cfg.data != "shapes"
-    it = (batches(images, labels, cfg.batch_size // world, cfg.seed + 1000 * rank, step, flip=flip) if sharded
-          else batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=flip))
-    stop = {"sig": 0}
-    on_signal = lambda sig, _: stop.update(sig=sig)  # noqa: E731
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                print(f"reusing {cfg.out}: finished ({self.step} steps) with the same {same}")
+            self.ck = ck
+            return True
+        if rank == 0 and not self.quiet:
+            print(f"resuming {cfg.out} at step {self.step}")
+        return False
 
-    def checkpoint(metrics):  # collective under DDP: every rank calls it at the same step
-        rngs = [rng_state(device)]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        if rank == 0:
-            save_checkpoint(dict(meta, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                 scaler=scaler.state_dict(), step=step, rng=rngs,
-                                 train_config=dataclasses.asdict(cfg), metrics=metrics), cfg.out)
+    def batch(self):
+        xb, yb = next(self.it)
+        return xb.to(self.device), yb.to(self.device)
 
-    def agreed(*flags):  # the max of each flag over the ranks, so every rank takes the same decision
-        if not ddp:
+    def agreed(self, *flags):  # the max of each flag over the ranks, so every rank takes the same decision
+        if self.world == 1:
             return [float(f) for f in flags]
-        v = torch.tensor([float(f) for f in flags], device=device)
+        v = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
         return v.tolist()
 
-    model.train()
-    t0, last, logs, last_logs, n_logged = time.time(), time.time(), {}, {}, 0
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or quiet, desc=os.path.basename(cfg.out),
-               dynamic_ncols=True, leave=False)
-    try:
-        while step < cfg.steps:
-            xb, yb = next(it)
-            xb, yb = xb.to(device), yb.to(device)
-            for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule) or cosine
-                g["lr"] = g["base_lr"] * lr_factor(step, cfg)
-            with autocast(device, cfg.dtype):
-                terms = loss_fn(net, xb, yb, step)
-            loss = terms["loss"]
-            names = [k for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0]
-            # the step's one host sync: every logged scalar at once (the finite check reads it too)
-            values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
-            if agreed(not math.isfinite(values["loss"]))[0]:
-                sys.exit(f"error: loss is {values['loss']} at step {step}; {cfg.out} keeps the last good one")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            # EMA: constant decay (paper), or min(d, (1+n)/(10+n)) while young (ours, --ema-warmup 1)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-            ema_update(ema, model, decay)
-            step += 1
-            bar.update(1)
-            for k, v in values.items():
-                logs[k] = logs.get(k, 0.0) + v
-            n_logged += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                ms = (time.time() - last) * 1000 / n_logged  # means over the steps since the last line
-                rec = dict(step=step, **{k: round(v / n_logged, 5) for k, v in logs.items()},
-                           ms_per_step=round(ms, 1), img_per_s=round(cfg.batch_size * 1000 / ms, 1))
-                if rank == 0 and not quiet:
-                    bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                last_logs, logs, last, n_logged = rec, {}, time.time(), 0
-            sig = int(agreed(stop["sig"])[0])
-            if (step % cfg.ckpt_every == 0 and step < cfg.steps) or sig:  # the last step: saved below
-                checkpoint({})
-            if sig:
-                print(f"\ninterrupted at step {step}; saved {cfg.out}; run the same command again to resume")
-                sys.exit(128 + sig)
-    finally:
-        bar.close()
-        for s, h in handlers.items():
+    def scalars(self, terms):
+        """Every scalar term as a float, in one host sync; exits (collectively) on a non-finite loss."""
+        names = [k for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0]
+        values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
+        if self.agreed(not math.isfinite(values["loss"]))[0]:
+            sys.exit(f"error: loss is {values['loss']} at step {self.step}; {self.cfg.out} keeps the last "
+                     "good one")
+        return values
+
+    def end_step(self, values):
+        """step += 1; a log line every log_every steps; a checkpoint every ckpt_every steps or on a signal."""
+        cfg = self.cfg
+        self.step += 1
+        self.bar.update(1)
+        for k, v in values.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v
+        self.n_logged += 1
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            ms = (time.time() - self.last) * 1000 / self.n_logged  # means over the steps since the last line
+            rec = dict(step=self.step, **{k: round(v / self.n_logged, 5) for k, v in self.logs.items()},
+                       ms_per_step=round(ms, 1), img_per_s=round(cfg.batch_size * 1000 / ms, 1))
+            if self.rank == 0 and not self.quiet:
+                self.bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
+            if self.rank == 0:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            self.last_logs, self.logs, self.last, self.n_logged = rec, {}, time.time(), 0
+        sig = int(self.agreed(self.stop["sig"])[0])
+        if (self.step % cfg.ckpt_every == 0 and self.step < cfg.steps) or sig:  # the last step: in finish
+            self.checkpoint({})
+        if sig:
+            print(f"\ninterrupted at step {self.step}; saved {cfg.out}; run the same command again to resume")
+            sys.exit(128 + sig)
+
+    def checkpoint(self, metrics):  # collective under DDP: every rank calls it at the same step
+        rngs = [rng_state(self.device)]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state(self.device))
+        if self.rank == 0:
+            save_checkpoint(dict(self.meta, model=self.model.state_dict(), ema=self.ema.state_dict(),
+                                 opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
+                                 rng=rngs, train_config=dataclasses.asdict(self.cfg), metrics=metrics),
+                            self.cfg.out)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for s, h in self.handlers.items():
             signal.signal(s, h)
-    metrics = dict(wall_s=round(time.time() - t0, 1), final_loss=last_logs.get("loss") if step else None)
-    checkpoint(metrics)
-    ck = dict(meta, step=step, metrics=metrics, model=model.state_dict(), ema=ema.state_dict())
-    return model.eval(), ema, ck
+
+    def finish(self):
+        """The final checkpoint (saved once) -> the returned dict (no optimizer state)."""
+        metrics = dict(wall_s=round(time.time() - self.t0, 1),
+                       final_loss=self.last_logs.get("loss") if self.step else None)
+        self.checkpoint(metrics)
+        return dict(self.meta, step=self.step, metrics=metrics, model=self.model.state_dict(),
+                    ema=self.ema.state_dict())
 
 
 def dit_config(cfg, num_classes=10):
@@ -1157,7 +1211,6 @@ def get_teacher(path, preset="cpu", data="shapes", data_dir="data", device="auto
         train_base(TrainConfig(preset=preset, data=data, data_dir=data_dir, out=path, device=device,
                                seed=seed))
     return load_checkpoint(path, kinds=["dit"])
-
 
 # --- Evaluate: FLOPs, grids, tables ---------------------------------------------------------------
 

@@ -64,7 +64,9 @@ class DyConfig:
     batch_size: int = 64          # fine-tuning batch (paper: 256)
     lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
     router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
-    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps)
+    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
+    ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
+    router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
     lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
     lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
     complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
@@ -118,8 +120,10 @@ def flops_loss(ratio, lam, weight):
 
 class Routers(nn.Module):
     """Per block: TDW routers D -> H-1 head / group logits on E_t, the SDT router D -> D/16 -> ReLU -> 1
-    per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code)."""
-    def __init__(self, D, H, depth):
+    per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code). With
+    |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0: init="zero"
+    starts them at weight 0 instead [inferred]."""
+    def __init__(self, D, H, depth, init="zero"):
         super().__init__()
         self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
         self.mlp = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
@@ -131,6 +135,8 @@ class Routers(nn.Module):
                 nn.init.zeros_(m.bias)
         for lin in list(self.attn) + list(self.mlp):
             nn.init.constant_(lin.bias, 15.0)
+            if init == "zero":
+                nn.init.zeros_(lin.weight)
         for r in self.token:
             nn.init.constant_(r[-1].bias, 35.0)
 
@@ -138,13 +144,13 @@ class Routers(nn.Module):
 class DyDiT(nn.Module):
     """A dit.DiT plus routers. Training (or sliced=False): the masked graph, masks multiply activations.
     Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
-    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0):
+    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero"):
         super().__init__()
         if mode not in ("dydit", "tdw", "sdt", "random", "halfwidth"):
             raise ValueError(f"unknown DyDiT mode {mode!r}")
         self.dit, self.mode, self.lam, self.tau = model, mode, lam, tau
         D, H, L = model.pos_embed.shape[-1], model.num_heads, len(model.blocks)
-        self.routers = Routers(D, H, L)
+        self.routers = Routers(D, H, L, router_init)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
         dit.samples_like(self, model)
         self.sliced, self.plans, self.weights, self.trace = True, {}, {}, None
@@ -372,8 +378,9 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
 
 
 # every setting a fine-tuned checkpoint depends on, besides the teacher's weights
-TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
-              "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
+TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "ema_warmup",
+              "router_init", "lam_hold", "lam_ramp", "complete_steps", "flops_weight", "tau", "reorder",
+              "seed", "data")
 
 
 def run_key(cfg, teacher, data=None):
@@ -399,14 +406,14 @@ def finetune(cfg, teacher, quiet=False):
         reorder_(net)
     tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
-                         ema_decay=cfg.ema_decay, log_every=max(cfg.steps // 8, 1),
+                         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
         meta = dict(kind="dit", config=teacher["config"], key=key)
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
-    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
+    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
     groups = [dict(params=list(net.parameters())),
@@ -477,25 +484,30 @@ def sliced_vs_masked(model, batch=16, seed=0):
     return worst
 
 
-def evaluate(name, model, static, cfg, device, lam="1"):
+def evaluate(name, model, static, cfg, device, lam="1", steps=None):
     """One row of the results table: realised FLOPs ratio (Sec. 3.3 formula over the quality run's
-    sampling steps), sampling speedup over `static` at batch 64 and 1, and fid.evaluate's score."""
-    dyn = isinstance(model, DyDiT)
+    sampling steps; with `steps`, steps / eval_steps), the share of (block, token) MLP calls kept, sampling
+    speedup over `static` at batch 64 and 1 (not for `steps`), and fid.evaluate's score."""
+    dyn, steps = isinstance(model, DyDiT), steps or cfg.eval_steps
     if dyn:
         model.trace = []
     q = fid.evaluate(model, data=cfg.data, data_dir=cfg.data_dir, image_size=model.input_size, n=cfg.eval_n,
-                     steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
-    ratio = torch.cat([r["ratio"] for r in model.trace]).mean().item() if dyn else 1.0
+                     steps=steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+    trace = model.trace if dyn else []
     if dyn:
         model.trace = None
-    row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}"}
+    ratio = torch.cat([r["ratio"] for r in trace]).mean().item() if dyn else steps / cfg.eval_steps
+    keeps = [r["keep"].float().mean().item() for r in trace if r["keep"] is not None]
+    row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}",
+           "token keep": f"{sum(keeps) / len(keeps):.3f}" if keeps else "1"}
     for k, B in enumerate(int(b) for b in cfg.bench_batches.split(",")):
         # min over --bench-reps interleaved rounds; the warm-up round also fills the weight caches
-        t = fid.time_sampling(dict(static=static, dy=model), B, cfg.eval_steps, cfg.cfg_scale, cfg.bench_reps)
-        ts, td = min(t["static"]), min(t["dy"])
-        row[f"speedup b{B}"] = f"{ts / td:.2f}x"
+        t = fid.time_sampling(dict(static=static, dy=model), B, steps, cfg.cfg_scale, cfg.bench_reps) \
+            if steps == cfg.eval_steps else None
+        ts, td = (min(t["static"]), min(t["dy"])) if t else (None, None)
+        row[f"speedup b{B}"] = f"{ts / td:.2f}x" if t else "-"
         if k == 0:  # measured speedup / ideal speedup 1 / ratio
-            row["of FLOPs cut"] = f"{ts / td * ratio:.2f}"
+            row["of FLOPs cut"] = f"{ts / td * ratio:.2f}" if t else "-"
     return {**row, q["metric"]: f"{q['score']:.2f}",
             "acc": "-" if q["acc"] is None else f"{q['acc']:.3f}",
             # random masks are drawn anew by each graph, so the two cannot agree: no check for mode random
@@ -528,6 +540,8 @@ def main(argv=None):
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
+        half = max(1, cfg.eval_steps // 2)  # the same FLOPs as lambda 0.5: half the sampling steps
+        rows.append(evaluate(f"static (base), {half} steps", base, base, cfg, device, steps=half))
     for mode, lam in runs:
         run = dataclasses.replace(cfg, mode=mode, lam=lam)
         out = cfg.out if cfg.out and not cfg.sweep else default_out(cfg.out or "out/dydit", run, teacher)
@@ -541,6 +555,8 @@ def main(argv=None):
             static = grid["static"] = dit.build_dit(ck).to(device)
             rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
                      evaluate("base (not fine-tuned)", base, static, cfg, device)]
+            half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline (DyDiT 0.5's compute)
+            rows.append(evaluate(f"static fine-tuned, {half} steps", static, static, cfg, device, steps=half))
         else:
             model = grid[f"{mode} {lam}"] = build_dydit(ck).to(device)
             rows.append(evaluate(mode, model, static, cfg, device, lam))

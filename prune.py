@@ -101,6 +101,7 @@ class PruneConfig:
     scaling: float = 100.0       # logit multiplier s (paper 100, constant)
     logit_init: float = 0.02     # every pattern logit starts here (uniform distribution; paper 0.02)
     gate_ema: float = 0.999      # EMA decay of the logits (and LoRA); the final mask is argmax of the EMA
+    gate_ema_warmup: int = 0     # 0 = the constant decay from step 0 (paper); 1 = the cpu preset's warm-up
     calib_n: int = 128           # calibration samples for the score-based baselines and the loss column
     random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
     recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
@@ -122,7 +123,7 @@ class PruneConfig:
     ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
     dipgo_steps: int = 30        # pruner optimisation steps (paper: 500)
     dipgo_batch: int = 4         # (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.02       # Adam learning rate of the pruner [inferred; paper SGD 0.2, cosine]
+    dipgo_lr: float = 0.005      # Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
     dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
     dipgo_alpha: float = 1.0     # sparsity weight (paper 1.0, ablated 0.1-2.0)
     dipgo_dim: int = 128         # pruner query width d (paper 512)
@@ -430,19 +431,24 @@ def learn_mask(cfg, teacher_ckpt, data, path):
     groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}]
     if weights:
         groups_.append({"params": weights, "lr": cfg.lora_lr})
-    diffusion = dit.Diffusion()
+    diffusion, history = dit.Diffusion(), {}
 
     def loss_fn(m, xb, yb, step):
+        history[step] = net.kept()  # the live argmax mask before this step's update
         terms = diffusion.loss(m, xb, yb)
         return dict(loss=terms["loss"], mse=terms["mse"], tau=torch.tensor(net.temperature()),
                     conf=net.confidence().min())
     config = dict(teacher_ckpt["config"], pattern=cfg.pattern, deltaw=cfg.deltaw, lora_rank=cfg.lora_rank,
                   lora_alpha=cfg.lora_alpha)
     meta = dict(kind="tinyfusion_search", config=config)
-    tcfg = train_config(cfg, path, cfg.learn_steps, cfg.gate_lr, cfg.gate_ema, 1.0)
+    tcfg = dataclasses.replace(train_config(cfg, path, cfg.learn_steps, cfg.gate_lr, cfg.gate_ema, 1.0),
+                               ema_warmup=cfg.gate_ema_warmup)
     _, ema, ck = dit.train(net, loss_fn, data, tcfg, meta, param_groups=groups_)
     trainable = sum(p.numel() for g in groups_ for p in g["params"])
+    changes = [s for s in sorted(history) if s - 1 in history and history[s] != history[s - 1]]
+    last = max(changes, default=min(history, default=0))  # the live mask is the same from this step on
     info = dict(confidence=[round(v, 3) for v in ema.confidence().tolist()], raw_kept=net.kept(),
+                live_mask_stable_for=f"{(cfg.learn_steps - last) / cfg.learn_steps:.0%} of the steps",
                 trainable_frac=round(trainable / sum(p.numel() for p in model.parameters()), 4))
     return ema.kept(), info
 
@@ -469,8 +475,8 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
 
 # every setting a stage's result depends on, besides the teacher's weights
 SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw", "lora_rank", "lora_alpha",
-               "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema", "seed",
-               "dtype")
+               "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema",
+               "gate_ema_warmup", "seed", "dtype")
 RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
@@ -829,7 +835,7 @@ def learn_scores(base, cfg, log=print):
     pruner = Pruner(K, N, cfg.dipgo_dim, cfg.dipgo_encoder).to(device)
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)
     net = CachedDiT(base, K, grad_ckpt=cfg.dipgo_grad_ckpt)
-    C, S, rows = base.in_channels, base.input_size, []
+    C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
         g = torch.Generator().manual_seed(cfg.seed * 100003 + it)
         y = torch.randint(0, base.num_classes, (B,), generator=g).to(device)
@@ -846,8 +852,12 @@ def learn_scores(base, cfg, log=print):
         loss.backward()
         nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
         opt.step()
+        hard, p = net.gates[..., 1].detach(), logits.detach().softmax(-1)[..., 1]
+        flips, prev = 0 if prev is None else int((hard != prev).sum()), hard  # slots whose decision changed
         rows.append(dict(step=it + 1, cons=round(cons.item(), 4), sparse=round(sparse.item(), 4),
-                         kept=round(kept.item(), 3), s=round(time.time() - t0, 2)))
+                         kept=round(kept.item(), 3), flips=flips,
+                         saturated=round(((p < 0.01) | (p > 0.99)).float().mean().item(), 3),
+                         s=round(time.time() - t0, 2)))
         if log and (it % 5 == 4 or it == cfg.dipgo_steps - 1):
             log(" ".join(f"{k} {v}" for k, v in rows[-1].items()))
     with torch.no_grad():

@@ -143,16 +143,19 @@ def test_assignment_4_frechet_distance():
 
 def grade_5(monkeypatch):
     g = torch.Generator().manual_seed(4)
-    t_feats = [torch.randn(2, 5, 16, generator=g) for _ in range(3)]
+    t_feats = [torch.randn(2, 5, 16, generator=g) * torch.rand(16, generator=g) * 9 for _ in range(3)]
     pairs = [(0, 1), (1, 2)]
-    s_feats = [t_feats[1].clone(), 2 * t_feats[2] + 1]  # per-token affine copies of their targets
-    terms = distill.distill_loss(None, None, s_feats, t_feats, pairs)
-    assert terms["feat"].item() < 1e-6, "the feature loss must compare LayerNorm-ed tokens (scale-free)"
+    terms = distill.distill_loss(None, None, [t_feats[1].clone(), t_feats[2].clone()], t_feats, pairs)
+    assert terms["feat"].item() < 1e-8, "a student feature equal to its target must cost 0"
     s_feats = [torch.randn(2, 5, 16, generator=g) for _ in pairs]
-    ln = lambda h: (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    want = sum(((ln(s) - ln(t_feats[j])) ** 2).mean() for s, (_, j) in zip(s_feats, pairs)) / len(pairs)
-    assert close(distill.distill_loss(None, None, s_feats, t_feats, pairs)["feat"], want, 1e-4), \
-        "the feature loss must be the mean over the mapped pairs of the per-pair MSE"
+    mu_sd = lambda t: (t.mean((0, 1)), t.std((0, 1)))
+    want = sum((((s - t_feats[j]) / mu_sd(t_feats[j])[1]) ** 2).mean() for s, (_, j) in zip(s_feats, pairs))
+    assert close(distill.distill_loss(None, None, s_feats, t_feats, pairs)["feat"], want / len(pairs), 1e-4), \
+        "the loss must be the mean over pairs of the MSE after standardising each channel with the target's " \
+        "mean and std over the batch and the tokens"
+    a = torch.rand(16, generator=g) * 5 + 0.1  # one scale per channel, on student and teacher alike
+    scaled = distill.distill_loss(None, None, [s * a for s in s_feats], [t * a for t in t_feats], pairs)
+    assert close(scaled["feat"], want / len(pairs), 1e-3), "rescaling a channel must not change its weight"
     student = dit.DiT(input_size=8, patch_size=4, hidden_size=8, depth=3, num_heads=2)
     net = distill.Distiller(student, 16, pairs)
     feats = [torch.randn(2, 4, 8, generator=g) for _ in range(3)]
@@ -275,11 +278,19 @@ def wrong_fd(root):
     return fd
 
 
-def wrong_feat_loss(norm):
+def wrong_feat_loss(norm, reduce=sum):
     def loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0):
-        f = sum(F.mse_loss(norm(s), norm(t_feats[j])) for s, (_, j) in zip(s_feats, pairs))
+        f = reduce([F.mse_loss(*norm(s, t_feats[j])) for s, (_, j) in zip(s_feats, pairs)])
         return dict(feat=f, loss=f)
     return loss
+
+
+def own_stats(s, t):
+    return distill.standardise(s, s), distill.standardise(t, t)
+
+
+def token_ln(s, t):
+    return F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])
 
 
 def wrong_nm(mode):
@@ -325,9 +336,12 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
         ("KL(p || q) instead of KL(q || p)", dit.Diffusion, "vb_terms", wrong_vb_swapped)],
     4: [("no matrix square root", fid, "frechet_distance", wrong_fd(lambda m: m)),
         ("an elementwise square root", fid, "frechet_distance", wrong_fd(lambda m: np.sqrt(np.abs(m))))],
-    5: [("no LayerNorm on the features", distill, "distill_loss", wrong_feat_loss(lambda h: h)),
+    5: [("a LayerNorm per token instead of a standardisation per channel", distill, "distill_loss",
+         wrong_feat_loss(token_ln, lambda m: sum(m) / len(m))),
+        ("the student standardised with its own statistics", distill, "distill_loss",
+         wrong_feat_loss(own_stats, lambda m: sum(m) / len(m))),
         ("a sum over pairs instead of a mean", distill, "distill_loss",
-         wrong_feat_loss(lambda h: F.layer_norm(h, h.shape[-1:])))],
+         wrong_feat_loss(lambda s, t: (distill.standardise(s, t), distill.standardise(t, t))))],
     6: [("no straight-through gradient", prune, "st_gumbel_masks", wrong_nm("no_st")),
         ("a soft mask in the forward pass", prune, "st_gumbel_masks", wrong_nm("soft")),
         ("no Gumbel noise", prune, "st_gumbel_masks", wrong_nm("no_noise"))],
