@@ -450,7 +450,7 @@ def save_pictures(model, prefix, cfg, n=4, cols=5):
     prof = width_profile(model, ts)
     L = prof.shape[1]
     fid.heatmap_png(torch.cat([prof[0], torch.ones(1, prof.shape[2]), prof[1]]), prefix + "_widths.png", 8,
-                    [f"heads {k}" for k in range(L)] + [""] + [f"mlp {k}" for k in range(L)])
+                    [f"heads {k}" for k in range(L)] + [""] + [f"mlp {k}" for k in range(L)], bar="share on")
     if model.mode in ("tdw", "halfwidth"):
         return [prefix + "_widths.png"]
     model.trace = []

@@ -500,43 +500,63 @@ def heat(a, cell):
     return img.repeat_interleave(cell, 1).expand(3, -1, -1)
 
 
-def heatmap_png(a, path, cell=12, row_labels=None):
-    """(R, C) values in [0, 1] -> PNG (white = 1, black = 0), with a text label left of each row."""
+def heatmap_png(a, path, cell=12, row_labels=None, bar=""):
+    """(R, C) values in [0, 1] -> PNG (white = 1, black = 0), with a text label left of each row and, when
+    `bar` names the value, a colour bar below it (0, 0.5, 1)."""
     img = Image.fromarray(heat(a, cell).permute(1, 2, 0).contiguous().numpy())
-    if row_labels:
-        left = 7 * max(len(s) for s in row_labels) + 8
-        canvas = Image.new("RGB", (img.width + left, img.height), "white")
-        canvas.paste(img, (left, 0))
-        draw = ImageDraw.Draw(canvas)
-        for r, s in enumerate(row_labels):
-            draw.text((4, r * cell + (cell - 10) // 2), s, fill="black")
-        img = canvas
+    left = 7 * max(len(s) for s in row_labels) + 8 if row_labels else 0
+    canvas = Image.new("RGB", (max(img.width + left, 140 + 6 * len(bar) if bar else 0),
+                               img.height + (44 if bar else 0)), "white")
+    canvas.paste(img, (left, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, s in enumerate(row_labels or []):
+        draw.text((4, r * cell + (cell - 10) // 2), s, fill="black")
+    if bar:  # a 0 -> 1 ramp, its ends and middle labelled, and what the value means
+        y = img.height + 6
+        ramp = heat(torch.linspace(0, 1, 120)[None], 1)[:, :, :].repeat_interleave(10, 1)
+        canvas.paste(Image.fromarray(ramp.permute(1, 2, 0).contiguous().numpy()), (8, y))
+        draw.rectangle([7, y - 1, 128, y + 10], outline="black")
+        for v, dx in ((0, 0), (0.5, 54), (1, 114)):
+            draw.text((8 + dx, y + 13), f"{v:g}", fill="black")
+        draw.text((136, y), bar, fill="black")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path)
+    canvas.save(path)
 
 
-def pareto_png(points, path, xlabel, size=(720, 480), m=70):
-    """Quality (lower is better) vs latency (log x) scatter, one labelled dot per (latency, quality, label),
-    the Pareto front (points no faster point beats on quality) joined in red. PNG via pillow."""
+def nice_ticks(lo, hi, log=False):
+    """Round tick values in [lo, hi]: 1-2-5 per decade on a log axis, else steps of 1, 2 or 5 x 10^k."""
+    if log:
+        return [d * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                for d in (1, 2, 5) if lo <= d * 10.0 ** k <= hi]
+    step = 10 ** math.floor(math.log10((hi - lo) / 5))
+    step *= next(f for f in (1, 2, 5, 10) if (hi - lo) / (step * f) <= 8)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
+    """Quality (lower is better) vs latency on a log axis with round ticks, one labelled dot per (latency,
+    quality, label), the Pareto front (points no faster point beats on quality) joined in red. Every label
+    is drawn: beside its dot where it fits, else moved up with a grey leader line. PNG via pillow."""
     (W, H), img = size, Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
-    d.text((W // 2 - 90, H - m + 25), xlabel + " (log scale)", fill="black")
-    d.text((8, m // 2 - 20), "quality (lower is better) vs latency; red = Pareto front; "
-                             "overlapping labels omitted", fill="black")
+    d.text((W // 2 - 90, H - m + 28), xlabel + " (log scale)", fill="black")
+    d.text((8, m // 2 - 25), ylabel + "  vs  latency;  red: the Pareto front", fill="black")
     if not points:
         d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
         return img.save(path)
-    lx = [math.log10(max(p[0], 1e-6)) for p in points]
-    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
-    X = lambda v: m + (math.log10(max(v, 1e-6)) - x0) / (x1 - x0) * (W - 1.5 * m)  # noqa: E731
+    xs, ys = [max(p[0], 1e-6) for p in points], [p[1] for p in points]
+    x0, x1 = min(xs) / 1.3, max(xs) * 1.3
+    pad = 0.1 * (max(ys) - min(ys)) + 1e-3
+    y0, y1 = max(0.0, min(ys) - pad), max(ys) + pad
+    X = lambda v: m + math.log(max(v, 1e-6) / x0) / math.log(x1 / x0) * (W - 1.5 * m)  # noqa: E731
     Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
-    for k in range(5):  # axis ticks
-        xv, yv = 10 ** (x0 + k * (x1 - x0) / 4), y0 + k * (y1 - y0) / 4
-        d.text((X(xv) - 12, H - m + 5), f"{xv:.3g}", fill="black")
-        d.text((5, Y(yv) - 6), f"{yv:.3g}", fill="black")
+    for xv in nice_ticks(x0, x1, log=True):
+        d.line([(X(xv), H - m), (X(xv), H - m + 4)], fill="black")
+        d.text((X(xv) - 8, H - m + 8), f"{xv:g}", fill="black")
+    for yv in nice_ticks(y0, y1):
+        d.line([(m - 4, Y(yv)), (m, Y(yv))], fill="black")
+        d.text((m - 8 - 6 * len(f"{yv:g}"), Y(yv) - 6), f"{yv:g}", fill="black")
     front, best = [], float("inf")
     for p in sorted(points):
         if p[1] < best:
@@ -544,14 +564,20 @@ def pareto_png(points, path, xlabel, size=(720, 480), m=70):
             best = p[1]
     if len(front) > 1:
         d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
-    boxes = []  # labels that would overlap one already drawn are dropped; the front's are drawn first
+    boxes = [(X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4) for x, y, _ in points]  # the dots, then the labels
     for x, y, label in front + [p for p in points if p not in front]:
         colour = (200, 0, 0) if (x, y, label) in front else (0, 70, 200)
         d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=colour)
-        box = (X(x) + 6, Y(y) - 12, X(x) + 6 + 6 * len(label), Y(y))
-        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
-            d.text(box[:2], label, fill="black")
-            boxes.append(box)
+        w, px, py = 6 * len(label), X(x), Y(y)
+        spots = [(px + 7, py - 12), (px + 7, py + 1), (px - 7 - w, py - 12), (px - 7 - w, py + 1)]
+        spots += [(px + 7, py - 12 - 14 * k * s) for k in range(1, 12) for s in (1, -1)]
+        free = lambda a, b: not any(a < c[2] and c[0] < a + w and b < c[3] and c[1] < b + 11  # noqa: E731
+                                    for c in boxes)
+        bx, by = next((s for s in spots if free(*s) and m < s[0] and s[0] + w < W and 0 < s[1] < H), spots[0])
+        if abs(by - py) > 14:
+            d.line([(px, py), (bx, by + 6)], fill=(160, 160, 160))
+        d.text((bx, by), label, fill="black")
+        boxes.append((bx, by, bx + w, by + 11))
     img.save(path)
 
 

@@ -450,7 +450,7 @@ def learn_mask(cfg, teacher_ckpt, data, path):
     info = dict(confidence=[round(v, 3) for v in ema.confidence().tolist()], raw_kept=net.kept(),
                 live_mask_stable_for=f"{(cfg.learn_steps - last) / cfg.learn_steps:.0%} of the steps",
                 trainable_frac=round(trainable / sum(p.numel() for p in model.parameters()), 4))
-    return ema.kept(), info
+    return ema.kept(), info  # recoverability: only the mask leaves; the LoRA that judged it is discarded
 
 
 def recover(cfg, pruned_ckpt, teacher, data, path):
@@ -497,7 +497,7 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     else:
         kept = baseline_kept(method, teacher, k, batch, cfg)
     loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
-    pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
+    pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)  # ORIGINAL weights, no LoRA
     name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
     if dit.is_main():
         dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
@@ -550,7 +550,7 @@ def sampling_seconds(models, batch, steps, cfg_scale, reps=3):
 def save_mask_png(rows, depth, path, cell=16):
     """Which blocks each method keeps: one row per (name, kept), black = kept, white = removed."""
     kept = torch.tensor([[0.0 if j in k else 1.0 for j in range(depth)] for _, k in rows])
-    fid.heatmap_png(kept, path, cell, [name for name, _ in rows])
+    fid.heatmap_png(kept, path, cell, [name for name, _ in rows], bar="black = kept block")
 
 
 def print_results(rows, device, cfg, path):
@@ -897,7 +897,8 @@ def save_heatmap(score, plan, path, cell=12):
     compute, white = reuse); rows = sampler steps (first at the top), columns = blocks."""
     K, N = plan.shape
     sc = torch.cat([torch.zeros(1, N), score])  # (K, N)
-    fid.heatmap_png(torch.cat([sc, torch.ones(K, 1), (~plan).float()], 1), path, cell)
+    fid.heatmap_png(torch.cat([sc, torch.ones(K, 1), (~plan).float()], 1), path, cell,
+                    bar="left: P(reuse); right: white = reuse")
 
 
 def dipgo_variants(base, score, ratio, cfg):

@@ -327,6 +327,23 @@ def test_float16_training_uses_a_grad_scaler_and_small_data_sets_repeat(tmp_path
     assert dit.load_checkpoint(cfg.out)["scaler"]["scale"] > 0 and math.isfinite(ck["metrics"]["final_loss"])
 
 
+def test_the_gate_and_dydit_emas_are_constant_from_the_first_step(tiny_teacher, tmp_path):
+    """TinyFusion's gate EMA (0.999) and DyDiT's fine-tune EMA (0.99) use the papers' constant decay from
+    step 0, not the cpu preset's warm-up: after one step the EMA has moved 1 - decay of the way."""
+    ck, x, y = dit.load_checkpoint(tiny_teacher), *dit.load_data("shapes", image_size=16)[:2]
+    pcfg = prune.PruneConfig(learn_steps=1, batch_size=8)
+    prune.learn_mask(pcfg, ck, (x, y), str(tmp_path / "search.pt"))
+    dcfg = dynamic.DyConfig(out=str(tmp_path / "dy.pt"), steps=1, batch_size=8, lam_hold=0, lam_ramp=1)
+    dynamic.finetune(dcfg, ck, quiet=True)
+    for path, prefix, decay in ((tmp_path / "search.pt", "model.", 0.999), (dcfg.out, "dit.", 0.99)):
+        saved = dit.load_checkpoint(str(path))
+        init = {prefix + k: v for k, v in dit.build_dit(ck).state_dict().items()}
+        init["logits"] = torch.full_like(saved["model"].get("logits", torch.zeros(1)), pcfg.logit_init)
+        moved = [(saved["ema"][k] - init[k]).abs().max() / (saved["model"][k] - init[k]).abs().max()
+                 for k in saved["ema"] if k in init and (saved["model"][k] - init[k]).abs().max() > 1e-6]
+        assert moved and max(moved) < 2 * (1 - decay), (path, max(moved))
+
+
 def test_gpu_presets_use_the_papers_constant_ema_and_cpu_presets_the_warmup(tmp_path):
     assert dit.resolve(dit.TrainConfig(preset="cifar")).ema_warmup == 0
     assert dit.resolve(dit.TrainConfig(preset="cpu")).ema_warmup == 1
