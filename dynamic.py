@@ -12,7 +12,7 @@ slices the weights per sampling step (the masks depend on t alone) and runs each
 tokens of the whole batch. It equals the masked training graph to fp32 rounding (test_all.py).
 
 Paper / reference code -> this file
-    Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers, DyDiT.width_masks
+    Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers, DyDiT.width_masks (H groups, H heads)
     Sec. 3.1 Gumbel-sigmoid, tau 5, straight-through          -> gumbel_sigmoid
     Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers, DyDiT.token_mask
     Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> masked_forward (r_b), dydit_loss
@@ -32,7 +32,7 @@ Run:
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
-Measured results (2 CPU cores): README.md, dynamic.py section.
+Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> plan -> slice_block.
 """
 import dataclasses
 import json
@@ -271,7 +271,7 @@ def slice_block(block, heads, groups, H):
     """The weights of `block` restricted to the kept heads and MLP groups [inferred recipe, exact]:
     qkv rows and proj columns of the kept heads, fc1 rows / biases and fc2 columns of the kept groups."""
     D = block.attn.qkv.in_features
-    hd, G = D // H, block.mlp.fc1.out_features // H
+    hd, G = D // H, block.mlp.fc1.out_features // H  # head dim; G = MLP channels per group (H groups)
     hi = torch.tensor(heads, device=block.attn.qkv.weight.device)
     gi = torch.tensor(groups, device=hi.device)
     return dict(

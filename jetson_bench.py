@@ -32,7 +32,7 @@ Run:
     python jetson_bench.py --device cuda --compile --dtype float16   # the GPU table (eager + compile rows)
     python jetson_bench.py --peak                           # train / forward / sampling speed vs matmul peak
 Writes out/bench/bench.md, bench.csv, bench.json, pareto.png and samples.png (one row per model, same noise).
-Measured tables: README.md, jetson_bench.py section.
+Measured tables: docs/jetson_bench.md.
 """
 import csv
 import glob

@@ -1488,7 +1488,7 @@ def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_pat
     assert len((out / "bench.csv").read_text().strip().splitlines()) == 3
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2
     from PIL import Image
-    assert Image.open(out / "pareto.png").size == (720, 480)
+    assert Image.open(out / "pareto.png").size == (760, 500)
     # a row per model, a class per column
     assert Image.open(out / "samples.png").size == (10 * 18 + 2, 2 * 18 + 2)
 
