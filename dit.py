@@ -402,8 +402,9 @@ class Diffusion:
 
     def loss(self, model, x0, y, i=None, noise=None):
         """DiT training loss, Sec. 3.1 / 4: ||eps - eps_hat||^2 averaged over dims, plus (learn_sigma) the
-        bound L_vb in bits/dim with eps_hat detached (IDDPM Eq. 16, L_hybrid, lambda = 1 on this 1000-step
-        process). Returns a dict of per-batch means; also 'out', 'xt', 'i', 'noise'."""
+        bound L_vb in bits/dim with eps_hat detached (IDDPM Eq. 16, L_hybrid). lambda = 1 here and 0.001 in
+        the paper: both right, as the paper's L_vb sums 1000 timestep terms and this is one sampled term (the
+        official code's choice). Returns a dict of per-batch means; also 'out', 'xt', 'i', 'noise'."""
         if i is None:
             i = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
