@@ -28,7 +28,7 @@ steps (paper: 50k-200k) a router lr of 0.005 (0.05 saturates the TDW logits on t
 with 2 the ratio lagged the ramp, 0.60 after 200 steps at lambda 0.5) and a scaled-down hold / ramp / warm-up.
 
 Run:
-    python dynamic.py --lam 0.5             # fine-tune the shipped base (~3 min, 2 CPU cores), evaluate
+    python dynamic.py --lam 0.5             # fine-tune the shipped base 800 steps, evaluate (docs: times)
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
@@ -60,7 +60,7 @@ class DyConfig:
     lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
     sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
     variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
-    steps: int = 200              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL)
+    steps: int = 800              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 misses lambda)
     batch_size: int = 64          # fine-tuning batch (paper: 256)
     lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
     router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
