@@ -21,13 +21,9 @@ are swept for the quality / size / latency trade-off.
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
-Run:
-    python distill.py --method ta                     # from the shipped base, <= 5 min on 2 CPU cores
-    python distill.py --method fkd --mapping first    # the naive 1-to-1 control for MI1
-    python distill.py --setup multistep --method fkd  # BK-SDM style multi-step student
-    python distill.py --sweep --method kd             # depth/width/heads grid + out/distill/pareto.png
-Every run ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per generated
-image, quality) and out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
+Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --setup multistep, --sweep).
+It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
+out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
 import json
 import os
@@ -174,17 +170,19 @@ class Distiller(nn.Module):
 # --- Train: offline pairs, initialisation, the stages of each method ------------------------------
 
 @torch.no_grad()
-def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250):
-    """GET's offline signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, cached at `path`."""
+def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250, shipped=""):
+    """GET's offline signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, cached at `path`.
+    A `shipped` file holds the images x alone (z and y are remade from the seed)."""
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     device = next(teacher.parameters()).device
     C, S = teacher.in_channels, teacher.input_size
     z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(n) % teacher.num_classes
-    xs = [dit.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
-                        0.0, cfg_scale).clamp(-1, 1).cpu()
-          for k in tqdm(range(0, n, batch_size), desc=f"pairs ({steps} DDIM steps)", dynamic_ncols=True)]
+    xs = [dit.load_checkpoint(shipped, kinds=["pairs"])["x"]] if os.path.exists(shipped) else \
+        [dit.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
+                    0.0, cfg_scale).clamp(-1, 1).cpu()
+         for k in tqdm(range(0, n, batch_size), desc=f"pairs ({steps} DDIM steps)", dynamic_ncols=True)]
     pairs = dict(z=z, x=torch.cat(xs), y=y)
     dit.save_checkpoint(pairs, path)
     return pairs
@@ -324,19 +322,17 @@ def load_shipped(path, meta, tag, steps, device):
     ck = dit.load_checkpoint(path, kinds=["student"]) if os.path.exists(path) else {}
     if ck.get("key") != meta["key"]:
         return None
-    name = meta["stage"]
-    print(f"[{name}] reusing {path}: every setting that made it is equal (key {tag}, fp16)")
+    print(f"[{meta['stage']}] reusing {path}: every setting that made it is equal (key {tag}, fp16)")
     model = build_student(ck).to(device).requires_grad_(False)
-    model.tag, model.name = f"{tag}-fp16", name  # stages made from it differ from a float32 one's
+    model.tag, model.name = f"{tag}-fp16", meta["stage"]  # stages made from it differ from a float32 one's
     return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=path)
 
 
 def teaching_assistant(cfg, source, shape, stage):
-    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` -> the TA [inferred]:
-    hop (default): the TA has the student's depth and the source's width, starts from source blocks m(i)
-    (block removal, BK-SDM Sec. 3.1) and is distilled with output + feature KD; the student then only has
-    to shrink the width (block i -> block i). mid (TAKD, arXiv 1902.03393): a TA of halfway depth and
-    width, trained like the student."""
+    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` [inferred]. hop: the
+    student's depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output +
+    feature KD; the student then only shrinks the width (block i -> i). mid (TAKD, arXiv 1902.03393): halfway
+    depth and width, trained like the student."""
     L_T, D_T, H_T = shape_of(source)
     if cfg.ta == "hop":
         keep = [j - 1 for _, j in block_map(shape[0], L_T)]
@@ -452,7 +448,7 @@ class DistillConfig:
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
     preset: str = ""             # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
-    ship: bool = False           # write the fixed helpers this run trained (EMA, fp16) to --shipped
+    ship: bool = False           # write what this run made of the fixed helpers and pairs to --shipped
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"       # where cifar10 lives
     out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
@@ -491,7 +487,11 @@ def main(argv=None):
         name = (f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}"
                 f"_seed{cfg.pairs_seed}.pt")
         path = os.path.join(cfg.out, name)
-        p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path)
+        shipped = os.path.join(cfg.shipped, name)  # the images only, float32
+        p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path,
+                           shipped=shipped)
+        if cfg.ship and not os.path.exists(shipped) and dit.is_main():
+            dit.ship_weights(dict(kind="pairs", config=dict(n=cfg.pairs), x=p["x"], ema={}), shipped)
         base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
                     data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
     else:

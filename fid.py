@@ -525,9 +525,10 @@ def heatmap_png(a, path, cell=12, row_labels=None, bar=""):
 
 def nice_ticks(lo, hi, log=False):
     """Round tick values in [lo, hi]: 1-2-5 per decade on a log axis, else steps of 1, 2 or 5 x 10^k."""
-    if log:
-        return [d * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-                for d in (1, 2, 5) if lo <= d * 10.0 ** k <= hi]
+    if log:  # 1-2-5, or every integer multiple when that leaves fewer than 4 ticks
+        ticks = [[d * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                  for d in ds if lo <= d * 10.0 ** k <= hi] for ds in ((1, 2, 5), range(1, 10))]
+        return ticks[0] if len(ticks[0]) >= 4 else ticks[1]
     step = 10 ** math.floor(math.log10((hi - lo) / 5))
     step *= next(f for f in (1, 2, 5, 10) if (hi - lo) / (step * f) <= 8)
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
@@ -536,7 +537,7 @@ def nice_ticks(lo, hi, log=False):
 def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
     """Quality (lower is better) vs latency on a log axis with round ticks, one labelled dot per (latency,
     quality, label), the Pareto front (points no faster point beats on quality) joined in red. Every label
-    is drawn: beside its dot where it fits, else moved up with a grey leader line. PNG via pillow."""
+    is drawn, beside its dot where it fits, else moved up, with a grey line to its dot. PNG via pillow."""
     (W, H), img = size, Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
@@ -564,18 +565,19 @@ def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
             best = p[1]
     if len(front) > 1:
         d.line([(X(p[0]), Y(p[1])) for p in front], fill=(200, 0, 0), width=2)
-    boxes = [(X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4) for x, y, _ in points]  # the dots, then the labels
+    r = 10  # a label keeps this far from every other dot
+    boxes = [(X(x) - r, Y(y) - r, X(x) + r, Y(y) + r) for x, y, _ in points]  # the dots, then the labels
     for x, y, label in front + [p for p in points if p not in front]:
         colour = (200, 0, 0) if (x, y, label) in front else (0, 70, 200)
         d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=colour)
         w, px, py = 6 * len(label), X(x), Y(y)
         spots = [(px + 7, py - 12), (px + 7, py + 1), (px - 7 - w, py - 12), (px - 7 - w, py + 1)]
         spots += [(px + 7, py - 12 - 14 * k * s) for k in range(1, 12) for s in (1, -1)]
+        own = boxes[points.index((x, y, label))]
         free = lambda a, b: not any(a < c[2] and c[0] < a + w and b < c[3] and c[1] < b + 11  # noqa: E731
-                                    for c in boxes)
+                                    for c in boxes if c is not own)
         bx, by = next((s for s in spots if free(*s) and m < s[0] and s[0] + w < W and 0 < s[1] < H), spots[0])
-        if abs(by - py) > 14:
-            d.line([(px, py), (bx, by + 6)], fill=(160, 160, 160))
+        d.line([(px, py), (bx if bx > px else bx + w, by + 6)], fill=(160, 160, 160))  # dot -> its label
         d.text((bx, by), label, fill="black")
         boxes.append((bx, by, bx + w, by + 11))
     img.save(path)

@@ -851,6 +851,9 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(dit, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     q = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path)
     assert all(torch.equal(p[k], q[k]) for k in ("z", "x", "y"))
+    dit.save_checkpoint(dict(kind="pairs", config={}, x=p["x"]), str(tmp_path / "x.pt"))  # a shipped file: x only
+    r = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=str(tmp_path / "b.pt"), shipped=str(tmp_path / "x.pt"))
+    assert all(torch.equal(p[k], r[k]) for k in ("z", "x", "y"))
 
 
 @pytest.mark.parametrize("args", [["--method", "kd"], ["--method", "fkd", "--mapping", "first"],
