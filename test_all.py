@@ -838,7 +838,7 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
 
 def test_pairs_cache_round_trips(tmp_path, monkeypatch):
     """make_pairs writes (z, x, y) with x = the teacher's DDIM eta=0 sample of z; a second call loads the
-    file (the sampler is not called) and returns identical tensors."""
+    file (the sampler is not called) and returns identical tensors; so does a shipped file of x alone."""
     torch.manual_seed(0)
     teacher = nontrivial(dit.DiT(**TINY))
     path = str(tmp_path / "pairs.pt")
@@ -851,8 +851,9 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(dit, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     q = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path)
     assert all(torch.equal(p[k], q[k]) for k in ("z", "x", "y"))
-    dit.save_checkpoint(dict(kind="pairs", config={}, x=p["x"]), str(tmp_path / "x.pt"))  # a shipped file: x only
-    r = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=str(tmp_path / "b.pt"), shipped=str(tmp_path / "x.pt"))
+    shipped = str(tmp_path / "x.pt")  # a shipped file holds x only: z and y are remade from the seed
+    dit.save_checkpoint(dict(kind="pairs", config={}, x=p["x"]), shipped)
+    r = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=str(tmp_path / "b.pt"), shipped=shipped)
     assert all(torch.equal(p[k], r[k]) for k in ("z", "x", "y"))
 
 
