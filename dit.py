@@ -932,8 +932,9 @@ def check_writable(path, folder=False):
     d = path if folder else (os.path.dirname(path) or ".")
     try:
         os.makedirs(d, exist_ok=True)
-        open(os.path.join(d, ".write_test"), "w").close()
-        os.remove(os.path.join(d, ".write_test"))
+        probe = os.path.join(d, f".write_test_{os.getpid()}")  # one per process: torchrun ranks race
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
         sys.exit(f"error: cannot write to {d} ({e.strerror}); choose another --out")
     if not folder and os.path.isdir(path):
