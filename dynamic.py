@@ -538,9 +538,9 @@ def main(argv=None):
     base = dit.build_dit(teacher).to(device)
     static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
+    half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
-        half = max(1, cfg.eval_steps // 2)  # the same FLOPs as lambda 0.5: half the sampling steps
         rows.append(evaluate(f"static (base), {half} steps", base, base, cfg, device, steps=half))
     for mode, lam in runs:
         run = dataclasses.replace(cfg, mode=mode, lam=lam)
@@ -555,7 +555,6 @@ def main(argv=None):
             static = grid["static"] = dit.build_dit(ck).to(device)
             rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
                      evaluate("base (not fine-tuned)", base, static, cfg, device)]
-            half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline (DyDiT 0.5's compute)
             rows.append(evaluate(f"static fine-tuned, {half} steps", static, static, cfg, device, steps=half))
         else:
             model = grid[f"{mode} {lam}"] = build_dydit(ck).to(device)
