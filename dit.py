@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -521,11 +521,12 @@ def generate(model, labels, seed=0, steps=50, method="ddim", eta=0.0, cfg_scale=
 def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
     """One PNG, one row per model (in order), one image per class (up to 10), all from the same noise.
     models: {name: model} or a list; steps: one number or one per model (a DiP-GO plan runs its own K)."""
+    names = list(models) if isinstance(models, dict) else [getattr(m, "name", "") for m in models]
     models = list(models.values()) if isinstance(models, dict) else list(models)
     steps = steps if isinstance(steps, (list, tuple)) else [steps] * len(models)
     labels = torch.arange(min(models[0].num_classes, 10))
     imgs = [generate(m, labels, seed, k, cfg_scale=cfg_scale) for m, k in zip(models, steps)]
-    save_grid(torch.cat(imgs), path, nrow=len(labels))
+    save_grid(torch.cat(imgs), path, nrow=len(labels), row_labels=names)
 
 # --- Training loop (shared by every script: pass your own loss_fn) --------------------------------
 
@@ -1224,16 +1225,19 @@ def count_flops(fn, *args):
     return fc.get_total_flops()
 
 
-def save_grid(images, path, nrow):
-    """uint8 (N, 3, H, W) -> one PNG with nrow images per row (2 px gaps)."""
+def save_grid(images, path, nrow, row_labels=None):
+    """uint8 (N, 3, H, W) -> one PNG with nrow images per row (2 px gaps), each row's label on its left."""
     n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((3, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    rows, left = math.ceil(n / nrow), 6 * max(map(len, row_labels or [""])) + 6 * bool(row_labels)
+    grid = torch.full((3, rows * (h + 2) + 2, left + nrow * (w + 2) + 2), 255, dtype=torch.uint8)
     for k in range(n):
-        r, c = divmod(k, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = images[k]
+        y, x = 2 + k // nrow * (h + 2), left + 2 + k % nrow * (w + 2)
+        grid[:, y:y + h, x:x + w] = images[k]
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    for r, s in enumerate(row_labels or []):
+        ImageDraw.Draw(img).text((3, 2 + r * (h + 2) + (h - 10) // 2), s, fill="black")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    img.save(path)
 
 
 def run_header(device, dtype="float32", batch=None, seed=None):

@@ -338,8 +338,10 @@ def main(argv=None):
         json.dump(dict(header=header, note=note, config=asdict(cfg), rows=rows), f, indent=1)
     fid.pareto_png(pareto_points(rows, cfg.batch), os.path.join(cfg.out, "pareto.png"),
                    f"ms per image (batch {cfg.batch})")
+    for (p, _), m in zip(found, models):
+        m.name = os.path.splitext(os.path.basename(p))[0]  # the grid's row label
     dit.save_rows(models, os.path.join(cfg.out, "samples.png"), cfg.seed,
-                     [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
+                  [sampler_steps(m, cfg.steps)[0] for m in models], cfg.cfg_scale)
     order = "\n".join(f"  row {k + 1}: {os.path.relpath(p)}" for k, (p, _) in enumerate(found))
     print(f"wrote {cfg.out}/bench.md, bench.csv, bench.json, pareto.png, samples.png (same noise per "
           f"column):\n{order}")

@@ -966,7 +966,7 @@ def dipgo_main(cfg):
                      "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
-    dit.save_rows([v[1] for v in variants], os.path.join(cfg.out, "dipgo_samples.png"), 0,
+    dit.save_rows({v[0]: v[1] for v in variants}, os.path.join(cfg.out, "dipgo_samples.png"), 0,
                   [v[2] for v in variants], cfg.cfg_scale)
     print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate, "
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "

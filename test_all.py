@@ -1493,8 +1493,9 @@ def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_pat
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2
     from PIL import Image
     assert Image.open(out / "pareto.png").size == (760, 500)
-    # a row per model, a class per column
-    assert Image.open(out / "samples.png").size == (10 * 18 + 2, 2 * 18 + 2)
+    # a row per model, a class per column, a column of row labels (6 px per character of the longest name)
+    label = 6 * max(len(os.path.basename(p)) - 3 for p in (tiny_teacher, pruned)) + 6
+    assert Image.open(out / "samples.png").size == (label + 10 * 18 + 2, 2 * 18 + 2)
 
 
 NO_CC = shutil.which("cc") is None and shutil.which("gcc") is None
