@@ -49,44 +49,6 @@ import dit
 import fid
 from dit import modulate
 
-# --- Config ---------------------------------------------------------------------------------------
-
-@dataclass
-class DyConfig:
-    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
-    preset: str = ""              # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
-    out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
-    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
-    lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
-    sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
-    variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
-    steps: int = 800              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 misses lambda)
-    batch_size: int = 64          # fine-tuning batch (paper: 256)
-    lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
-    router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
-    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
-    ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
-    router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
-    lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
-    lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
-    complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
-    flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], docstring)
-    tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
-    reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
-    eval_n: int = 500             # images per quality score (fid.evaluate)
-    eval_steps: int = 50          # DDIM steps for quality and for the speed benchmark
-    cfg_scale: float = 1.5        # classifier-free guidance scale (paper FID setting: 1.5)
-    bench_batches: str = "64,1"   # batch sizes of the sampling-speed benchmark (comma-separated)
-    bench_reps: int = 3           # timed sampling runs per model and batch (min is reported)
-    seed: int = 0                 # seeds fine-tuning; evaluation noise comes from fid / sample generators
-    device: str = "auto"          # auto | cpu | cuda | mps
-    data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
-    data_dir: str = "data"        # where the data set lives
-
-# the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
-PAPER = dict(lr=1e-4, ema_decay=0.9999)
-
-
 # --- Method: routers, masks, the masked (training) graph and the sliced (inference) graph ---------
 
 def block_macs(block, T):
@@ -519,7 +481,44 @@ def direction(model):
     p = width_profile(model, range(0, 1000, 5)).mean(1)  # (2, 200): every 5th t
     return [round((p[k, 150:].mean() - p[k, :50].mean()).item(), 3) for k in (0, 1)]
 
-# --- main -----------------------------------------------------------------------------------------
+
+# ===== plumbing: nothing paper-specific below (config, main) ======================================
+
+@dataclass
+class DyConfig:
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    preset: str = ""              # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
+    out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
+    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
+    lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
+    sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
+    variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
+    steps: int = 800              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 misses lambda)
+    batch_size: int = 64          # fine-tuning batch (paper: 256)
+    lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
+    router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
+    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
+    ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
+    router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
+    lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
+    lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
+    complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
+    flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], docstring)
+    tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
+    reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
+    eval_n: int = 500             # images per quality score (fid.evaluate)
+    eval_steps: int = 50          # DDIM steps for quality and for the speed benchmark
+    cfg_scale: float = 1.5        # classifier-free guidance scale (paper FID setting: 1.5)
+    bench_batches: str = "64,1"   # batch sizes of the sampling-speed benchmark (comma-separated)
+    bench_reps: int = 3           # timed sampling runs per model and batch (min is reported)
+    seed: int = 0                 # seeds fine-tuning; evaluation noise comes from fid / sample generators
+    device: str = "auto"          # auto | cpu | cuda | mps
+    data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
+    data_dir: str = "data"        # where the data set lives
+
+# the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
+PAPER = dict(lr=1e-4, ema_decay=0.9999)
+
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DyConfig, argv),

@@ -31,7 +31,8 @@ block) -> self-attention + FFN -> heads) gives straight-through keep/reuse gates
 on labels and noise only so the gated sampler's image matches the full one (SSIM) with few blocks on.
 A greedy falling threshold turns its scores into a static plan; inference runs the plan with a cache.
     paper (Sec. 3 method, Sec. 4 experiments) / code      -> here
-    SuperNet, backup connection to step t-1               -> gated_blocks (train), cached_blocks (infer)
+    SuperNet, backup connection to step t-1               -> backup_connection; gated_blocks (train),
+                                                             cached_blocks (infer: the cache rule)
     pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
     consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, learn_scores
     post-processing: falling threshold, blocks output-side
@@ -70,74 +71,6 @@ from scipy.stats import rankdata, spearmanr
 
 import dit
 import fid
-
-# --- Config ---------------------------------------------------------------------------------------
-
-DEPTH_METHODS = ("tinyfusion", "first", "last", "uniform", "shortgpt", "sensitivity", "magnitude", "taylor",
-                 "randmin", "random", "index")
-
-
-@dataclass
-class PruneConfig:
-    method: str = "tinyfusion"   # tinyfusion | first | last | uniform | shortgpt | sensitivity | magnitude
-    #                              | taylor | randmin | random | index, a comma list of them, or all (all but
-    #                              index); dipgo (Section 2)
-    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
-    preset: str = ""             # "" = the base's (cpu when it must be trained); cifar / imagenet64 -> PAPER
-    data: str = "shapes"         # shapes (embedded) | cifar10 | imagenet64, as dit.py
-    data_dir: str = "data"       # where cifar10 / imagenet64 live
-    out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
-    pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default; 3:6 = global)
-    kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
-    batch_size: int = 64         # batch for mask learning and recovery (paper: 128 learning, 256 recovery)
-    learn_steps: int = 200       # mask-learning steps (paper: ~10K = 1 ImageNet epoch; 1 shapes epoch = 156)
-    deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
-    lora_rank: int = 8           # LoRA rank r (paper 8)
-    lora_alpha: float = 16.0     # LoRA alpha (paper 2r)
-    lora_lr: float = 1e-3        # lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
-    gate_lr: float = 1e-2        # lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
-    tau_start: float = 4.0       # Gumbel-softmax temperature at step 0 (paper 4) ...
-    tau_end: float = 0.1         # ... annealed linearly to this (paper 0.1)
-    scaling: float = 100.0       # logit multiplier s (paper 100, constant)
-    logit_init: float = 0.02     # every pattern logit starts here (uniform distribution; paper 0.02)
-    gate_ema: float = 0.999      # EMA decay of the logits (and LoRA); the final mask is argmax of the EMA
-    gate_ema_warmup: int = 0     # 0 = the constant decay from step 0 (paper); 1 = the cpu preset's warm-up
-    calib_n: int = 128           # calibration samples for the score-based baselines and the loss column
-    random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
-    recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
-    recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
-    recover_lr: float = 1e-3     # recovery peak lr (paper 2e-4) [inferred for CPU] ...
-    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper 2e-4 -> 1e-4); 1 = constant
-    kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
-    alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
-    alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
-    beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
-    eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
-    eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
-    cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
-    speed_batch: int = 64        # sampling batch for the speed-up column (the claim: 64)
-    speed_steps: int = 10        # DDIM steps timed per model, 3 interleaved repeats, median
-    # Section 2, DiP-GO (--method dipgo); it also uses teacher, out, eval_n, eval_steps (= K, the plan's DDIM
-    # schedule), cfg_scale, speed_batch and seed from above
-    ratio: float = 0.5           # target fraction of (step >= 1, block) evaluations reused (paper: 0.3-0.8)
-    ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
-    dipgo_steps: int = 30        # pruner optimisation steps (paper: 500)
-    dipgo_batch: int = 4         # (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.005      # Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
-    dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
-    dipgo_alpha: float = 1.0     # sparsity weight (paper 1.0, ablated 0.1-2.0)
-    dipgo_dim: int = 128         # pruner query width d (paper 512)
-    dipgo_encoder: bool = True   # apply the SA+FFN encoder (--no-dipgo-encoder = the released code's pruner)
-    dipgo_grad_ckpt: bool = False  # gradient checkpointing per block (less memory, ~1.3x the time)
-    seed: int = 0                # seeds masks, LoRA, data order; scores and grids always use noise seed 0
-    device: str = "auto"         # auto | cpu | cuda | mps
-    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
-
-
-# On the GPU presets, flags left at their CPU defaults take the paper's values (TinyFusion Sec. 4: LoRA lr
-# 1e-4, logits 10x, recovery 2e-4 -> 1e-4; the EMA constant from a copy, as DiT)
-PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
-
 
 # ==================================================================================================
 # Section 1: TinyFusion
@@ -639,6 +572,12 @@ def run_depth_pruning(cfg, methods, device):
 
 # --- Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing -----------------
 
+def backup_connection(h, delta):
+    """DiP-GO's backup connection, Sec. 3: a skipped block passes its input on plus the update it made at the
+    last step it ran, h_out = h_in + D[b], D[b] = h_out - h_in then (a residual cache [inferred for DiT])."""
+    return h + delta
+
+
 def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
     """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
         h <- g_keep * Block_b(h, c) + g_reuse * (h + D[t-1, b]),   D[t, b] = h_out - h_in
@@ -651,15 +590,18 @@ def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
         else:
             out = block(h, c)
         if gate is not None:
-            out = gate[b, 1] * out + gate[b, 0] * (h + cache[b])
+            out = gate[b, 1] * out + gate[b, 0] * backup_connection(h, cache[b])
         new.append(out - h)
         h = out
     return h, new
 
 
-def cached_blocks(blocks, h, c, cache, keep, store):
-    """Inference with the plan, DiP-GO Sec. 3 (inference): a kept block runs and, when a later step will reuse
-    it (store[b]), saves D = h_out - h_in; a skipped block costs one add: h <- h + D[b]."""
+def cached_blocks(blocks, h, c, cache, plan, s):
+    """Step s of the plan (K, N) bool, True = compute, DiP-GO Sec. 3 (inference), the whole cache rule: a kept
+    block runs and, when the next step reuses it (plan[s + 1, b] False), saves D[b] = h_out - h_in; a skipped
+    block costs one add (backup_connection)."""
+    keep = plan[s].tolist()
+    store = (~plan[s + 1]).tolist() if s + 1 < len(plan) else [False] * len(keep)
     for b, block in enumerate(blocks):
         if keep[b]:
             out = block(h, c)
@@ -667,7 +609,7 @@ def cached_blocks(blocks, h, c, cache, keep, store):
                 cache[b] = out - h
             h = out
         else:
-            h = h + cache[b]
+            h = backup_connection(h, cache[b])
     return h
 
 
@@ -802,8 +744,7 @@ class CachedDiT(nn.Module):
         self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
         N = len(model.blocks)
         plan = torch.ones(steps, N, dtype=torch.bool) if plan is None else plan.bool().cpu()
-        # store[s, b]: step s+1 reuses block b, so step s must save its update
-        self.plan, self.store = plan, torch.cat([~plan[1:], torch.zeros(1, N, dtype=torch.bool)])
+        self.plan = plan
         self.gates, self.cache = None, None
 
     def forward(self, x, t, y):
@@ -818,8 +759,7 @@ class CachedDiT(nn.Module):
             gate = None if s == 0 else self.gates[s - 1]
             h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.grad_ckpt)
         else:
-            keep, store = self.plan[s].tolist(), self.store[s].tolist()
-            h = cached_blocks(self.dit.blocks, h, c, self.cache, keep, store)
+            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s)
         return self.dit.head(h, c)
 
 
@@ -975,7 +915,73 @@ def dipgo_main(cfg):
     return rows
 
 
-# --- main -----------------------------------------------------------------------------------------
+# ===== plumbing: nothing paper-specific below (config, main) ======================================
+
+DEPTH_METHODS = ("tinyfusion", "first", "last", "uniform", "shortgpt", "sensitivity", "magnitude", "taylor",
+                 "randmin", "random", "index")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "tinyfusion"   # tinyfusion | first | last | uniform | shortgpt | sensitivity | magnitude
+    #                              | taylor | randmin | random | index, a comma list of them, or all (all but
+    #                              index); dipgo (Section 2)
+    teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
+    preset: str = ""             # "" = the base's (cpu when it must be trained); cifar / imagenet64 -> PAPER
+    data: str = "shapes"         # shapes (embedded) | cifar10 | imagenet64, as dit.py
+    data_dir: str = "data"       # where cifar10 / imagenet64 live
+    out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
+    pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default; 3:6 = global)
+    kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
+    batch_size: int = 64         # batch for mask learning and recovery (paper: 128 learning, 256 recovery)
+    learn_steps: int = 200       # mask-learning steps (paper: ~10K = 1 ImageNet epoch; 1 shapes epoch = 156)
+    deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
+    lora_rank: int = 8           # LoRA rank r (paper 8)
+    lora_alpha: float = 16.0     # LoRA alpha (paper 2r)
+    lora_lr: float = 1e-3        # lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
+    gate_lr: float = 1e-2        # lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
+    tau_start: float = 4.0       # Gumbel-softmax temperature at step 0 (paper 4) ...
+    tau_end: float = 0.1         # ... annealed linearly to this (paper 0.1)
+    scaling: float = 100.0       # logit multiplier s (paper 100, constant)
+    logit_init: float = 0.02     # every pattern logit starts here (uniform distribution; paper 0.02)
+    gate_ema: float = 0.999      # EMA decay of the logits (and LoRA); the final mask is argmax of the EMA
+    gate_ema_warmup: int = 0     # 0 = the constant decay from step 0 (paper); 1 = the cpu preset's warm-up
+    calib_n: int = 128           # calibration samples for the score-based baselines and the loss column
+    random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
+    recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
+    recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
+    recover_lr: float = 1e-3     # recovery peak lr (paper 2e-4) [inferred for CPU] ...
+    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper 2e-4 -> 1e-4); 1 = constant
+    kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
+    alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
+    alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
+    beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
+    eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
+    eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
+    cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
+    speed_batch: int = 64        # sampling batch for the speed-up column (the claim: 64)
+    speed_steps: int = 10        # DDIM steps timed per model, 3 interleaved repeats, median
+    # Section 2, DiP-GO (--method dipgo); it also uses teacher, out, eval_n, eval_steps (= K, the plan's DDIM
+    # schedule), cfg_scale, speed_batch and seed from above
+    ratio: float = 0.5           # target fraction of (step >= 1, block) evaluations reused (paper: 0.3-0.8)
+    ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
+    dipgo_steps: int = 30        # pruner optimisation steps (paper: 500)
+    dipgo_batch: int = 4         # (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
+    dipgo_lr: float = 0.005      # Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
+    dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
+    dipgo_alpha: float = 1.0     # sparsity weight (paper 1.0, ablated 0.1-2.0)
+    dipgo_dim: int = 128         # pruner query width d (paper 512)
+    dipgo_encoder: bool = True   # apply the SA+FFN encoder (--no-dipgo-encoder = the released code's pruner)
+    dipgo_grad_ckpt: bool = False  # gradient checkpointing per block (less memory, ~1.3x the time)
+    seed: int = 0                # seeds masks, LoRA, data order; scores and grids always use noise seed 0
+    device: str = "auto"         # auto | cpu | cuda | mps
+    dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
+
+
+# On the GPU presets, flags left at their CPU defaults take the paper's values (TinyFusion Sec. 4: LoRA lr
+# 1e-4, logits 10x, recovery 2e-4 -> 1e-4; the EMA constant from a copy, as DiT)
+PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
+
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
