@@ -275,6 +275,13 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
     if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
         return found
+    points = {int(n) for n in cfg.curve.split(",")} if cfg.curve and name == "student" else set()
+
+    def curve_point(step, ema):  # --curve: the student's (EMA) quality at these steps of its training
+        if step in points:
+            q = fid.evaluate(ema.student, cfg.data, cfg.data_dir, ema.student.input_size, n=cfg.eval_n,
+                             steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+            return dict(score=round(q["score"], 4), acc=q["acc"])
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
@@ -284,7 +291,9 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
                                ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, shape {shape}, source {getattr(source, 'name', None)}, "
               f"mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
-        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True)
+        last = k == len(phases) - 1 and points
+        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True,
+                               on_step=curve_point if last else None)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
     if shared and cfg.ship and dit.is_main():
@@ -306,6 +315,8 @@ def stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps):
             key["feat_norm"] = "channel"
     if mi1:
         key.update(local_frac=cfg.local_frac, local_on_top=True)
+    if cfg.curve and name == "student":  # a curve run keeps its scores in the checkpoint: its own file
+        key.update(curve=cfg.curve, curve_n=cfg.eval_n)
     return key
 
 
@@ -397,6 +408,39 @@ def measure(cfg, entries, device):
     return rows
 
 
+def curves(cfg, ck):
+    """--curve: keep this run's student scores (ck["evals"]), then one table (per method and step: each seed's
+    FD-clf, mean +- sd, training seconds) and curves.png over every run in cfg.out whose settings equal
+    these but for the method and the seed."""
+    same = {k: v for k, v in asdict(cfg).items() if k not in ("method", "seed", "out", "device", "log_every",
+                                                                "bench_reps", "ship")}
+    folder = os.path.join(cfg.out, f"curves_{dit.settings_tag(same)}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{cfg.method}_seed{cfg.seed}.json"), "w") as f:
+        json.dump(ck.get("evals", []), f)
+    runs = {}
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+        method, seed = name[:-5].rsplit("_seed", 1)
+        with open(os.path.join(folder, name)) as f:
+            runs.setdefault(method, {})[int(seed)] = {e["step"]: e for e in json.load(f)}
+    rows, series = [], {}
+    for method, by_seed in runs.items():
+        for step in sorted(set.intersection(*(set(ev) for ev in by_seed.values()))):
+            got = [ev[step] for ev in by_seed.values()]
+            sc = [e["score"] for e in got]
+            mean, sd = statistics.mean(sc), statistics.stdev(sc) if len(sc) > 1 else 0.0
+            series.setdefault(f"{method} ({len(sc)} seeds)", []).append((step, mean, sd))
+            rows.append({"method": method, "student steps": step, "seeds": ", ".join(map(str, by_seed)),
+                         "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc), "mean ± sd": f"{mean:.2f} ± {sd:.2f}",
+                         "class acc (mean)": f"{statistics.mean(e['acc'] or 0 for e in got):.3f}",
+                         "train s (mean)": f"{statistics.mean(e['train_s'] for e in got):.0f}"})
+    png = os.path.join(folder, "curves.png")
+    fid.curves_png(series, png, "student training steps (MI1: end-to-end steps, after its stage A)")
+    print(f"\nquality during training (n = {cfg.eval_n}, seed = the student's --seed), {folder}:\n"
+          f"{dit.markdown_table(rows)}\n{png}")
+    return rows
+
+
 # depth vs width at ~equal 18 L D^2 (6x64, 3x92, 2x112: +-4%), and 1/2/4/8 heads at L=3, D=64
 SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4), (3, 64, 8)]
 
@@ -445,6 +489,8 @@ class DistillConfig:
     eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
     bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
+    curve: str = ""              # student steps to score during training, e.g. 300,600,1200,2400: a table
+    #                              and out/<...>/curves.png over every method and seed run with these settings
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
     preset: str = ""             # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     shipped: str = "weights"     # a one-step teacher here with the same settings key is reused, not trained
@@ -473,6 +519,8 @@ def main(argv=None):
                               "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
         sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
+    if cfg.curve and not all(p.isdigit() and 0 < int(p) <= cfg.steps for p in cfg.curve.split(",")):
+        sys.exit(f"error: --curve takes student steps in 1..--steps ({cfg.steps}), e.g. 300,600,{cfg.steps}")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
@@ -512,6 +560,8 @@ def main(argv=None):
     names = ", ".join(n for n, _, _ in stages)
     print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (rows: teacher, {names}; same noise): {grid}"
           f"\nstudent checkpoint: {stages[-1][2]['path']}")
+    if cfg.curve:
+        curves(cfg, stages[-1][2])
     dit.dist_finish()
     return rows
 

@@ -549,13 +549,16 @@ def ema_decay(step, cfg):
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
-def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False):
+def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False,
+          on_step=None):
     """The one training loop (DiT Sec. 4: AdamW, constant lr after an optional warm-up, EMA of the weights).
     loss_fn(model, xb, yb, step) -> dict with 'loss' (a scalar tensor) and other scalar terms to log; `step`
     (0-based) lets a schedule resume exactly. `data` = (images uint8, labels); `meta` = the checkpoint's
     'kind' and 'config' (+ anything else to save). Everything else (DDP, resume, autocast and GradScaler,
     logs, checkpoints, signals) lives in `Session`, below the plumbing line. sharded: each rank holds only
-    its part of the data. Re-running with the same cfg.out resumes exactly. Returns (model, ema, ckpt)."""
+    its part of the data. on_step(step, ema) -> dict or None: an evaluation between steps (a quality curve),
+    kept in meta["evals"], not counted as training time. Re-running with the same cfg.out resumes exactly.
+    Returns (model, ema, ckpt)."""
     s = Session(model, data, cfg, meta, param_groups, quiet, find_unused, sharded)
     cfg, opt, ema = s.cfg, s.opt, s.ema
     if s.finished:  # a finished checkpoint with the same settings: nothing to train
@@ -577,6 +580,8 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             s.scaler.step(opt)
             s.scaler.update()
             ema_update(ema, model, ema_decay(s.step, cfg))
+            if on_step:
+                s.evaluate(on_step)
             s.end_step(values)  # step += 1, log line, checkpoint, signals
     return model.eval(), ema, s.finish()
 
@@ -1096,6 +1101,7 @@ class Session:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.step = ck["step"]
+        self.meta.update({k: ck[k] for k in ("evals",) if k in ck})
         if len(ck["rng"]) == self.world:
             set_rng_state(ck["rng"][rank], self.device)
         else:  # another world size: the old per-rank streams cannot be split; re-seed, deterministically
@@ -1114,6 +1120,17 @@ class Session:
     def batch(self):
         xb, yb = next(self.it)
         return xb.to(self.device), yb.to(self.device)
+
+    def evaluate(self, fn):
+        """fn(step, ema) after step `step` (1-based), its result kept in meta["evals"] (saved with every
+        checkpoint); its time is taken off the training clock."""
+        t = time.time()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            rec = fn(self.step + 1, self.ema)  # the training's random streams are left untouched
+        if rec is not None:
+            rec = dict(rec, step=self.step + 1, train_s=round(t - self.t0, 1))
+            self.meta.setdefault("evals", []).append(rec)
+        self.t0, self.last = self.t0 + time.time() - t, self.last + time.time() - t
 
     def agreed(self, *flags):  # the max of each flag over the ranks, so every rank takes the same decision
         if self.world == 1:

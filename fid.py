@@ -534,20 +534,9 @@ def nice_ticks(lo, hi, log=False):
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
-    """Quality (lower is better) vs latency on a log axis with round ticks, one labelled dot per (latency,
-    quality, label), the Pareto front (points no faster point beats on quality) joined in red. Every label
-    is drawn, beside its dot where it fits, else moved up, with a grey line to its dot. PNG via pillow."""
-    (W, H), img = size, Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
-    d.text((W // 2 - 90, H - m + 28), xlabel + " (log scale)", fill="black")
-    d.text((8, m // 2 - 25), ylabel + "  vs  latency;  red: the Pareto front", fill="black")
-    if not points:
-        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
-        return img.save(path)
-    xs, ys = [max(p[0], 1e-6) for p in points], [p[1] for p in points]
-    x0, x1 = min(xs) / 1.3, max(xs) * 1.3
+def axes(d, xs, ys, size, m):
+    """A frame with a log x axis and a linear y axis around the values, round ticks; returns X(v), Y(v)."""
+    (W, H), x0, x1 = size, min(xs) / 1.3, max(xs) * 1.3
     pad = 0.1 * (max(ys) - min(ys)) + 1e-3
     y0, y1 = max(0.0, min(ys) - pad), max(ys) + pad
     X = lambda v: m + math.log(max(v, 1e-6) / x0) / math.log(x1 / x0) * (W - 1.5 * m)  # noqa: E731
@@ -558,6 +547,46 @@ def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     for yv in nice_ticks(y0, y1):
         d.line([(m - 4, Y(yv)), (m, Y(yv))], fill="black")
         d.text((m - 8 - 6 * len(f"{yv:g}"), Y(yv) - 6), f"{yv:g}", fill="black")
+    return X, Y
+
+
+def frame(size, m, xlabel, title):
+    """A white canvas with the plot's box, the x axis title and the title above: (image, draw)."""
+    (W, H), img = size, Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    d.text((W // 2 - 90, H - m + 28), xlabel + " (log scale)", fill="black")
+    d.text((8, m // 2 - 25), title, fill="black")
+    return img, d
+
+
+def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
+    """Quality against training on a log x axis: per label {label: [(x, mean, sd)]} a line through the
+    means, a bar of +- 1 sd at each point (series nudged apart by a few pixels), a legend at the top right."""
+    img, d = frame(size, m, xlabel, ylabel + "  vs  training;  bars: +- 1 sd over seeds")
+    pts = [p for s in series.values() for p in s]
+    X, Y = axes(d, [p[0] for p in pts], [p[1] + e for p in pts for e in (-p[2], p[2])], size, m)
+    colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150)]
+    for k, (label, s) in enumerate(series.items()):
+        c, dx = colours[k % len(colours)], 4 * k - 2 * (len(series) - 1)
+        d.line([(X(x) + dx, Y(y)) for x, y, _ in s], fill=c, width=2)
+        for x, y, sd in s:
+            d.line([(X(x) + dx, Y(y - sd)), (X(x) + dx, Y(y + sd))], fill=c)
+            d.ellipse([X(x) + dx - 3, Y(y) - 3, X(x) + dx + 3, Y(y) + 3], fill=c)
+        d.text((size[0] - m // 2 - 8 - 6 * max(map(len, series)), m // 2 + 8 + 14 * k), label, fill=c)
+    img.save(path)
+
+
+def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
+    """Quality (lower is better) vs latency on a log axis with round ticks, one labelled dot per (latency,
+    quality, label), the Pareto front (points no faster point beats on quality) joined in red. Every label
+    is drawn, beside its dot where it fits, else moved up, with a grey line to its dot. PNG via pillow."""
+    (W, H) = size
+    img, d = frame(size, m, xlabel, ylabel + "  vs  latency;  red: the Pareto front")
+    if not points:
+        d.text((W // 2 - 60, H // 2), "no quality scores", fill="black")
+        return img.save(path)
+    X, Y = axes(d, [max(p[0], 1e-6) for p in points], [p[1] for p in points], size, m)
     front, best = [], float("inf")
     for p in sorted(points):
         if p[1] < best:

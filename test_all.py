@@ -881,6 +881,27 @@ def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
     assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
 
 
+def test_curve_scores_the_student_during_training_without_changing_it(tiny_teacher, tmp_path):
+    """--curve: the hook scores the EMA student at the asked steps without touching training (the student
+    equals a run without --curve, bit for bit: same computation), its last point is the final student's
+    score, and the table and PNG pool the seeds run into the same --out."""
+    common = ["--teacher", tiny_teacher, "--method", "kd", "--width", "32", "--steps", "4", "--pairs", "16",
+              "--batch-size", "8", "--sample-steps", "2", "--eval-n", "20", "--bench-reps", "1"]
+    plain = distill.main(common + ["--out", str(tmp_path / "plain")])
+    for seed in ("0", "1"):
+        distill.main(common + ["--out", str(tmp_path / "c"), "--curve", "2,4", "--seed", seed])
+    ck = [dit.load_checkpoint(p) for p in glob.glob(str(tmp_path / "*" / "student_*.pt"))]
+    assert sorted(len(c.get("evals", [])) for c in ck) == [0, 2, 2]
+    no_curve = next(c for c in ck if "evals" not in c)
+    seed0 = next(c for c in ck if c.get("evals") and json.loads(c["key"])["seed"] == 0)
+    assert all(torch.equal(seed0["ema"][k], v) for k, v in no_curve["ema"].items())
+    assert [e["step"] for e in seed0["evals"]] == [2, 4]
+    assert abs(seed0["evals"][-1]["score"] - float(plain[-1]["FD-clf (lower better)"])) < 0.006
+    folder = glob.glob(str(tmp_path / "c" / "curves_*"))[0]
+    assert sorted(os.listdir(folder)) == ["curves.png", "kd_seed0.json", "kd_seed1.json"]
+    assert all(len(json.load(open(os.path.join(folder, f)))) == 2 for f in ("kd_seed0.json", "kd_seed1.json"))
+
+
 def test_a_shipped_one_step_teacher_is_reused_only_with_equal_settings(tiny_teacher, tmp_path, capsys):
     """--ship writes the one-step teacher (EMA, float16) to --shipped; a fresh --out with the same settings
     reuses it instead of training one, another --teacher-steps trains its own."""
