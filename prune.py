@@ -851,6 +851,11 @@ def dipgo_variants(base, score, ratio, cfg):
             + [(f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))])
 
 
+def longest_reuse(plan):
+    """Per block, the most consecutive steps that reuse it (how long its cache stays stale) of a (K, N) plan."""
+    return [max([0] + [len(run) for run in "".join(" x"[r] for r in col).split()]) for col in (~plan).T.tolist()]
+
+
 def dipgo_main(cfg):
     """Learn a plan per ratio, save it (kind "dipgo"), and compare it with the three baselines at matched
     compute in one run: blocks kept, ideal and measured speed-up (same batch), quality, PSNR vs full."""
@@ -902,6 +907,7 @@ def dipgo_main(cfg):
         ideal = ideal_speedup(plan, fb, frest, K)
         q = score_model(model, dataclasses.replace(cfg, eval_steps=steps))
         rows.append({"variant": name, "blocks kept": f"{plan.sum().item() / (K * N):.3f}",
+                     "longest reuse, blocks 0..N-1": "/".join(map(str, longest_reuse(plan))),
                      "ideal speedup": f"{ideal:.2f}x",
                      "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",

@@ -1120,6 +1120,13 @@ def test_dipgo_reusing_an_exact_cached_update_changes_nothing(tiny_teacher):
                               dit.sample(base, z, y, K, cfg_scale=1.5), atol=1e-3)
 
 
+def test_dipgo_longest_reuse_counts_the_stale_steps_of_each_block():
+    """longest_reuse: per block, the longest run of consecutive steps whose plan entry says reuse."""
+    plan = torch.ones(8, 3, dtype=torch.bool)
+    plan[1:4, 0], plan[[2, 5, 6], 2] = False, False
+    assert prune.longest_reuse(plan) == [3, 0, 2]
+
+
 def test_dipgo_postprocess_hits_the_ratio_and_reuses_the_highest_scores():
     """Greedy falling threshold: exactly round(r (K-1) N) reused slots (within 2% of r), step 0 computed,
     and every slot scoring above the last threshold used is reused before any below it."""
