@@ -1364,8 +1364,9 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     assert ratio.mean() < 0.95  # the FLOPs term switched units / tokens off
     for name in ("widths", "tokens"):
         assert os.path.exists(tmp_path / f"dy_{name}.png")
-    from PIL import Image  # the samples grid: base and the DyDiT, one 16 px row each, 10 classes
-    assert Image.open(tmp_path / "dydit_samples.png").size == (10 * 18 + 2, 2 * 18 + 2)
+    from PIL import Image  # the samples grid: base and the DyDiT, one 16 px row each, 10 classes, labelled
+    label = 6 * len("dydit 0.5") + 6  # the longest row label, 6 px a character
+    assert Image.open(tmp_path / "dydit_samples.png").size == (label + 10 * 18 + 2, 2 * 18 + 2)
 
 
 def kill_and_resume(tmp_path, make, loss_fn, data, meta, steps=6, kill_at=4):
