@@ -34,7 +34,8 @@ A greedy falling threshold turns its scores into a static plan; inference runs t
     SuperNet, backup connection to step t-1               -> backup_connection; gated_blocks (train),
                                                              cached_blocks (infer: the cache rule)
     pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
-    consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, learn_scores
+    consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, sparsity_loss,
+                                                             dipgo_loss, learn_scores
     post-processing: falling threshold, blocks output-side
       first (both official prune() visit block_names[::-1]) -> postprocess
     inference with the cache; baselines                  -> CachedDiT, uniform_plan, random_plan
@@ -680,18 +681,25 @@ def consistency_loss(x, ref, kind="ssim"):
     return F.mse_loss(x, ref) if kind == "mse" else F.l1_loss(x, ref)
 
 
+def sparsity_loss(logits, gates, ratio):
+    """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]. Each block is 1/N
+    of the stack's FLOPs, so the compute is the mean keep probability; the term is off while the hard plan
+    (gates) already computes less than 1 - r. Returns (term, mean P_keep, kept_hard)."""
+    # assignment 7 begin: DiP-GO's consistency + sparsity loss
+    kept = gates[..., 1].detach().mean()
+    p_keep = logits.softmax(-1)[..., 1].mean()
+    return p_keep * (kept > 1 - ratio).float(), p_keep, kept
+    # assignment 7 end
+
+
 def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, kind="ssim"):
-    """The pruner's objective, DiP-GO Sec. 3 (consistency + sparsity):
-        L = L_cons(x, ref) + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
+    """The pruner's objective, DiP-GO Sec. 3: L = L_cons(x, ref) + alpha * sparsity_loss.
     x: the gated SuperNet's images, ref: the full sampler's; logits (K-1, N, 2) = [reuse, keep]; gates: their
-    hard straight-through values. Each block is 1/N of the stack's FLOPs, so the sparsity term is the mean
-    keep probability, dropped while the hard plan already computes less than 1 - r.
-    Returns (loss, L_cons, sparsity, kept_hard)."""
+    hard straight-through values. Returns (loss, L_cons, mean P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
     cons = consistency_loss(x, ref, kind)
-    kept = gates[..., 1].detach().mean()
-    sparse = logits.softmax(-1)[..., 1].mean()
-    return cons + alpha * sparse * (kept > 1 - ratio).float(), cons, sparse, kept
+    sparse, p_keep, kept = sparsity_loss(logits, gates, ratio)
+    return cons + alpha * sparse, cons, p_keep, kept
     # assignment 7 end
 
 
