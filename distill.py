@@ -431,7 +431,8 @@ def curves(cfg, ck):
             mean, sd = statistics.mean(sc), statistics.stdev(sc) if len(sc) > 1 else 0.0
             series.setdefault(f"{method} ({len(sc)} seeds)", []).append((step, mean, sd))
             rows.append({"method": method, "student steps": step, "seeds": ", ".join(map(str, by_seed)),
-                         "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc), "mean ± sd": f"{mean:.2f} ± {sd:.2f}",
+                         "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc),
+                         "mean ± sd": f"{mean:.2f} ± {sd:.2f}",
                          "class acc (mean)": f"{statistics.mean(e['acc'] or 0 for e in got):.3f}",
                          "train s (mean)": f"{statistics.mean(e['train_s'] for e in got):.0f}"})
     png = os.path.join(folder, "curves.png")
