@@ -860,8 +860,9 @@ def dipgo_variants(base, score, ratio, cfg):
 
 
 def longest_reuse(plan):
-    """Per block, the most consecutive steps that reuse it (how long its cache stays stale) of a (K, N) plan."""
-    return [max([0] + [len(run) for run in "".join(" x"[r] for r in col).split()]) for col in (~plan).T.tolist()]
+    """Per block of a (K, N) plan, the most consecutive steps that reuse it (how long its cache stays stale)."""
+    runs = ["".join(" x"[r] for r in col).split() for col in (~plan).T.tolist()]  # each block's reuse runs
+    return [max([0] + [len(run) for run in block]) for block in runs]
 
 
 def dipgo_main(cfg):
