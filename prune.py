@@ -860,7 +860,7 @@ def dipgo_variants(base, score, ratio, cfg):
 
 
 def longest_reuse(plan):
-    """Per block of a (K, N) plan, the most consecutive steps that reuse it (how long its cache stays stale)."""
+    """Per block of a (K, N) plan, the most consecutive steps reusing it (how long its cache stays stale)."""
     runs = ["".join(" x"[r] for r in col).split() for col in (~plan).T.tolist()]  # each block's reuse runs
     return [max([0] + [len(run) for run in block]) for block in runs]
 
