@@ -433,7 +433,8 @@ def curves(cfg, ck):
             rows.append({"method": method, "student steps": step, "seeds": ", ".join(map(str, by_seed)),
                          "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc),
                          "mean ± sd": f"{mean:.2f} ± {sd:.2f}",
-                         "class acc (mean)": f"{statistics.mean(e['acc'] or 0 for e in got):.3f}",
+                         "class acc (mean)": "-" if None in (accs := [e["acc"] for e in got])
+                         else f"{statistics.mean(accs):.3f}",  # FID: no classifier, no accuracy
                          "train s (mean)": f"{statistics.mean(e['train_s'] for e in got):.0f}"})
     png = os.path.join(folder, "curves.png")
     fid.curves_png(series, png, "student training steps (MI1: end-to-end steps, after its stage A)")
