@@ -214,6 +214,37 @@ def init_from(dst, src, keep):
     dst.load_state_dict(new)
 
 
+@torch.no_grad()
+def slice_width(dst, src, states):
+    """The width hop as pruning (Minitron, arXiv 2407.14679, Sec. 2) [inferred]: dst starts as src cut to its
+    width. Kept: the D_S residual channels with the largest mean h^2 over src's states (the same channels in
+    c, which feeds adaLN elementwise), and in each block the H_S heads and the hidden MLP units with the
+    largest product of in- and out-weight norms; every weight is src's sub-matrix at those indices."""
+    (_, d, h), (_, D, H) = shape_of(dst), shape_of(src)
+    ch = sum((s ** 2).mean((0, 1)) for s in states).topk(d).indices.sort().values
+    top = lambda score, k: score.topk(k).indices.sort().values
+    chunks = lambda n: torch.cat([p * D + ch for p in range(n)])  # the kept channels of each (n D) chunk
+    keep = {"c0": [ch], "x_embedder": [ch], "pos_embed": [None, None, ch], "embedding_table": [None, ch],
+            "final_layer.linear": [None, ch], "final_layer.adaLN": [chunks(2), ch]}  # per dim, None: all
+    for b, (block, small) in enumerate(zip(src.dit.blocks, dst.dit.blocks)):
+        a, m = block.attn, block.mlp
+        v_rows = a.qkv.weight[2 * D:].view(H, -1)  # (q, k, v) x heads x head dims
+        heads = top(a.proj.weight.view(D, H, -1).norm(dim=(0, 2)) * v_rows.norm(dim=1), h)
+        dims = (heads[:, None] * (D // H) + torch.arange(D // H)).flatten()  # the kept heads' channels
+        units = top(m.fc1.weight.norm(dim=1) * m.fc2.weight.norm(dim=0), small.mlp.fc1.out_features)
+        keep.update({f"blocks.{b}.attn.qkv": [torch.cat([dims + p * D for p in range(3)]), ch],
+                     f"blocks.{b}.attn.proj": [ch, dims], f"blocks.{b}.mlp.fc1": [units, ch],
+                     f"blocks.{b}.mlp.fc2": [ch, units], f"blocks.{b}.adaLN": [chunks(6), ch]})
+    new, src_sd = {}, src.state_dict()
+    for k, v in dst.state_dict().items():
+        w = src_sd[k]
+        index = next(i for name, i in keep.items() if name in k)
+        for dim, i in enumerate(index[:w.dim()]):
+            w = w if i is None else w.index_select(dim, i)
+        new[k] = w
+    dst.load_state_dict(new)
+
+
 def build_student(ckpt, ema=True):
     """The model of a "student" checkpoint (any stage), EMA weights, eval mode, without the projectors."""
     config = dict(ckpt["config"])
@@ -235,7 +266,9 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(cfg.seed)
     student = OneStepDiT(**config) if onestep else dit.DiT(**config)
-    if init is not None:
+    if keep == "slice":  # --ta-init slice: the TA cut to the student's width
+        slice_width(student, init, source_states(init, base, range(shape[0] + 1)).values())
+    elif init is not None:
         init_from(student, init, keep)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     pairs = block_map(shape[0], L_T, how) if how else []
@@ -379,7 +412,8 @@ def run_method(cfg, base, shape):
         stage("student", shape, source, "uniform", mi1=True)
     else:
         ta = teaching_assistant(cfg, source, shape, stage)
-        stage("student", shape, ta, "first" if cfg.ta == "hop" else cfg.mapping)
+        sliced = dict(init=ta, keep="slice") if cfg.ta == "hop" and cfg.ta_init == "slice" else {}
+        stage("student", shape, ta, "first" if cfg.ta == "hop" else cfg.mapping, **sliced)
     return stages
 
 
@@ -413,10 +447,11 @@ def curves(cfg, ck):
     FD-clf, mean +- sd, training seconds) and curves.png over every run in cfg.out whose settings equal
     these but for the method and the seed."""
     same = {k: v for k, v in asdict(cfg).items() if k not in ("method", "seed", "out", "device", "log_every",
-                                                                "bench_reps", "ship")}
+                                                                "bench_reps", "ship", "ta_init")}
     folder = os.path.join(cfg.out, f"curves_{dit.settings_tag(same)}")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{cfg.method}_seed{cfg.seed}.json"), "w") as f:
+    label = cfg.method + ("-slice" if cfg.method == "ta" and cfg.ta_init == "slice" else "")
+    with open(os.path.join(folder, f"{label}_seed{cfg.seed}.json"), "w") as f:
         json.dump(ck.get("evals", []), f)
     runs = {}
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
@@ -471,6 +506,7 @@ class DistillConfig:
     method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
     setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
     ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
+    ta_init: str = "random"      # ta hop: the student starts random | slice (the TA cut to its width)
     mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
     depth: int = 3               # student blocks (teacher: 6)
     width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
@@ -514,9 +550,8 @@ PAPER = dict(lr=1e-4, ema_decay=0.9999)
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
                     dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
-                         mapping=("uniform", "first", "last"), out_loss=("huber", "l2", "l1"),
-                         feat_norm=("channel", "token"),
-                         dtype=dit.DTYPES),
+                         ta_init=("random", "slice"), mapping=("uniform", "first", "last"),
+                         out_loss=("huber", "l2", "l1"), feat_norm=("channel", "token"), dtype=dit.DTYPES),
                     positive=("depth", "width", "heads", "steps", "teacher_steps", "aux_steps", "batch_size",
                               "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
@@ -528,6 +563,9 @@ def main(argv=None):
     dit.dist_setup(device)
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
     dit.method_preset(cfg, ck, PAPER)
+    head_dim = ck["config"]["hidden_size"] // ck["config"]["num_heads"]
+    if cfg.method == "ta" and cfg.ta_init == "slice" and cfg.width // cfg.heads != head_dim:
+        sys.exit(f"error: --ta-init slice keeps whole heads: --width / --heads must be {head_dim} (the TA's)")
     print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"

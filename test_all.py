@@ -820,6 +820,36 @@ def test_block_mappings_are_the_documented_ones():
     assert torch.equal(ta.dit.x_embedder.proj.weight, teacher.dit.x_embedder.proj.weight)
 
 
+def test_ta_slice_init_keeps_the_tas_largest_channels_heads_and_units():
+    """--ta-init slice: at the TA's own width the cut student is the TA (bit for bit: every weight kept, in
+    order); at half width it keeps the residual channels with the largest energy, drops a head and MLP units
+    whose weights are 0, and its first output (the embedding h_0) is the TA's at the kept channels."""
+    torch.manual_seed(0)
+    ta = nontrivial(distill.OneStepDiT(**TINY))  # 64 wide, 2 heads of 32
+    z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
+    _, states = distill.features(ta, z, y)
+    same = distill.OneStepDiT(**TINY)
+    distill.slice_width(same, ta, states)
+    with torch.no_grad():
+        assert torch.equal(same(z, y), ta(z, y))
+        a, m = ta.dit.blocks[0].attn, ta.dit.blocks[0].mlp
+        a.proj.weight[:, :32] = 0  # head 0 of block 0 writes nothing: it must be the head dropped
+        m.fc2.weight[:, :128] = 0  # units 0..127 of block 0 write nothing: they must be dropped
+    energy = torch.ones(64)
+    energy[[3, 10, 50]] = 100.0  # three loud channels
+    fake = [torch.randn(2, 16, 64) * energy.sqrt()]
+    cut = distill.OneStepDiT(**dict(TINY, hidden_size=32, num_heads=1))
+    distill.slice_width(cut, ta, fake)
+    ch = (fake[0] ** 2).mean((0, 1)).topk(32).indices.sort().values
+    assert {3, 10, 50} <= set(ch.tolist())
+    blk = cut.dit.blocks[0]
+    assert torch.equal(blk.attn.proj.weight, a.proj.weight[ch][:, 32:])  # head 1 kept
+    assert torch.equal(blk.attn.qkv.weight[64:], a.qkv.weight[128 + 32:][:, ch])  # its v rows
+    assert torch.equal(blk.mlp.fc2.weight, m.fc2.weight[ch][:, 128:])  # units 128..255 kept
+    with torch.no_grad():
+        assert torch.equal(distill.features(cut, z, y)[1][0], distill.features(ta, z, y)[1][0][..., ch])
+
+
 def test_mi1_local_stage_feeds_each_block_its_group_input():
     """MI1 stage A: with student == teacher (k = 1, one block per group) each locally run block, fed the
     teacher state at the start of its group, reproduces the teacher state at its end, so the loss is 0."""
@@ -858,7 +888,8 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["--method", "kd"], ["--method", "fkd", "--mapping", "first"],
-                                  ["--method", "ta"], ["--method", "ta", "--ta", "mid"], ["--method", "mi1"],
+                                  ["--method", "ta"], ["--method", "ta", "--ta-init", "slice", "--heads", "1"],
+                                  ["--method", "ta", "--ta", "mid"], ["--method", "mi1"],
                                   ["--setup", "multistep", "--method", "ta"]])
 def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
     """main() on the tiny teacher: every stage trains, the table has teacher + stage rows, the grid is
