@@ -449,30 +449,10 @@ def curves(cfg, ck):
     same = {k: v for k, v in asdict(cfg).items() if k not in ("method", "seed", "out", "device", "log_every",
                                                                 "bench_reps", "ship", "ta_init")}
     folder = os.path.join(cfg.out, f"curves_{dit.settings_tag(same)}")
-    os.makedirs(folder, exist_ok=True)
     label = cfg.method + ("-slice" if cfg.method == "ta" and cfg.ta_init == "slice" else "")
-    with open(os.path.join(folder, f"{label}_seed{cfg.seed}.json"), "w") as f:
-        json.dump(ck.get("evals", []), f)
-    runs = {}
-    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
-        method, seed = name[:-5].rsplit("_seed", 1)
-        with open(os.path.join(folder, name)) as f:
-            runs.setdefault(method, {})[int(seed)] = {e["step"]: e for e in json.load(f)}
-    rows, series = [], {}
-    for method, by_seed in runs.items():
-        for step in sorted(set.intersection(*(set(ev) for ev in by_seed.values()))):
-            got = [ev[step] for ev in by_seed.values()]
-            sc = [e["score"] for e in got]
-            mean, sd = statistics.mean(sc), statistics.stdev(sc) if len(sc) > 1 else 0.0
-            series.setdefault(f"{method} ({len(sc)} seeds)", []).append((step, mean, sd))
-            rows.append({"method": method, "student steps": step, "seeds": ", ".join(map(str, by_seed)),
-                         "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc),
-                         "mean ± sd": f"{mean:.2f} ± {sd:.2f}",
-                         "class acc (mean)": "-" if None in (accs := [e["acc"] for e in got])
-                         else f"{statistics.mean(accs):.3f}",  # FID: no classifier, no accuracy
-                         "train s (mean)": f"{statistics.mean(e['train_s'] for e in got):.0f}"})
-    png = os.path.join(folder, "curves.png")
-    fid.curves_png(series, png, "student training steps (MI1: end-to-end steps, after its stage A)")
+    rows, png = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
+                                ("method", "student steps"),
+                                xlabel="student training steps (MI1: end-to-end steps, after its stage A)")
     print(f"\nquality during training (n = {cfg.eval_n}, seed = the student's --seed), {folder}:\n"
           f"{dit.markdown_table(rows)}\n{png}")
     return rows

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -348,7 +349,8 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    return dit.run_key(cfg, TRAIN_KEYS, teacher, dit.data_tag(x, y))
+    curve = ("curve", "eval_n", "eval_steps", "cfg_scale") if cfg.curve else ()  # its scores are in the file
+    return dit.run_key(cfg, TRAIN_KEYS + curve, teacher, dit.data_tag(x, y))
 
 
 def default_out(prefix, cfg, teacher, key=None):
@@ -370,21 +372,29 @@ def finetune(cfg, teacher, quiet=False):
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
                          ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
+    meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
+        dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
+    points, device = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set(), dit.pick_device(cfg.device)
+
+    def curve_point(step, ema):  # --curve: the EMA model, as inference builds it, scored at these steps
+        if step in points:
+            ck = dict(meta, ema={k: v.detach().clone() for k, v in ema.state_dict().items()})
+            model = (dit.build_dit(ck) if cfg.mode == "static" else build_dydit(ck)).to(device)
+            q, ratio, keep = quality(model, cfg, device)
+            return dict(score=round(q["score"], 4), acc=q["acc"], ratio=round(ratio, 4), keep=keep or 1)
+    hook = dict(on_step=curve_point) if points else {}
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
-        meta = dict(kind="dit", config=teacher["config"], key=key)
-        return dit.train(net, loss, (x, y), tc, meta, quiet=quiet)[2]
+        return dit.train(net, loss, (x, y), tc, meta, quiet=quiet, **hook)[2]
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
     groups = [dict(params=list(net.parameters())),
               dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
-    meta = dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau,
-                key=key)
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
-                         quiet=quiet, find_unused=True)
+                         quiet=quiet, find_unused=True, **hook)
     return ck
 
 
@@ -446,10 +456,9 @@ def sliced_vs_masked(model, batch=16, seed=0):
     return worst
 
 
-def evaluate(name, model, static, cfg, device, lam="1", steps=None):
-    """One row of the results table: realised FLOPs ratio (Sec. 3.3 formula over the quality run's
-    sampling steps; with `steps`, steps / eval_steps), the share of (block, token) MLP calls kept, sampling
-    speedup over `static` at batch 64 and 1 (not for `steps`), and fid.evaluate's score."""
+def quality(model, cfg, device, steps=None):
+    """(fid.evaluate's result, the realised FLOPs ratio (Sec. 3.3 formula over its sampling steps; a static
+    model: steps / eval_steps), the share of (block, token) MLP calls kept (1 without SDT))."""
     dyn, steps = isinstance(model, DyDiT), steps or cfg.eval_steps
     if dyn:
         model.trace = []
@@ -460,8 +469,16 @@ def evaluate(name, model, static, cfg, device, lam="1", steps=None):
         model.trace = None
     ratio = torch.cat([r["ratio"] for r in trace]).mean().item() if dyn else steps / cfg.eval_steps
     keeps = [r["keep"].float().mean().item() for r in trace if r["keep"] is not None]
+    return q, ratio, sum(keeps) / len(keeps) if keeps else None
+
+
+def evaluate(name, model, static, cfg, device, lam="1", steps=None):
+    """One row of the results table: `quality`'s score, FLOPs ratio and token keep rate, and the sampling
+    speedup over `static` at batch 64 and 1 (not for `steps`)."""
+    dyn, steps = isinstance(model, DyDiT), steps or cfg.eval_steps
+    q, ratio, keep = quality(model, cfg, device, steps)
     row = {"variant": name, "lambda": lam, "FLOPs ratio": f"{ratio:.3f}",
-           "token keep": f"{sum(keeps) / len(keeps):.3f}" if keeps else "1"}
+           "token keep": "1" if keep is None else f"{keep:.3f}"}
     for k, B in enumerate(int(b) for b in cfg.bench_batches.split(",")):
         # min over --bench-reps interleaved rounds; the warm-up round also fills the weight caches
         t = fid.time_sampling(dict(static=static, dy=model), B, steps, cfg.cfg_scale, cfg.bench_reps) \
@@ -506,6 +523,8 @@ class DyConfig:
     flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], docstring)
     tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
     reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
+    curve: str = ""               # fine-tune steps to score the EMA model at (e.g. 100,200,400,800): a
+    #                               table and curves.png over every variant and --seed of these settings
     eval_n: int = 500             # images per quality score (fid.evaluate)
     eval_steps: int = 50          # DDIM steps for quality and for the speed benchmark
     cfg_scale: float = 1.5        # classifier-free guidance scale (paper FID setting: 1.5)
@@ -516,6 +535,7 @@ class DyConfig:
     data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"        # where the data set lives
 
+CURVE_COLUMNS = (("ratio", "FLOPs ratio", ".3f"), ("keep", "token keep", ".3f"))  # --curve, beside FD-clf
 # the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
 PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
@@ -525,6 +545,8 @@ def main(argv=None):
                     dict(mode=("dydit", "tdw", "sdt", "random", "halfwidth", "static")),
                     positive=("lam", "steps", "batch_size", "lr", "router_lr", "tau", "eval_n", "eval_steps",
                               "bench_reps"))
+    if cfg.curve and not all(p.isdigit() and 0 < int(p) <= cfg.steps for p in cfg.curve.split(",")):
+        sys.exit(f"error: --curve takes fine-tuning steps in 1..--steps ({cfg.steps}), e.g. 200,{cfg.steps}")
     dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
@@ -538,6 +560,9 @@ def main(argv=None):
     static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
+    same = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("mode", "lam", "sweep", "variants", "seed", "out", "device", "bench_reps")}
+    folder, curve = os.path.join("out", f"dydit_curves_{dit.settings_tag(same)}"), None
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
         rows.append(evaluate(f"static (base), {half} steps", base, base, cfg, device, steps=half))
@@ -550,6 +575,9 @@ def main(argv=None):
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if not lead:
             continue
+        if cfg.curve:  # this run's points, pooled with every variant and seed of the same settings
+            curve = fid.pool_curves(folder, f"{mode} {lam}_seed{cfg.seed}", ck.get("evals", []),
+                                    ("variant", "fine-tune steps"), CURVE_COLUMNS, "fine-tuning steps")
         if mode == "static":  # the control: speedups of every later row are measured against it
             static = grid["static"] = dit.build_dit(ck).to(device)
             rows += [evaluate("static, fine-tuned the same steps", static, static, cfg, device),
@@ -569,6 +597,9 @@ def main(argv=None):
               + dit.markdown_table(rows))
         print("active width, t in [750,1000) minus t in [0,250) (heads, groups): " + json.dumps(dirs))
         print(f"pictures: {', '.join(pictures)}; {samples}: a row per model ({', '.join(grid)}), same noise")
+    if curve:
+        print(f"\nquality during fine-tuning (n = {cfg.eval_n}, {cfg.eval_steps} steps, noise seed --seed), "
+              f"{folder}:\n{dit.markdown_table(curve[0])}\n{curve[1]}")
     dit.dist_finish()
 
 

@@ -32,8 +32,10 @@ Run:
     python fid.py --save-stats data:train out/shapes_stats.npz
     python fid.py --download                     # fetch the Inception weights once (online machines)
 """
+import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -575,6 +577,36 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
             d.ellipse([X(x) + dx - 3, Y(y) - 3, X(x) + dx + 3, Y(y) + 3], fill=c)
         d.text((size[0] - m // 2 - 8 - 6 * max(map(len, series)), m // 2 + 8 + 14 * k), label, fill=c)
     img.save(path)
+
+
+def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps"):
+    """Keep one run's quality-during-training points (evals: [{step, score, acc, train_s, *extra}]) as
+    <folder>/<name>.json, name = <series>_seed<S>; then one table over every run kept there (per series and
+    step: each seed's score, mean +- sd, the means of the other fields) and <folder>/curves.png."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name + ".json"), "w") as f:
+        json.dump(evals, f)
+    runs, rows, series = {}, [], {}
+    for fname in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+        label, seed = fname[:-5].rsplit("_seed", 1)
+        with open(os.path.join(folder, fname)) as f:
+            runs.setdefault(label, {})[int(seed)] = {e["step"]: e for e in json.load(f)}
+    for label, by_seed in runs.items():
+        for step in sorted(set.intersection(*(set(ev) for ev in by_seed.values()))):
+            got = [ev[step] for ev in by_seed.values()]
+            sc = [e["score"] for e in got]
+            mean, sd = statistics.mean(sc), statistics.stdev(sc) if len(sc) > 1 else 0.0
+            series.setdefault(f"{label} ({len(sc)} seeds)", []).append((step, mean, sd))
+            row = {heads[0]: label, heads[1]: step, "seeds": ", ".join(map(str, by_seed)),
+                   "FD-clf per seed": " / ".join(f"{v:.2f}" for v in sc),
+                   "mean ± sd": f"{mean:.2f} ± {sd:.2f}"}
+            for key, head, form in (("acc", "class acc", ".3f"), *extra, ("train_s", "train s", ".0f")):
+                vals = [e.get(key) for e in got]  # FID: no classifier, no accuracy
+                row[head + " (mean)"] = "-" if None in vals else f"{statistics.mean(vals):{form}}"
+            rows.append(row)
+    png = os.path.join(folder, "curves.png")
+    curves_png(series, png, xlabel)
+    return rows, png
 
 
 def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):

@@ -1400,6 +1400,30 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     assert Image.open(tmp_path / "dydit_samples.png").size == (label + 10 * 18 + 2, 2 * 18 + 2)
 
 
+def test_dydit_curve_scores_while_fine_tuning_without_changing_the_model(tiny_teacher, tmp_path, monkeypatch):
+    """--curve: the EMA model is scored at the asked steps as inference builds it (sliced DyDiT), off the
+    training's random streams: the fine-tuned weights equal a run without --curve bit for bit, the last
+    point is the final model's score, and one table pools every variant of the run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "evaluate", lambda model, n=4, steps=3, cfg_scale=1.5, seed=0, **kw: dict(
+        metric="FD-clf", acc=None, score=float(dit.generate(model, torch.arange(n) % 10, seed, steps,
+                                                            cfg_scale=cfg_scale).float().std())))
+    common = ["--teacher", tiny_teacher, "--sweep", "--variants", "static:1,dydit:0.5", "--steps", "4",
+              "--batch-size", "8", "--lam-hold", "0", "--lam-ramp", "2", "--complete-steps", "1",
+              "--eval-n", "4", "--eval-steps", "3", "--bench-batches", "2", "--bench-reps", "1"]
+    dynamic.main(common + ["--out", "plain/dy"])
+    dynamic.main(common + ["--out", "curve/dy", "--curve", "2,4"])
+    for mode in ("static", "dydit"):
+        (a,), (b,) = (glob.glob(f"{d}/dy_{mode}_*.pt") for d in ("plain", "curve"))
+        a, b = dit.load_checkpoint(a), dit.load_checkpoint(b)
+        assert "evals" not in a and [e["step"] for e in b["evals"]] == [2, 4]
+        assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+        model = dynamic.build_dydit(b) if mode == "dydit" else dit.build_dit(b)
+        assert abs(b["evals"][-1]["score"] - fid.evaluate(model)["score"]) < 1e-4
+    folder, = glob.glob("out/dydit_curves_*")
+    assert sorted(os.listdir(folder)) == ["curves.png", "dydit 0.5_seed0.json", "static 1.0_seed0.json"]
+
+
 def kill_and_resume(tmp_path, make, loss_fn, data, meta, steps=6, kill_at=4):
     """Final weights of an uninterrupted run and of one stopped by SIGTERM after kill_at steps, resumed."""
     finals = []
