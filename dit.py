@@ -1130,6 +1130,8 @@ class Session:
         if rec is not None:
             rec = dict(rec, step=self.step + 1, train_s=round(t - self.t0, 1))
             self.meta.setdefault("evals", []).append(rec)
+            if self.rank == 0 and not self.quiet:
+                self.bar.write("eval " + " ".join(f"{k} {v}" for k, v in rec.items()))
         self.t0, self.last = self.t0 + time.time() - t, self.last + time.time() - t
 
     def agreed(self, *flags):  # the max of each flag over the ranks, so every rank takes the same decision

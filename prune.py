@@ -403,7 +403,11 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
     ema_decay = dit.PRESET_TRAIN[cfg.preset or "cpu"]["ema_decay"]
     tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, ema_decay, 1.0, cfg.recover_lr_end)
-    _, _, ck = dit.train(student, loss_fn, data, tcfg, meta)
+    points = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set()
+
+    def curve_point(step, ema):  # --curve: the EMA model's quality at these recovery steps
+        return {k: score_model(ema, cfg)[k] for k in ("score", "acc")} if step in points else None
+    _, _, ck = dit.train(student, loss_fn, data, tcfg, meta, on_step=curve_point if points else None)
     return ck
 
 
@@ -414,6 +418,7 @@ SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw
 RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
+CURVE_KEYS = ("curve", "eval_n", "eval_steps", "cfg_scale")  # only with --curve: its scores are in the file
 DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr",
               "dipgo_loss", "dipgo_alpha", "dipgo_dim", "dipgo_encoder", "seed")
 
@@ -438,7 +443,7 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
     recovered = None
     if cfg.recover != "none":
-        keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ())
+        keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ()) + (CURVE_KEYS * bool(cfg.curve))
         key = dit.run_key(cfg, keys, teacher_ckpt, data_tag)
         path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{key}.pt")
         recovered = recover(cfg, pruned, teacher, data, path)
@@ -564,6 +569,15 @@ def run_depth_pruning(cfg, methods, device):
             rho, p = spearman(xs, rec)
             print(f"Spearman({what}, recovered quality), {len(rec)} distinct masks: {rho:.2f} (p = {p:.2f})")
     print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
+    if cfg.curve:  # each mask's points, pooled with every seed of the same settings
+        same = dict({k: getattr(cfg, k) for k in SEARCH_KEYS + RECOVER_KEYS + CURVE_KEYS if k != "seed"},
+                    teacher=dit.weights_tag(teacher_ckpt["ema"]))
+        folder = os.path.join("out", f"prune_curves_{dit.settings_tag(same)}")
+        for r in results:
+            rows, png = fid.pool_curves(folder, f"{r['method']}_seed{cfg.seed}", r["recovered"]["evals"],
+                                        ("method", "recovery steps"), xlabel="recovery fine-tuning steps")
+        print(f"\nquality during recovery (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
+              f"{dit.markdown_table(rows)}\n{png}")
     return results
 
 
@@ -971,6 +985,8 @@ class PruneConfig:
     alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
     alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
     beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
+    curve: str = ""              # recovery steps to score each mask at, e.g. 150,300: a table and curves.png
+    #                              over every method and --seed run with these settings (out/prune_curves_*)
     eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
     eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
     cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
@@ -1008,6 +1024,10 @@ def main(argv=None):
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
+    if cfg.curve and not (cfg.eval_n and cfg.recover != "none" and all(
+            p.isdigit() and 0 < int(p) <= cfg.recover_steps for p in cfg.curve.split(","))):
+        sys.exit(f"error: --curve takes recovery steps in 1..--recover-steps ({cfg.recover_steps}), with a "
+                 "recovery and --eval-n > 0")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)

@@ -1099,6 +1099,29 @@ def test_every_method_runs_end_to_end_on_tiny(tiny_teacher, tmp_path, capsys):
     assert capsys.readouterr().out.count("Spearman(") == 2
 
 
+def test_prune_curve_scores_recovery_without_changing_it(tiny_teacher, tmp_path, monkeypatch):
+    """--curve: each mask's EMA model is scored at the asked recovery steps, off the training's random
+    streams: the recovered weights equal a run without --curve bit for bit, the last point is the recovered
+    model's score, and the points of every method land in one pooled folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "evaluate", lambda model, n=4, steps=2, cfg_scale=1.5, seed=0, **kw: dict(
+        metric="FD-clf", acc=0.5, score=float(dit.generate(model, torch.arange(n) % 10, seed, steps,
+                                                           cfg_scale=cfg_scale).float().std())))
+    common = ["--teacher", tiny_teacher, "--preset", "tiny", "--method", "first,uniform", "--batch-size", "8",
+              "--recover-steps", "4", "--calib-n", "8", "--eval-n", "4", "--eval-steps", "2",
+              "--speed-batch", "2", "--speed-steps", "2"]
+    plain = prune.main(common + ["--out", "plain"])
+    curve = prune.main(common + ["--out", "curve", "--curve", "2,4"])
+    for a, b in zip(plain, curve):
+        assert "evals" not in a["recovered"] and [e["step"] for e in b["recovered"]["evals"]] == [2, 4]
+        assert all(torch.equal(v, b["recovered"]["ema"][k]) for k, v in a["recovered"]["ema"].items())
+        assert abs(b["recovered"]["evals"][-1]["score"] - a["recovered_score"]["score"]) < 1e-4
+    folder, = glob.glob("out/prune_curves_*")
+    assert sorted(os.listdir(folder)) == ["curves.png", "first_seed0.json", "uniform_seed0.json"]
+    with pytest.raises(SystemExit):
+        prune.main(common + ["--out", "bad", "--curve", "9"])
+
+
 # --- prune.py, Section 2: DiP-GO ------------------------------------------------------------------
 
 def tiny_base(path):
