@@ -14,6 +14,7 @@ are swept for the quality / size / latency trade-off.
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
     block mapping knob                                  -> block_map (uniform | first | last)
     Teaching Assistant: depth hop, then width hop       -> teaching_assistant, --ta hop
+    the student starts as the TA cut to its width       -> slice_width, --ta-init slice (Minitron-style)
     TA of intermediate size (TAKD, arXiv 1902.03393)    -> teaching_assistant, --ta mid
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
     BK-SDM style multi-step student (Sec. 3.2)          -> --setup multistep (task + eps KD + feature KD)
@@ -412,7 +413,7 @@ def run_method(cfg, base, shape):
         stage("student", shape, source, "uniform", mi1=True)
     else:
         ta = teaching_assistant(cfg, source, shape, stage)
-        sliced = dict(init=ta, keep="slice") if cfg.ta == "hop" and cfg.ta_init == "slice" else {}
+        sliced = dict(init=ta, keep="slice") if cfg.ta == "hop" and cfg.ta_init == "slice" and onestep else {}
         stage("student", shape, ta, "first" if cfg.ta == "hop" else cfg.mapping, **sliced)
     return stages
 
@@ -449,7 +450,7 @@ def curves(cfg, ck):
     same = {k: v for k, v in asdict(cfg).items() if k not in ("method", "seed", "out", "device", "log_every",
                                                                 "bench_reps", "ship", "ta_init")}
     folder = os.path.join(cfg.out, f"curves_{dit.settings_tag(same)}")
-    label = cfg.method + ("-slice" if cfg.method == "ta" and cfg.ta_init == "slice" else "")
+    label = cfg.method + ("-slice" if (cfg.method, cfg.ta, cfg.ta_init) == ("ta", "hop", "slice") else "")
     rows, png = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
                                 ("method", "student steps"),
                                 xlabel="student training steps (MI1: end-to-end steps, after its stage A)")
@@ -486,7 +487,7 @@ class DistillConfig:
     method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
     setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
     ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
-    ta_init: str = "random"      # ta hop: the student starts random | slice (the TA cut to its width)
+    ta_init: str = "slice"       # ta hop (one-step): the student starts as the TA cut to its width, or random
     mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
     depth: int = 3               # student blocks (teacher: 6)
     width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
@@ -544,8 +545,10 @@ def main(argv=None):
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
     dit.method_preset(cfg, ck, PAPER)
     head_dim = ck["config"]["hidden_size"] // ck["config"]["num_heads"]
-    if cfg.method == "ta" and cfg.ta_init == "slice" and cfg.width // cfg.heads != head_dim:
-        sys.exit(f"error: --ta-init slice keeps whole heads: --width / --heads must be {head_dim} (the TA's)")
+    if (cfg.method, cfg.ta, cfg.ta_init, cfg.setup) == ("ta", "hop", "slice", "onestep") and \
+            cfg.width // cfg.heads != head_dim:
+        sys.exit(f"error: --ta-init slice keeps whole heads: --width / --heads must be {head_dim} (the "
+                 "TA's), or pass --ta-init random")
     print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
