@@ -374,7 +374,8 @@ def finetune(cfg, teacher, quiet=False):
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
         dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
-    points, device = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set(), dit.pick_device(cfg.device)
+    points = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set()
+    device = dit.pick_device(cfg.device)
 
     def curve_point(step, ema):  # --curve: the EMA model, as inference builds it, scored at these steps
         if step in points:

@@ -888,7 +888,8 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["--method", "kd"], ["--method", "fkd", "--mapping", "first"],
-                                  ["--method", "ta", "--heads", "1"], ["--method", "ta", "--ta-init", "random"],
+                                  ["--method", "ta", "--heads", "1"],  # slice: the TA's head width
+                                  ["--method", "ta", "--ta-init", "random"],
                                   ["--method", "ta", "--ta", "mid"], ["--method", "mi1"],
                                   ["--setup", "multistep", "--method", "ta"]])
 def test_each_method_runs_end_to_end(tiny_teacher, tmp_path, args):
