@@ -309,7 +309,7 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
     if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
         return found
-    points = {int(n) for n in cfg.curve.split(",")} if cfg.curve and name == "student" else set()
+    points = dit.curve_steps(cfg.curve, steps) if name == "student" else set()
 
     def curve_point(step, ema):  # --curve: the student's (EMA) quality at these steps of its training
         if step in points:
@@ -537,8 +537,7 @@ def main(argv=None):
                               "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
     if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
         sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
-    if cfg.curve and not all(p.isdigit() and 0 < int(p) <= cfg.steps for p in cfg.curve.split(",")):
-        sys.exit(f"error: --curve takes student steps in 1..--steps ({cfg.steps}), e.g. 300,600,{cfg.steps}")
+    dit.curve_steps(cfg.curve, cfg.steps, "student steps (--steps)")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)

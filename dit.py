@@ -682,6 +682,13 @@ def check(cfg, choices=None, positive=()):
     return cfg
 
 
+def curve_steps(text, last, what="steps"):
+    """--curve's "300,600,2400" -> {300, 600, 2400} ("" -> none); one error line unless each is in 1..last."""
+    if text and not all(p.isdigit() and 0 < int(p) <= last for p in text.split(",")):
+        sys.exit(f"error: --curve takes {what} in 1..{last}, e.g. {last // 2},{last}")
+    return {int(p) for p in text.split(",")} if text else set()
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the whole usage block
         sys.stderr.write(f"error: {message}; see --help\n")

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -374,7 +373,7 @@ def finetune(cfg, teacher, quiet=False):
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
         dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
-    points = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set()
+    points = dit.curve_steps(cfg.curve, cfg.steps)
     device = dit.pick_device(cfg.device)
 
     def curve_point(step, ema):  # --curve: the EMA model, as inference builds it, scored at these steps
@@ -546,8 +545,7 @@ def main(argv=None):
                     dict(mode=("dydit", "tdw", "sdt", "random", "halfwidth", "static")),
                     positive=("lam", "steps", "batch_size", "lr", "router_lr", "tau", "eval_n", "eval_steps",
                               "bench_reps"))
-    if cfg.curve and not all(p.isdigit() and 0 < int(p) <= cfg.steps for p in cfg.curve.split(",")):
-        sys.exit(f"error: --curve takes fine-tuning steps in 1..--steps ({cfg.steps}), e.g. 200,{cfg.steps}")
+    dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)

@@ -403,7 +403,7 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
     meta = {k: pruned_ckpt[k] for k in pruned_ckpt if k not in ("model", "ema")}
     ema_decay = dit.PRESET_TRAIN[cfg.preset or "cpu"]["ema_decay"]
     tcfg = train_config(cfg, path, cfg.recover_steps, cfg.recover_lr, ema_decay, 1.0, cfg.recover_lr_end)
-    points = {int(p) for p in cfg.curve.split(",")} if cfg.curve else set()
+    points = dit.curve_steps(cfg.curve, cfg.recover_steps)
 
     def curve_point(step, ema):  # --curve: the EMA model's quality at these recovery steps
         return {k: score_model(ema, cfg)[k] for k in ("score", "acc")} if step in points else None
@@ -1024,10 +1024,9 @@ def main(argv=None):
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
-    if cfg.curve and not (cfg.eval_n and cfg.recover != "none" and all(
-            p.isdigit() and 0 < int(p) <= cfg.recover_steps for p in cfg.curve.split(","))):
-        sys.exit(f"error: --curve takes recovery steps in 1..--recover-steps ({cfg.recover_steps}), with a "
-                 "recovery and --eval-n > 0")
+    dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
+    if cfg.curve and not (cfg.eval_n and cfg.recover != "none"):
+        sys.exit("error: --curve scores a recovery: it needs --recover other than none and --eval-n > 0")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
