@@ -237,7 +237,7 @@ def slice_width(dst, src, states):
                      f"blocks.{b}.attn.proj": [ch, dims], f"blocks.{b}.mlp.fc1": [units, ch],
                      f"blocks.{b}.mlp.fc2": [ch, units], f"blocks.{b}.adaLN": [chunks(6), ch]})
     new, src_sd = {}, src.state_dict()
-    for k, v in dst.state_dict().items():
+    for k in dst.state_dict():
         w = src_sd[k]
         index = next(i for name, i in keep.items() if name in k)
         for dim, i in enumerate(index[:w.dim()]):

@@ -682,6 +682,10 @@ def check(cfg, choices=None, positive=()):
     return cfg
 
 
+# what a --curve run adds to a stage's key: its scores are kept in the checkpoint
+CURVE_KEYS = ("curve", "eval_n", "eval_steps", "cfg_scale")
+
+
 def curve_steps(text, last, what="steps"):
     """--curve's "300,600,2400" -> {300, 600, 2400} ("" -> none); one error line unless each is in 1..last."""
     if text and not all(p.isdigit() and 0 < int(p) <= last for p in text.split(",")):

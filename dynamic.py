@@ -348,8 +348,7 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    curve = ("curve", "eval_n", "eval_steps", "cfg_scale") if cfg.curve else ()  # its scores are in the file
-    return dit.run_key(cfg, TRAIN_KEYS + curve, teacher, dit.data_tag(x, y))
+    return dit.run_key(cfg, TRAIN_KEYS + dit.CURVE_KEYS * bool(cfg.curve), teacher, dit.data_tag(x, y))
 
 
 def default_out(prefix, cfg, teacher, key=None):
@@ -458,7 +457,7 @@ def sliced_vs_masked(model, batch=16, seed=0):
 
 def quality(model, cfg, device, steps=None):
     """(fid.evaluate's result, the realised FLOPs ratio (Sec. 3.3 formula over its sampling steps; a static
-    model: steps / eval_steps), the share of (block, token) MLP calls kept (1 without SDT))."""
+    model: steps / eval_steps), the share of (block, token) MLP calls kept (None without SDT))."""
     dyn, steps = isinstance(model, DyDiT), steps or cfg.eval_steps
     if dyn:
         model.trace = []

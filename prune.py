@@ -418,7 +418,6 @@ SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw
 RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
-CURVE_KEYS = ("curve", "eval_n", "eval_steps", "cfg_scale")  # only with --curve: its scores are in the file
 DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr",
               "dipgo_loss", "dipgo_alpha", "dipgo_dim", "dipgo_encoder", "seed")
 
@@ -443,7 +442,7 @@ def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
     print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
     recovered = None
     if cfg.recover != "none":
-        keys = RECOVER_KEYS + (KD_KEYS if cfg.recover != "finetune" else ()) + (CURVE_KEYS * bool(cfg.curve))
+        keys = RECOVER_KEYS + KD_KEYS * (cfg.recover != "finetune") + dit.CURVE_KEYS * bool(cfg.curve)
         key = dit.run_key(cfg, keys, teacher_ckpt, data_tag)
         path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{key}.pt")
         recovered = recover(cfg, pruned, teacher, data, path)
@@ -570,7 +569,7 @@ def run_depth_pruning(cfg, methods, device):
             print(f"Spearman({what}, recovered quality), {len(rec)} distinct masks: {rho:.2f} (p = {p:.2f})")
     print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
     if cfg.curve:  # each mask's points, pooled with every seed of the same settings
-        same = dict({k: getattr(cfg, k) for k in SEARCH_KEYS + RECOVER_KEYS + CURVE_KEYS if k != "seed"},
+        same = dict({k: getattr(cfg, k) for k in SEARCH_KEYS + RECOVER_KEYS + dit.CURVE_KEYS if k != "seed"},
                     teacher=dit.weights_tag(teacher_ckpt["ema"]))
         folder = os.path.join("out", f"prune_curves_{dit.settings_tag(same)}")
         for r in results:
