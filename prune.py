@@ -784,12 +784,13 @@ class CachedDiT(nn.Module):
         return self.dit.head(h, c)
 
 
-def learn_scores(base, cfg, log=print):
+def learn_scores(base, cfg, log=print, on_step=None):
     """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
     (each block is 1/N of the stack's FLOPs, so the sparsity term is the mean keep probability; it is
-    dropped while the hard plan already computes less than 1 - r). Returns (P(reuse) (K-1, N), log rows)."""
+    dropped while the hard plan already computes less than 1 - r). Returns (P(reuse) (K-1, N), log rows);
+    on_step(step, pruner, rows), if given, runs after each step (--curve), outside its clock."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -821,6 +822,8 @@ def learn_scores(base, cfg, log=print):
                          s=round(time.time() - t0, 2)))
         if log and (it % 5 == 4 or it == cfg.dipgo_steps - 1):
             log(" ".join(f"{k} {v}" for k, v in rows[-1].items()))
+        if on_step:
+            on_step(it + 1, pruner, rows)
     with torch.no_grad():
         return pruner().softmax(-1)[..., 0].cpu(), rows
 
@@ -891,19 +894,31 @@ def dipgo_main(cfg):
     K, N = cfg.eval_steps, len(base.blocks)
     ratios = [float(r) for r in cfg.ratios.split(",")] if cfg.ratios else [cfg.ratio]
     os.makedirs(cfg.out, exist_ok=True)
-    variants = [("full", base, K, torch.ones(K, N, dtype=torch.bool))]
+    variants, evals = [("full", base, K, torch.ones(K, N, dtype=torch.bool))], {}
+    points = dit.curve_steps(cfg.curve, cfg.dipgo_steps)
     for r in ratios:
         print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, "
               f"{K}-step DDIM")
         t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
-        key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
+        key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS + dit.CURVE_KEYS * bool(cfg.curve),
+                          base_ckpt)
         old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else {}
         if old.get("key") == key:
             print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
-            score = old["score"]
+            score, evals[r] = old["score"], old["metrics"].get("evals", [])
         else:
-            score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r))
-            metrics = dict(learn_s=round(time.time() - t0, 1), log=log)
+            evals[r] = []
+
+            def curve_point(step, pruner, log):  # --curve: score the plan the pruner gives at this step
+                if step in points:
+                    with torch.no_grad():
+                        plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r)
+                    q = score_model(CachedDiT(base, K, plan).eval(), cfg)
+                    print(f"eval score {q['score']:.3f} acc {q['acc']} step {step}")
+                    evals[r].append(dict(step=step, score=q["score"], acc=q["acc"],
+                                         train_s=round(sum(e["s"] for e in log), 1)))
+            score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r), on_step=curve_point)
+            metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals[r])
             save_dipgo(base_ckpt, postprocess(score, r), score, cfg, r, path, metrics, key)
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
@@ -920,14 +935,14 @@ def dipgo_main(cfg):
     yz = torch.arange(cfg.speed_batch, device=device) % base.num_classes
     with torch.no_grad():
         ref = dit.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
-    rows = []
+    rows, scores = [], {}
     for name, model, steps, plan in variants:
         with torch.no_grad():
             x = dit.sample(model, z, yz, steps, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
         # PSNR = 10 log10(range^2 / MSE), range 2 for [-1, 1] images, against the full sampler, same noise
         psnr = 10 * math.log10(4 / max(F.mse_loss(x, ref).item(), 1e-20))
         ideal = ideal_speedup(plan, fb, frest, K)
-        q = score_model(model, dataclasses.replace(cfg, eval_steps=steps))
+        q = scores[name] = score_model(model, dataclasses.replace(cfg, eval_steps=steps))
         rows.append({"variant": name, "blocks kept": f"{plan.sum().item() / (K * N):.3f}",
                      "longest reuse, blocks 0..N-1": "/".join(map(str, longest_reuse(plan))),
                      "ideal speedup": f"{ideal:.2f}x",
@@ -940,7 +955,27 @@ def dipgo_main(cfg):
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
           f"vs full; blocks kept = block calls / ({K} x {N}); dipgo_samples.png: a row per variant")
     print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
+    if cfg.curve:
+        dipgo_curves(cfg, base_ckpt, variants, scores, evals, points)
     return rows
+
+
+def dipgo_curves(cfg, base_ckpt, variants, scores, evals, points):
+    """--curve: each ratio's DiP-GO points (quality of the plan at those pruner steps) and its baselines as
+    flat lines (they learn nothing), pooled with every --seed run of the same settings; table + curves.png."""
+    same = dict({k: getattr(cfg, k) for k in DIPGO_KEYS + dit.CURVE_KEYS if k not in ("seed", "ratio")},
+                teacher=dit.weights_tag(base_ckpt["ema"]))
+    folder = os.path.join("out", f"dipgo_curves_{dit.settings_tag(same)}")
+    for name, *_ in variants[1:]:
+        kind, r = name.split(" r=")
+        pts = evals[float(r)] if kind == "DiP-GO" else [
+            dict(step=s, score=scores[name]["score"], acc=scores[name]["acc"], train_s=0)
+            for s in (min(points), max(points))]
+        rows, png = fid.pool_curves(folder, f"{kind.lower().replace('-go', 'go')}-r{r}_seed{cfg.seed}", pts,
+                                    ("variant", "pruner steps"),
+                                    xlabel="DiP-GO pruner steps (the baselines learn nothing: flat)")
+    print(f"\nquality against pruner steps (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
+          f"{dit.markdown_table(rows)}\n{png}")
 
 
 # ===== plumbing: nothing paper-specific below (config, main) ======================================
@@ -985,7 +1020,8 @@ class PruneConfig:
     alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
     beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
     curve: str = ""              # recovery steps to score each mask at, e.g. 150,300: a table and curves.png
-    #                              over every method and --seed run with these settings (out/prune_curves_*)
+    #                              over every method and --seed run with these settings (out/prune_curves_*);
+    #                              dipgo: pruner steps to score each ratio's plan at (out/dipgo_curves_*)
     eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
     eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
     cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
@@ -1023,9 +1059,12 @@ def main(argv=None):
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
-    dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
-    if cfg.curve and not (cfg.eval_n and cfg.recover != "none"):
-        sys.exit("error: --curve scores a recovery: it needs --recover other than none and --eval-n > 0")
+    if cfg.method == "dipgo":
+        dit.curve_steps(cfg.curve, cfg.dipgo_steps, "pruner steps (--dipgo-steps)")
+    else:
+        dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
+    if cfg.curve and not (cfg.eval_n and (cfg.recover != "none" or cfg.method == "dipgo")):
+        sys.exit("error: --curve scores a recovery or a DiP-GO plan: it needs --eval-n > 0 (and a --recover)")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)

@@ -1248,6 +1248,29 @@ def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
         assert os.path.exists(os.path.join(out, f))
 
 
+def test_dipgo_curve_scores_the_plan_while_learning_without_changing_it(tiny_teacher, tmp_path, monkeypatch):
+    """--curve with --method dipgo: the plan is scored at the asked pruner steps; the learned scores equal a
+    run without --curve bit for bit, the last point is the DiP-GO row's score, the baselines are flat."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "evaluate", lambda model, n=4, steps=2, cfg_scale=1.5, seed=0, **kw: dict(
+        metric="FD-clf", acc=0.5, score=float(dit.generate(model, torch.arange(n) % 10, seed, steps,
+                                                           cfg_scale=cfg_scale).float().std())))
+    common = ["--method", "dipgo", "--teacher", tiny_teacher, "--eval-steps", "5", "--dipgo-steps", "3",
+              "--dipgo-batch", "2", "--eval-n", "4", "--speed-batch", "2", "--ratio", "0.5"]
+    plain, curve = prune.main(common + ["--out", "plain"]), prune.main(common + ["--out", "c", "--curve", "1,3"])
+    a, b = (dit.load_checkpoint(f"{d}/dipgo_r0.5.pt", kinds=["dipgo"]) for d in ("plain", "c"))
+    assert torch.equal(a["score"], b["score"]) and [e["step"] for e in b["metrics"]["evals"]] == [1, 3]
+    assert f"{b['metrics']['evals'][-1]['score']:.2f}" == curve[1]["quality"].split()[0] == \
+        plain[1]["quality"].split()[0]
+    folder, = glob.glob("out/dipgo_curves_*")
+    assert sorted(os.listdir(folder)) == ["curves.png", "ddim-3-r0.5_seed0.json", "dipgo-r0.5_seed0.json",
+                                          "random-r0.5_seed0.json", "uniform-r0.5_seed0.json"]
+    flat = json.load(open(f"{folder}/uniform-r0.5_seed0.json"))
+    assert [e["step"] for e in flat] == [1, 3] and flat[0]["score"] == flat[1]["score"]
+    with pytest.raises(SystemExit):
+        prune.main(common + ["--out", "bad", "--curve", "4"])
+
+
 def test_dipgo_postprocess_visits_blocks_output_side_first():
     """Both official prune() functions walk block_names[::-1]: with equal scores and a budget of half the
     slots, the last block is the one reused."""
