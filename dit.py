@@ -725,6 +725,8 @@ def parse_args(config_cls, argv=None, paths=False):
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 SHAPE_NAMES = ["disk", "square", "triangle", "cross", "ring", "diamond", "hbars", "vbars", "checker", "x"]
+CLASS_NAMES = dict(shapes=SHAPE_NAMES, cifar10=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                              "horse", "ship", "truck"])  # grid row labels
 
 
 @functools.lru_cache(maxsize=2)

@@ -82,10 +82,10 @@ def main(argv=None):
         os.makedirs(os.path.dirname(cfg.npz) or ".", exist_ok=True)
         np.savez(cfg.npz, arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         print(f"wrote {len(imgs)} samples to {cfg.npz}")
+    tc = dit.load_checkpoint(cfg.ckpt).get("train_config", {})
+    data = cfg.data or tc.get("data", "shapes")
+    data_dir = cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
     if cfg.fid:
-        tc = dit.load_checkpoint(cfg.ckpt).get("train_config", {})
-        data = cfg.data or tc.get("data", "shapes")
-        data_dir = cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
         r = fid.evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale,
                          cfg.seed, min(cfg.batch_size, 100), device, verbose=True)
         print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
@@ -97,7 +97,8 @@ def main(argv=None):
         path = cfg.grid or os.path.splitext(cfg.ckpt)[0] + "_samples.png"
         nc = min(model.num_classes, 10)
         imgs = dit.generate(model, torch.arange(nc).repeat_interleave(cfg.per_class), **gen)
-        dit.save_grid(imgs, path, nrow=cfg.per_class)
+        names = dit.CLASS_NAMES.get(cfg.data or tc.get("data"), [f"class {c}" for c in range(nc)])
+        dit.save_grid(imgs, path, nrow=cfg.per_class, row_labels=names[:nc])
         print(f"wrote {path} ({nc} classes in rows, seed {cfg.seed}, {cfg.steps} {cfg.method} steps, "
               f"cfg {cfg.cfg_scale})")
 

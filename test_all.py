@@ -540,7 +540,9 @@ def test_sample_cli_writes_grid_and_npz(tiny_teacher, tmp_path):
     sample.main(["--ckpt", tiny_teacher, "--grid", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"),
                  "--n", "12", "--steps", "5", "--per-class", "2"])
     from PIL import Image
-    assert Image.open(tmp_path / "g.png").size == (2 * 18 + 2, 10 * 18 + 2)
+    left = 6 * max(map(len, dit.SHAPE_NAMES)) + 6  # a label column: each row's class name (shapes)
+    img = np.asarray(Image.open(tmp_path / "g.png"))
+    assert img.shape == (10 * 18 + 2, left + 2 * 18 + 2, 3) and (img[:, :left] < 128).any()
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (12, 16, 16, 3) and arr.dtype == np.uint8
 
