@@ -1079,7 +1079,7 @@ class Session:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
         for g in self.opt.param_groups:
             g.setdefault("base_lr", g["lr"])
-        self.step, self.log_path = 0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
+        self.step, self.done_s, self.log_path = 0, 0.0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         self.finished = os.path.exists(cfg.out) and self.resume()
         if self.finished:
@@ -1097,7 +1097,8 @@ class Session:
         self.stop = {"sig": 0}
         on_signal = lambda sig, _: self.stop.update(sig=sig)  # noqa: E731
         self.handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.t0, self.last, self.logs, self.last_logs, self.n_logged = time.time(), time.time(), {}, {}, 0
+        self.t0 = time.time() - self.done_s  # the training clock goes on from where a resumed run stopped
+        self.last, self.logs, self.last_logs, self.n_logged = time.time(), {}, {}, 0
         self.bar = tqdm(total=cfg.steps, initial=self.step, disable=rank != 0 or quiet,
                         desc=os.path.basename(cfg.out), dynamic_ncols=True, leave=False)
 
@@ -1113,7 +1114,7 @@ class Session:
         self.opt.load_state_dict(ck["opt"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        self.step = ck["step"]
+        self.step, self.done_s = ck["step"], ck.get("train_s", 0.0)
         self.meta.update({k: ck[k] for k in ("evals",) if k in ck})
         if len(ck["rng"]) == self.world:
             set_rng_state(ck["rng"][rank], self.device)
@@ -1196,7 +1197,7 @@ class Session:
         if self.rank == 0:
             save_checkpoint(dict(self.meta, model=self.model.state_dict(), ema=self.ema.state_dict(),
                                  opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
-                                 rng=rngs, train_config=dataclasses.asdict(self.cfg), metrics=metrics),
+                                 train_s=round(time.time() - self.t0, 1), rng=rngs, train_config=dataclasses.asdict(self.cfg), metrics=metrics),
                             self.cfg.out)
 
     def __enter__(self):

@@ -247,8 +247,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_to_end(cfg_b, kill_at=13)
     assert e.value.code == 128 + signal.SIGTERM
-    assert dit.load_checkpoint(cfg_b.out)["step"] == 13
+    stopped = dit.load_checkpoint(cfg_b.out)
+    assert stopped["step"] == 13 and stopped["train_s"] > 0
     _, ema_b, ck_b = run_to_end(cfg_b)
+    assert ck_b["metrics"]["wall_s"] >= stopped["train_s"]  # the clock goes on, it does not restart
     for k in ck_a["model"]:
         assert torch.equal(ck_a["model"][k], ck_b["model"][k]), k
         assert torch.equal(ck_a["ema"][k], ck_b["ema"][k]), k
