@@ -536,17 +536,21 @@ def nice_ticks(lo, hi, log=False):
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def axes(d, xs, ys, size, m):
-    """A frame with a log x axis and a linear y axis around the values, round ticks; returns X(v), Y(v)."""
+def axes(d, xs, ys, size, m, ylog=False):
+    """A frame with a log x axis and a linear (ylog: log) y axis around the values, round ticks; returns
+    X(v), Y(v)."""
     (W, H), x0, x1 = size, min(xs) / 1.3, max(xs) * 1.3
     pad = 0.1 * (max(ys) - min(ys)) + 1e-3
     y0, y1 = max(0.0, min(ys) - pad), max(ys) + pad
+    if ylog:  # values spanning decades; a bar's lower end below 0 is cut at the axis
+        y0, y1 = min(v for v in ys if v > 0) / 1.2, max(ys) * 1.2
     X = lambda v: m + math.log(max(v, 1e-6) / x0) / math.log(x1 / x0) * (W - 1.5 * m)  # noqa: E731
-    Y = lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)  # noqa: E731
+    Y = ((lambda v: H - m - math.log(max(v, y0) / y0) / math.log(y1 / y0) * (H - 1.5 * m)) if ylog
+         else (lambda v: H - m - (v - y0) / (y1 - y0) * (H - 1.5 * m)))
     for xv in nice_ticks(x0, x1, log=True):
         d.line([(X(xv), H - m), (X(xv), H - m + 4)], fill="black")
         d.text((X(xv) - 8, H - m + 8), f"{xv:g}", fill="black")
-    for yv in nice_ticks(y0, y1):
+    for yv in nice_ticks(y0, y1, log=ylog):
         d.line([(m - 4, Y(yv)), (m, Y(yv))], fill="black")
         d.text((m - 8 - 6 * len(f"{yv:g}"), Y(yv) - 6), f"{yv:g}", fill="black")
     return X, Y
@@ -562,13 +566,15 @@ def frame(size, m, xlabel, title):
     return img, d
 
 
-def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70):
+def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70, ylog=False):
     """Quality against training on a log x axis: per label {label: [(x, mean, sd)]} a line through the
     means, a bar of +- 1 sd at each point (series nudged apart by a few pixels), a legend at the top right."""
-    img, d = frame(size, m, xlabel, ylabel + "  vs  training;  bars: +- 1 sd over seeds")
+    img, d = frame(size, m, xlabel, ylabel + (" (log scale)" if ylog else "") +
+                   "  vs  training;  bars: +- 1 sd over seeds")
     pts = [p for s in series.values() for p in s]
-    X, Y = axes(d, [p[0] for p in pts], [p[1] + e for p in pts for e in (-p[2], p[2])], size, m)
-    colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150)]
+    X, Y = axes(d, [p[0] for p in pts], [p[1] + e for p in pts for e in (-p[2], p[2])], size, m, ylog)
+    colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150),
+               (110, 110, 110), (120, 60, 0)]
     for k, (label, s) in enumerate(series.items()):
         c, dx = colours[k % len(colours)], 4 * k - 2 * (len(series) - 1)
         d.line([(X(x) + dx, Y(y)) for x, y, _ in s], fill=c, width=2)
@@ -579,7 +585,7 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     img.save(path)
 
 
-def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps"):
+def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps", ylog=False):
     """Keep one run's quality-during-training points (evals: [{step, score, acc, train_s, *extra}]) as
     <folder>/<name>.json, name = <series>_seed<S>; then one table over every run kept there (per series and
     step: each seed's score, mean +- sd, the means of the other fields) and <folder>/curves.png."""
@@ -605,7 +611,7 @@ def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="t
                 row[head + " (mean)"] = "-" if None in vals else f"{statistics.mean(vals):{form}}"
             rows.append(row)
     png = os.path.join(folder, "curves.png")
-    curves_png(series, png, xlabel)
+    curves_png(series, png, xlabel, ylog=ylog)
     return rows, png
 
 

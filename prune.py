@@ -973,7 +973,7 @@ def dipgo_curves(cfg, base_ckpt, variants, scores, evals, points):
             for s in (min(points), max(points))]
         rows, png = fid.pool_curves(folder, f"{kind.lower().replace('-go', 'go')}-r{r}_seed{cfg.seed}", pts,
                                     ("variant", "pruner steps"),
-                                    xlabel="DiP-GO pruner steps (the baselines learn nothing: flat)")
+                                    xlabel="DiP-GO pruner steps (baselines: flat)", ylog=True)
     print(f"\nquality against pruner steps (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
           f"{dit.markdown_table(rows)}\n{png}")
 
