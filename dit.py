@@ -725,8 +725,8 @@ def parse_args(config_cls, argv=None, paths=False):
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 SHAPE_NAMES = ["disk", "square", "triangle", "cross", "ring", "diamond", "hbars", "vbars", "checker", "x"]
-CLASS_NAMES = dict(shapes=SHAPE_NAMES, cifar10=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                              "horse", "ship", "truck"])  # grid row labels
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CLASS_NAMES = dict(shapes=SHAPE_NAMES, cifar10=CIFAR_NAMES)  # grid row labels
 
 
 @functools.lru_cache(maxsize=2)
@@ -1197,7 +1197,8 @@ class Session:
         if self.rank == 0:
             save_checkpoint(dict(self.meta, model=self.model.state_dict(), ema=self.ema.state_dict(),
                                  opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
-                                 train_s=round(time.time() - self.t0, 1), rng=rngs, train_config=dataclasses.asdict(self.cfg), metrics=metrics),
+                                 train_s=round(time.time() - self.t0, 1), rng=rngs,
+                                 train_config=dataclasses.asdict(self.cfg), metrics=metrics),
                             self.cfg.out)
 
     def __enter__(self):

@@ -1261,7 +1261,8 @@ def test_dipgo_curve_scores_the_plan_while_learning_without_changing_it(tiny_tea
                                                            cfg_scale=cfg_scale).float().std())))
     common = ["--method", "dipgo", "--teacher", tiny_teacher, "--eval-steps", "5", "--dipgo-steps", "3",
               "--dipgo-batch", "2", "--eval-n", "4", "--speed-batch", "2", "--ratio", "0.5"]
-    plain, curve = prune.main(common + ["--out", "plain"]), prune.main(common + ["--out", "c", "--curve", "1,3"])
+    plain = prune.main(common + ["--out", "plain"])
+    curve = prune.main(common + ["--out", "c", "--curve", "1,3"])
     a, b = (dit.load_checkpoint(f"{d}/dipgo_r0.5.pt", kinds=["dipgo"]) for d in ("plain", "c"))
     assert torch.equal(a["score"], b["score"]) and [e["step"] for e in b["metrics"]["evals"]] == [1, 3]
     assert f"{b['metrics']['evals'][-1]['score']:.2f}" == curve[1]["quality"].split()[0] == \
