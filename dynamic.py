@@ -85,7 +85,7 @@ class Routers(nn.Module):
     per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code). With
     |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0: init="zero"
     starts them at weight 0 instead [inferred]."""
-    def __init__(self, D, H, depth, init="zero"):
+    def __init__(self, D, H, depth, init="zero", token_bias=35.0):
         super().__init__()
         self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
         self.mlp = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
@@ -100,19 +100,19 @@ class Routers(nn.Module):
             if init == "zero":
                 nn.init.zeros_(lin.weight)
         for r in self.token:
-            nn.init.constant_(r[-1].bias, 35.0)
+            nn.init.constant_(r[-1].bias, token_bias)
 
 
 class DyDiT(nn.Module):
     """A dit.DiT plus routers. Training (or sliced=False): the masked graph, masks multiply activations.
     Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
-    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero"):
+    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero", token_bias=35.0):
         super().__init__()
         if mode not in ("dydit", "tdw", "sdt", "random", "halfwidth"):
             raise ValueError(f"unknown DyDiT mode {mode!r}")
         self.dit, self.mode, self.lam, self.tau = model, mode, lam, tau
         D, H, L = model.pos_embed.shape[-1], model.num_heads, len(model.blocks)
-        self.routers = Routers(D, H, L, router_init)
+        self.routers = Routers(D, H, L, router_init, token_bias)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
         dit.samples_like(self, model)
         self.sliced, self.plans, self.weights, self.trace = True, {}, {}, None
@@ -348,7 +348,9 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    return dit.run_key(cfg, TRAIN_KEYS + dit.CURVE_KEYS * bool(cfg.curve), teacher, dit.data_tag(x, y))
+    sdt = ("token_lr",) * bool(cfg.token_lr) + ("token_bias",) * (cfg.token_bias != 35.0)  # older keys hold
+    keys = TRAIN_KEYS + sdt + dit.CURVE_KEYS * bool(cfg.curve)
+    return dit.run_key(cfg, keys, teacher, dit.data_tag(x, y))
 
 
 def default_out(prefix, cfg, teacher, key=None):
@@ -386,11 +388,12 @@ def finetune(cfg, teacher, quiet=False):
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet, **hook)[2]
-    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init)
+    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init, cfg.token_bias)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
-    groups = [dict(params=list(net.parameters())),
-              dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
+    width = list(model.routers.attn.parameters()) + list(model.routers.mlp.parameters())
+    groups = [dict(params=list(net.parameters())), dict(params=width, lr=cfg.router_lr),
+              dict(params=list(model.routers.token.parameters()), lr=cfg.token_lr or cfg.router_lr)]
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True, **hook)
@@ -513,6 +516,8 @@ class DyConfig:
     batch_size: int = 64          # fine-tuning batch (paper: 256)
     lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
     router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
+    token_lr: float = 0.0         # AdamW lr of the SDT token routers alone (0 = --router-lr) [inferred]
+    token_bias: float = 35.0      # SDT router's last bias at init (code: 35: every token on; 5: some off)
     ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
     ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
     router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
@@ -559,7 +564,8 @@ def main(argv=None):
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
     same = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("mode", "lam", "sweep", "variants", "seed", "out", "device", "bench_reps")}
+            if k not in ("mode", "lam", "token_lr", "token_bias", "sweep", "variants", "seed", "out",
+                         "device", "bench_reps")}
     folder, curve = os.path.join("out", f"dydit_curves_{dit.settings_tag(same)}"), None
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
@@ -573,8 +579,11 @@ def main(argv=None):
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if not lead:
             continue
+        sdt = [f"token-lr {cfg.token_lr:g}"] * bool(cfg.token_lr) + \
+            [f"token-bias {cfg.token_bias:g}"] * (cfg.token_bias != 35.0) if mode != "static" else []
+        label = " ".join([mode, str(lam)] + sdt)  # the SDT knobs are not in the curve folder's key
         if cfg.curve:  # this run's points, pooled with every variant and seed of the same settings
-            curve = fid.pool_curves(folder, f"{mode} {lam}_seed{cfg.seed}", ck.get("evals", []),
+            curve = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
                                     ("variant", "fine-tune steps"), CURVE_COLUMNS, "fine-tuning steps")
         if mode == "static":  # the control: speedups of every later row are measured against it
             static = grid["static"] = dit.build_dit(ck).to(device)
@@ -582,10 +591,10 @@ def main(argv=None):
                      evaluate("base (not fine-tuned)", base, static, cfg, device)]
             rows.append(evaluate(f"static fine-tuned, {half} steps", static, static, cfg, device, steps=half))
         else:
-            model = grid[f"{mode} {lam}"] = build_dydit(ck).to(device)
-            rows.append(evaluate(mode, model, static, cfg, device, lam))
+            model = grid[label] = build_dydit(ck).to(device)
+            rows.append(evaluate(" ".join([mode] + sdt), model, static, cfg, device, lam))
             pictures += save_pictures(model, os.path.splitext(out)[0], cfg)
-            dirs[f"{mode} {lam}"] = direction(model)
+            dirs[label] = direction(model)
         samples = os.path.join(os.path.dirname(out) or ".", "dydit_samples.png")
         dit.save_rows(grid, samples, cfg.seed, cfg.eval_steps, cfg.cfg_scale)
         print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))

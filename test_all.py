@@ -1555,6 +1555,37 @@ def test_a_finished_dydit_checkpoint_is_reused_only_with_equal_settings(tiny_tea
     assert a != dynamic.default_out(str(tmp_path / "p"), dataclasses.replace(cfg, router_lr=0.1), ck)
 
 
+def test_the_token_routers_train_at_their_own_lr_and_the_width_routers_do_not_notice(tiny_teacher, tmp_path):
+    ck = dit.load_checkpoint(tiny_teacher)
+    cfg = dynamic.DyConfig(steps=1, batch_size=8, lam_hold=0, lam_ramp=1, ema_decay=0.0)
+    run = {lr: dynamic.finetune(dataclasses.replace(cfg, token_lr=lr, out=str(tmp_path / f"{lr}.pt")), ck,
+                                quiet=True)["model"] for lr in (0.0, 0.005, 0.05)}
+    for k in run[0.0]:  # --token-lr 0 is --router-lr (0.005): the same run
+        assert torch.equal(run[0.0][k], run[0.005][k]), k
+    for k in run[0.0]:  # a faster token router moves only the token routers, by (0.05 - 0.005) at most
+        diff = (run[0.05][k] - run[0.005][k]).abs().max().item()
+        assert (diff == 0) != k.startswith("routers.token"), k
+        assert diff <= 0.045 + 1e-6, k
+    assert max((run[0.05][k] - run[0.005][k]).abs().max().item() for k in run[0.0]) > 0.04  # Adam's first step
+    assert dynamic.default_out("p", cfg, ck) != dynamic.default_out("p", dataclasses.replace(cfg, token_lr=0.05), ck)
+
+
+def test_token_routers_started_off_skip_every_mlp_and_leave_the_attention_share(tiny_teacher):
+    net = dit.build_dit(dit.load_checkpoint(tiny_teacher))
+    model = dynamic.DyDiT(net, "sdt", token_bias=-35.0).eval()
+    model.sliced = False
+    x, t, y = torch.randn(2, 3, net.input_size, net.input_size), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        out, ratio = model(x, t, y, return_ratio=True)
+        h, c = net.embed(x, t, y)
+        for block in net.blocks:  # the DiT with every MLP skipped: attention halves only
+            h = h + block.attn_branch(h, block.modulation(c))
+        plain = net.head(h, c)
+    fa, fm = dynamic.block_macs(net.blocks[0], net.pos_embed.shape[1])
+    assert torch.allclose(ratio, torch.full((2,), fa / (fa + fm)), atol=1e-6)
+    assert torch.allclose(out, plain, atol=1e-5)
+
+
 # --- jetson_bench.py ------------------------------------------------------------------------------
 
 def analytic_forward_flops(cfg, B=1):
