@@ -348,7 +348,8 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    sdt = ("token_lr",) * bool(cfg.token_lr) + ("token_bias",) * (cfg.token_bias != 35.0)  # older keys hold
+    sdt = ("token_lr",) * bool(cfg.token_lr) + ("token_bias",) * (cfg.token_bias != 35.0) \
+        if cfg.mode in ("dydit", "sdt") else ()  # where token routers act; old keys hold
     keys = TRAIN_KEYS + sdt + dit.CURVE_KEYS * bool(cfg.curve)
     return dit.run_key(cfg, keys, teacher, dit.data_tag(x, y))
 
@@ -580,7 +581,7 @@ def main(argv=None):
         if not lead:
             continue
         sdt = [f"token-lr {cfg.token_lr:g}"] * bool(cfg.token_lr) + \
-            [f"token-bias {cfg.token_bias:g}"] * (cfg.token_bias != 35.0) if mode != "static" else []
+            [f"token-bias {cfg.token_bias:g}"] * (cfg.token_bias != 35.0) if mode in ("dydit", "sdt") else []
         label = " ".join([mode, str(lam)] + sdt)  # the SDT knobs are not in the curve folder's key
         if cfg.curve:  # this run's points, pooled with every variant and seed of the same settings
             curve = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),

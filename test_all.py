@@ -1568,6 +1568,9 @@ def test_the_token_routers_train_at_their_own_lr_and_the_width_routers_do_not_no
         assert diff <= 0.045 + 1e-6, k
     assert max((run[0.05][k] - run[0.005][k]).abs().max().item() for k in run[0.0]) > 0.04  # Adam's first step
     assert dynamic.default_out("p", cfg, ck) != dynamic.default_out("p", dataclasses.replace(cfg, token_lr=0.05), ck)
+    static = dataclasses.replace(cfg, mode="static")  # no token routers: the knobs do not rename its run
+    assert dynamic.default_out("p", static, ck) == dynamic.default_out("p", dataclasses.replace(
+        static, token_lr=0.05, token_bias=5.0), ck)
 
 
 def test_token_routers_started_off_skip_every_mlp_and_leave_the_attention_share(tiny_teacher):
