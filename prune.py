@@ -556,9 +556,11 @@ def run_depth_pruning(cfg, methods, device):
     save_mask_png([(r["method"], r["kept"]) for r in results], L, os.path.join(cfg.out, "kept_blocks.png"))
     dit.save_rows(variants, os.path.join(cfg.out, "samples.png"), steps=cfg.eval_steps)
     metric = next((r["pruned_score"]["metric"] for r in results if r["pruned_score"]), "quality")
-    print(f"\nquality = {metric} (lower is better), {cfg.eval_n} samples, {cfg.eval_steps} DDIM steps, CFG "
-          f"{cfg.cfg_scale}; pruned = right after pruning, recovered = after {cfg.recover_steps} steps of "
-          f"{cfg.recover}; sampling_s = {cfg.speed_steps} DDIM steps + CFG at batch {cfg.speed_batch}")
+    quality = f"{metric} (lower is better), {cfg.eval_n} samples, {cfg.eval_steps} DDIM steps, CFG " \
+        f"{cfg.cfg_scale}" if cfg.eval_n else "not scored (--eval-n 0)"
+    recovered = f"after {cfg.recover_steps} steps of {cfg.recover}" if cfg.recover != "none" else "none"
+    print(f"\nquality = {quality}; pruned = right after pruning, recovered = {recovered}; sampling_s = "
+          f"{cfg.speed_steps} DDIM steps + CFG at batch {cfg.speed_batch}")
     print_results(rows, device, cfg, os.path.join(cfg.out, "results.json"))
     distinct = {tuple(r["kept"]): r for r in results if r["recovered_score"] and r["pruned_score"]}.values()
     if len(distinct) >= 3:  # TinyFusion's point: the loss right after pruning barely predicts recovery
