@@ -556,9 +556,10 @@ def axes(d, xs, ys, size, m, ylog=False):
     return X, Y
 
 
-def frame(size, m, xlabel, title):
-    """A white canvas with the plot's box, the x axis title and the title above: (image, draw)."""
-    (W, H), img = size, Image.new("RGB", size, "white")
+def frame(size, m, xlabel, title, right=0):
+    """A white canvas with the plot's box, the x axis title and the title above, `right` more pixels on
+    the right (a legend): (image, draw)."""
+    (W, H), img = size, Image.new("RGB", (size[0] + right, size[1]), "white")
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
     d.text((W // 2 - 90, H - m + 28), xlabel + " (log scale)", fill="black")
@@ -568,9 +569,9 @@ def frame(size, m, xlabel, title):
 
 def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(760, 500), m=70, ylog=False):
     """Quality against training on a log x axis: per label {label: [(x, mean, sd)]} a line through the
-    means, a bar of +- 1 sd at each point (series nudged apart by a few pixels), a legend at the top right."""
+    means, a bar of +- 1 sd at each point (series nudged apart by a few pixels), a legend right of the box."""
     img, d = frame(size, m, xlabel, ylabel + (" (log scale)" if ylog else "") +
-                   "  vs  training;  bars: +- 1 sd over seeds")
+                   "  vs  training;  bars: +- 1 sd over seeds", right=6 * max(map(len, series)) + 16)
     pts = [p for s in series.values() for p in s]
     X, Y = axes(d, [p[0] for p in pts], [p[1] + e for p in pts for e in (-p[2], p[2])], size, m, ylog)
     colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150),
@@ -581,7 +582,7 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
         for x, y, sd in s:
             d.line([(X(x) + dx, Y(y - sd)), (X(x) + dx, Y(y + sd))], fill=c)
             d.ellipse([X(x) + dx - 3, Y(y) - 3, X(x) + dx + 3, Y(y) + 3], fill=c)
-        d.text((size[0] - m // 2 - 8 - 6 * max(map(len, series)), m // 2 + 8 + 14 * k), label, fill=c)
+        d.text((size[0] - m // 2 + 10, m // 2 + 8 + 14 * k), label, fill=c)  # the legend, right of the box
     img.save(path)
 
 
