@@ -586,7 +586,7 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     img.save(path)
 
 
-def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps", ylog=False):
+def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps", ylog=None):
     """Keep one run's quality-during-training points (evals: [{step, score, acc, train_s, *extra}]) as
     <folder>/<name>.json, name = <series>_seed<S>; then one table over every run kept there (per series and
     step: each seed's score, mean +- sd, the means of the other fields) and <folder>/curves.png."""
@@ -611,8 +611,9 @@ def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="t
                 vals = [e.get(key) for e in got]  # FID: no classifier, no accuracy
                 row[head + " (mean)"] = "-" if None in vals else f"{statistics.mean(vals):{form}}"
             rows.append(row)
-    png = os.path.join(folder, "curves.png")
-    curves_png(series, png, xlabel, ylog=ylog)
+    png, means = os.path.join(folder, "curves.png"), [p[1] for pts in series.values() for p in pts]
+    wide = max(means) > 5 * min(means)  # ylog None: a log y axis when the means span more than 5x
+    curves_png(series, png, xlabel, ylog=wide if ylog is None else ylog)
     return rows, png
 
 
