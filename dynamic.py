@@ -80,12 +80,15 @@ def flops_loss(ratio, lam, weight):
     # assignment 8 end
 
 
+TOKEN_BIAS = 35.0  # the SDT routers' last bias at init (DyDiT code): every token starts through the MLP
+
+
 class Routers(nn.Module):
     """Per block: TDW routers D -> H-1 head / group logits on E_t, the SDT router D -> D/16 -> ReLU -> 1
     per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code). With
     |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0: init="zero"
     starts them at weight 0 instead [inferred]."""
-    def __init__(self, D, H, depth, init="zero", token_bias=35.0):
+    def __init__(self, D, H, depth, init="zero", token_bias=TOKEN_BIAS):
         super().__init__()
         self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
         self.mlp = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
@@ -106,7 +109,7 @@ class Routers(nn.Module):
 class DyDiT(nn.Module):
     """A dit.DiT plus routers. Training (or sliced=False): the masked graph, masks multiply activations.
     Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
-    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero", token_bias=35.0):
+    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero", token_bias=TOKEN_BIAS):
         super().__init__()
         if mode not in ("dydit", "tdw", "sdt", "random", "halfwidth"):
             raise ValueError(f"unknown DyDiT mode {mode!r}")
@@ -345,12 +348,16 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
               "seed", "data")
 
 
+def sdt_knobs(cfg, mode):
+    """The SDT settings off the code's defaults, for a mode whose token routers act ({} otherwise): part of
+    the run's key and its label, so runs at the defaults keep their earlier keys."""
+    return {"token_bias": cfg.token_bias} if mode in ("dydit", "sdt") and cfg.token_bias != TOKEN_BIAS else {}
+
+
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    sdt = ("token_lr",) * bool(cfg.token_lr) + ("token_bias",) * (cfg.token_bias != 35.0) \
-        if cfg.mode in ("dydit", "sdt") else ()  # where token routers act; old keys hold
-    keys = TRAIN_KEYS + sdt + dit.CURVE_KEYS * bool(cfg.curve)
+    keys = TRAIN_KEYS + tuple(sdt_knobs(cfg, cfg.mode)) + dit.CURVE_KEYS * bool(cfg.curve)
     return dit.run_key(cfg, keys, teacher, dit.data_tag(x, y))
 
 
@@ -392,9 +399,8 @@ def finetune(cfg, teacher, quiet=False):
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init, cfg.token_bias)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
-    width = list(model.routers.attn.parameters()) + list(model.routers.mlp.parameters())
-    groups = [dict(params=list(net.parameters())), dict(params=width, lr=cfg.router_lr),
-              dict(params=list(model.routers.token.parameters()), lr=cfg.token_lr or cfg.router_lr)]
+    groups = [dict(params=list(net.parameters())),
+              dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
     _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
                          quiet=quiet, find_unused=True, **hook)
@@ -517,8 +523,7 @@ class DyConfig:
     batch_size: int = 64          # fine-tuning batch (paper: 256)
     lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
     router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
-    token_lr: float = 0.0         # AdamW lr of the SDT token routers alone (0 = --router-lr) [inferred]
-    token_bias: float = 35.0      # SDT router's last bias at init (code: 35: every token on; 5: some off)
+    token_bias: float = TOKEN_BIAS  # SDT routers' last bias at init (code: 35, all tokens on; 5: some off)
     ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
     ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
     router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
@@ -565,8 +570,8 @@ def main(argv=None):
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
     same = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("mode", "lam", "token_lr", "token_bias", "sweep", "variants", "seed", "out",
-                         "device", "bench_reps")}
+            if k not in ("mode", "lam", "token_bias", "sweep", "variants", "seed", "out", "device",
+                         "bench_reps")}
     folder, curve = os.path.join("out", f"dydit_curves_{dit.settings_tag(same)}"), None
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))
@@ -580,9 +585,8 @@ def main(argv=None):
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if not lead:
             continue
-        sdt = [f"token-lr {cfg.token_lr:g}"] * bool(cfg.token_lr) + \
-            [f"token-bias {cfg.token_bias:g}"] * (cfg.token_bias != 35.0) if mode in ("dydit", "sdt") else []
-        label = " ".join([mode, str(lam)] + sdt)  # the SDT knobs are not in the curve folder's key
+        sdt = [f"{k.replace('_', '-')} {v:g}" for k, v in sdt_knobs(cfg, mode).items()]
+        label = " ".join([mode, str(lam)] + sdt)  # the SDT knob is not in the curve folder's key
         if cfg.curve:  # this run's points, pooled with every variant and seed of the same settings
             curve = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
                                     ("variant", "fine-tune steps"), CURVE_COLUMNS, "fine-tuning steps")
