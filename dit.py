@@ -634,7 +634,6 @@ class TrainConfig:
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False        # torch.compile the model
-    bench: bool = False          # moved: python jetson_bench.py --peak (train / forward / sampling vs peak)
     ship: str = ""               # after training, also write the EMA weights alone, in float16, to this path
 
 
@@ -1111,10 +1110,14 @@ class Session:
                      "use another --out")
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["opt"])
-        if ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
         self.step, self.done_s = ck["step"], ck.get("train_s", 0.0)
+        if self.step < cfg.steps:  # only a run that goes on needs the optimizer's state
+            try:
+                self.opt.load_state_dict(ck["opt"])
+            except ValueError as e:
+                sys.exit(f"error: {cfg.out}: its optimizer state does not fit this run ({e}); use another --out")
+            if ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
         self.meta.update({k: ck[k] for k in ("evals",) if k in ck})
         if len(ck["rng"]) == self.world:
             set_rng_state(ck["rng"][rank], self.device)
@@ -1293,8 +1296,6 @@ def markdown_table(rows):
 
 def main(argv=None):
     cfg = resolve(parse_args(TrainConfig, argv))
-    if cfg.bench:
-        sys.exit("error: the speed benchmark moved to jetson_bench.py: python jetson_bench.py --peak")
     check_writable(cfg.out)
     if cfg.ship:
         check_writable(cfg.ship)

@@ -256,6 +256,26 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(ck_a["ema"][k], ck_b["ema"][k]), k
 
 
+def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_one_says_so(tmp_path):
+    """Reusing a finished checkpoint needs only its weights: a run whose optimizer has other parameter groups
+    (a changed recipe with the same key) reuses it; resuming an unfinished one that way is one error line."""
+    x, y, nc = dit.load_data("shapes", image_size=16)
+    d = dit.Diffusion()
+
+    def run(cfg, split=False):
+        torch.manual_seed(0)
+        model = dit.DiT(**dit.dit_config(cfg, nc))
+        groups = [dict(params=list(model.blocks.parameters())),
+                  dict(params=[p for n, p in model.named_parameters() if not n.startswith("blocks.")])]
+        return dit.train(model, lambda m, xb, yb, step: d.loss(m, xb, yb), (x, y), cfg,
+                         dict(kind="dit", config=dit.dit_config(cfg, nc)), groups if split else None, quiet=True)
+    _, ema, ck = run(tiny_cfg(tmp_path / "a", steps=4))
+    _, ema_again, _ = run(tiny_cfg(tmp_path / "a", steps=4), split=True)
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), ema_again.state_dict().values()))
+    with pytest.raises(SystemExit, match="optimizer state does not fit"):
+        run(tiny_cfg(tmp_path / "a", steps=6), split=True)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=10, ckpt_every=5)
     x, y, nc = dit.load_data("shapes", image_size=16)
@@ -1620,13 +1640,10 @@ def pruned_copy(path, out, keep):
 
 
 def test_peak_table_times_a_fresh_dit_against_the_matmul_peak(capsys):
-    """jetson_bench.py --peak (moved from dit.py --bench, which now says so in one line)."""
+    """jetson_bench.py --peak: train / forward / sampling speed of a fresh DiT against the matmul peak."""
     rows, peak = jetson_bench.peak_table("tiny", torch.device("cpu"), B=4)
     assert peak > 0 and len(rows) == 3 and all(gf > 0 for _, _, gf in rows)
     assert "fraction of peak" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        dit.main(["--bench"])
-    assert "jetson_bench.py --peak" in str(e.value)
 
 
 def test_flop_counter_matches_analytic_matmul_count():
@@ -1899,6 +1916,19 @@ def test_readme_files_table_lists_the_real_line_counts():
     assert set(listed) == {s + ".py" for s in SCRIPTS} | {"test_all.py"}
     for name, n in listed.items():
         assert int(n) == len(open(os.path.join(HERE, name)).read().splitlines()), name
+
+
+def test_every_readme_glance_number_is_in_the_page_it_links_to():
+    """Each decimal number of a Results-at-a-glance row appears in the docs/ page that row links to."""
+    table = open(os.path.join(HERE, "README.md")).read().split("## Results at a glance")[1].split("\n## ")[0]
+    number = re.compile(r"(?<![\w.])\d+\.\d+(?!\.?\d)")
+    rows = [r for r in re.findall(r"^\|.*\(docs/[\w.]+\) \|$", table, re.M)]
+    assert len(rows) >= 6
+    for row in rows:
+        cells = row.strip("|").split(" | ")
+        page = open(os.path.join(HERE, re.search(r"\((docs/[\w.]+)\)", cells[-1]).group(1))).read()
+        missing = set(number.findall(cells[2])) - set(number.findall(page))
+        assert not missing, (cells[0], sorted(missing))
 
 
 def test_the_reading_limits_hold():
