@@ -641,11 +641,13 @@ def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
         d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=colour)
         w, px, py = 6 * len(label), X(x), Y(y)
         spots = [(px + 7, py - 12), (px + 7, py + 1), (px - 7 - w, py - 12), (px - 7 - w, py + 1)]
-        spots += [(px + 7, py - 12 - 14 * k * s) for k in range(1, 12) for s in (1, -1)]
+        spots += [(x0, py - 12 - 14 * k * s) for k in range(1, 12) for s in (1, -1)  # then up / down
+                  for x0 in (px + 7, px - 7 - w)]
         own = boxes[points.index((x, y, label))]
         free = lambda a, b: not any(a < c[2] and c[0] < a + w and b < c[3] and c[1] < b + 11  # noqa: E731
                                     for c in boxes if c is not own)
-        bx, by = next((s for s in spots if free(*s) and m < s[0] and s[0] + w < W and 0 < s[1] < H), spots[0])
+        inside = lambda a, b: m < a and a + w < W - m // 2 and m // 2 < b and b + 11 < H - m  # noqa: E731
+        bx, by = next((s for s in spots if free(*s) and inside(*s)), spots[0])
         d.line([(px, py), (bx if bx > px else bx + w, by + 6)], fill=(160, 160, 160))  # dot -> its label
         d.text((bx, by), label, fill="black")
         boxes.append((bx, by, bx + w, by + 11))

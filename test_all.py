@@ -500,7 +500,7 @@ def test_missing_data_gives_one_clear_line(tmp_path):
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
 
 
-# --- sample.py ------------------------------------------------------------------------------------
+# --- dit.py: the reverse process (DDPM / DDIM + CFG); sample.py, its CLI --------------------------
 
 class OracleEps(torch.nn.Module):
     """The exact eps of a one-image data set {x*}: eps = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)."""
