@@ -325,8 +325,15 @@ def main(argv=None):
             + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on CPU (not measured)")
             + ("; CPU half precision as asked (often slower than fp32)"
                if device.type == "cpu" and cfg.dtype != "float32" else ""))
+    B = cfg.batch
+    for r in rows:  # throughput against the first row of the same mode (list the base first)
+        first = next(f for f in rows if f["mode"] == r["mode"])
+        r[f"b{B} speed-up"] = f"{first[f'b{B} ms/img p50'] / r[f'b{B} ms/img p50']:.2f}x"
     table = dit.markdown_table([{k: v for k, v in r.items() if k != "score"} for r in rows])
-    text = f"{header}\n\n{note}\n\n{table}\n"
+    short = ["model", "mode", "params (M)", "calls/img", "GFLOPs/img", "b1 ms/img p50", f"b{B} ms/img p50",
+             f"b{B} speed-up", "quality", "class acc"]
+    summary = dit.markdown_table([{k: r[k] for k in short} for r in rows])
+    text = f"{header}\n\n{note}; speed-up: vs the first row\n\n{table}\n\nsummary:\n\n{summary}\n"
     print("\n" + text)
     with open(os.path.join(cfg.out, "bench.md"), "w") as f:
         f.write(text)

@@ -268,7 +268,8 @@ def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_on
         groups = [dict(params=list(model.blocks.parameters())),
                   dict(params=[p for n, p in model.named_parameters() if not n.startswith("blocks.")])]
         return dit.train(model, lambda m, xb, yb, step: d.loss(m, xb, yb), (x, y), cfg,
-                         dict(kind="dit", config=dit.dit_config(cfg, nc)), groups if split else None, quiet=True)
+                         dict(kind="dit", config=dit.dit_config(cfg, nc)), groups if split else None,
+                         quiet=True)
     _, ema, ck = run(tiny_cfg(tmp_path / "a", steps=4))
     _, ema_again, _ = run(tiny_cfg(tmp_path / "a", steps=4), split=True)
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), ema_again.state_dict().values()))
@@ -1669,10 +1670,14 @@ def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_pat
     full, half = rows
     assert half["GFLOPs/img"] < full["GFLOPs/img"] and half["params (M)"] < full["params (M)"]
     assert full["calls/img"] == 3 and full["b4 img/s"] > 0 and full["score"] is not None
+    assert full["b4 speed-up"] == "1.00x"  # against the first row; the pruned model's is its time ratio
+    ratio = full["b4 ms/img p50"] / half["b4 ms/img p50"]
+    assert float(half["b4 speed-up"][:-1]) == pytest.approx(ratio, 0.01)
     for name in ("bench.md", "bench.csv", "bench.json", "pareto.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "bench.md").read_text()
     assert "torch " + torch.__version__ in md and "| model |" in md and "tiny_pruned" in md
+    assert "summary:" in md
     assert len((out / "bench.csv").read_text().strip().splitlines()) == 3
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2
     from PIL import Image
