@@ -1115,7 +1115,8 @@ class Session:
             try:
                 self.opt.load_state_dict(ck["opt"])
             except ValueError as e:
-                sys.exit(f"error: {cfg.out}: its optimizer state does not fit this run ({e}); use another --out")
+                sys.exit(f"error: {cfg.out}: its optimizer state does not fit this run ({e}); "
+                         "use another --out")
             if ck.get("scaler"):
                 self.scaler.load_state_dict(ck["scaler"])
         self.meta.update({k: ck[k] for k in ("evals",) if k in ck})
