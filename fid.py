@@ -573,8 +573,8 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     img, d = frame(size, m, xlabel, ylabel + (" (log scale)" if ylog else "") +
                    "  vs  training;  bars: +- 1 sd over seeds", right=6 * max(map(len, series)) + 16)
     pts = [p for s in series.values() for p in s]
-    low = (lambda p: max(p[1] - p[2], p[1] / 2)) if ylog else (lambda p: p[1] - p[2])  # noqa: E731
-    ys = [v for p in pts for v in (low(p), p[1] + p[2])]  # log axis: a long bar runs off the bottom
+    # the axis spans every bar; on a log axis a bar longer than half its mean runs off the bottom
+    ys = [v for _, y, sd in pts for v in (max(y - sd, y / 2) if ylog else y - sd, y + sd)]
     X, Y = axes(d, [p[0] for p in pts], ys, size, m, ylog)
     colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150),
                (110, 110, 110), (120, 60, 0)]

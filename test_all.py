@@ -270,7 +270,7 @@ def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_on
         return dit.train(model, lambda m, xb, yb, step: d.loss(m, xb, yb), (x, y), cfg,
                          dict(kind="dit", config=dit.dit_config(cfg, nc)), groups if split else None,
                          quiet=True)
-    _, ema, ck = run(tiny_cfg(tmp_path / "a", steps=4))
+    _, ema, _ = run(tiny_cfg(tmp_path / "a", steps=4))
     _, ema_again, _ = run(tiny_cfg(tmp_path / "a", steps=4), split=True)
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), ema_again.state_dict().values()))
     with pytest.raises(SystemExit, match="optimizer state does not fit"):
@@ -1927,7 +1927,7 @@ def test_every_readme_glance_number_is_in_the_page_it_links_to():
     """Each decimal number of a Results-at-a-glance row appears in the docs/ page that row links to."""
     table = open(os.path.join(HERE, "README.md")).read().split("## Results at a glance")[1].split("\n## ")[0]
     number = re.compile(r"(?<![\w.])\d+\.\d+(?!\.?\d)")
-    rows = [r for r in re.findall(r"^\|.*\(docs/[\w.]+\) \|$", table, re.M)]
+    rows = re.findall(r"^\|.*\(docs/[\w.]+\) \|$", table, re.M)
     assert len(rows) >= 6
     for row in rows:
         cells = row.strip("|").split(" | ")
