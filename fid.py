@@ -438,7 +438,6 @@ def load_images(source, data, data_dir, image_size, seed):
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(parts[2])]]
         return x
     if os.path.isdir(source):
-        from PIL import Image
         files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS))
         if not files:
             sys.exit(f"error: no images in {source}")
@@ -674,8 +673,7 @@ def main(argv=None):
         data_dir = cfg.data_dir if cfg.data else tc.get("data_dir", cfg.data_dir)
         t0 = time.perf_counter()
         r = evaluate(model, data, data_dir, model.input_size, cfg.n, cfg.steps, cfg.method, cfg.cfg_scale,
-                     cfg.seed,
-                     cfg.batch_size, device, cfg.cache_dir, cfg.metric, verbose=True)
+                     cfg.seed, cfg.batch_size, device, cfg.cache_dir, cfg.metric, verbose=True)
         rows.append({"A": cfg.ckpt, "B": f"{data} train", "metric": r["metric"], "score": f"{r['score']:.3f}",
                      "class acc": "-" if r["acc"] is None else f"{r['acc']:.3f}", "n": r["n"],
                      "sampler": f"{cfg.steps} {cfg.method}, cfg {cfg.cfg_scale}",
@@ -705,8 +703,7 @@ def main(argv=None):
             sys.exit(f"error: the inputs were featurised differently ({stats[0][2]} vs {stats[1][2]})")
         score = frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
         rows.append({"A": paths[0], "B": paths[1], "metric": stats[0][2].split("/")[0],
-                     "score": f"{score:.3f}",
-                     "n A": stats[0][3], "n B": stats[1][3]})
+                     "score": f"{score:.3f}", "n A": stats[0][3], "n B": stats[1][3]})
     print("\n" + dit.run_header(device, "float32", cfg.batch_size, cfg.seed))
     print(dit.markdown_table(rows))
 

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 from scipy.stats import spearmanr
 
 import dit
@@ -50,6 +52,16 @@ def tiny_teacher(tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("teacher"), steps=150, log_every=50, ckpt_every=150)
     dit.train_base(cfg, quiet=True)
     return cfg.out
+
+
+def train_tiny(cfg, loss_fn=None, **kw):
+    """dit.train on a fresh tiny DiT (torch seed 0) and the 16 px shapes: (model, ema, ckpt); default loss: DiT's."""
+    x, y, nc = dit.load_data("shapes", image_size=16)
+    d = dit.Diffusion()
+    torch.manual_seed(0)
+    model = dit.DiT(**dit.dit_config(cfg, nc))
+    return dit.train(model, loss_fn or (lambda m, xb, yb, step: d.loss(m, xb, yb)), (x, y), cfg,
+                     dict(kind="dit", config=dit.dit_config(cfg, nc)), quiet=True, **kw)
 
 
 def run(args, **kw):
@@ -98,7 +110,6 @@ def test_state_dict_names_match_official_dit():
 def reference_dit_forward(sd, x, t, y, p, heads):
     """An independent, functional DiT forward straight from the paper's equations and the official
     state-dict names (eager attention, explicit unpatchify), to check DiT.forward against."""
-    import torch.nn.functional as F
     lin = lambda v, name: v @ sd[name + ".weight"].T + sd[name + ".bias"]
     B = x.shape[0]
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
@@ -226,12 +237,9 @@ def test_tiny_training_lowers_the_loss(tmp_path):
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     """A run stopped by SIGTERM mid-way saves a checkpoint; re-running resumes (model, EMA, optimizer,
     step, RNG, data order) and ends with exactly the weights of a run that was never interrupted."""
-    x, y, nc = dit.load_data("shapes", image_size=16)
     d = dit.Diffusion()
 
     def run_to_end(cfg, kill_at=None):
-        torch.manual_seed(0)
-        model = dit.DiT(**dit.dit_config(cfg, nc))
         calls = {"n": 0}
 
         def loss_fn(m, xb, yb, step):
@@ -239,8 +247,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
             if calls["n"] == kill_at:
                 os.kill(os.getpid(), signal.SIGTERM)
             return d.loss(m, xb, yb)
-        meta = dict(kind="dit", config=dit.dit_config(cfg, nc))
-        return dit.train(model, loss_fn, (x, y), cfg, meta, quiet=True)
+        return train_tiny(cfg, loss_fn)
 
     _, ema_a, ck_a = run_to_end(tiny_cfg(tmp_path / "a", steps=24, ckpt_every=8))
     cfg_b = tiny_cfg(tmp_path / "b", steps=24, ckpt_every=8)
@@ -279,7 +286,6 @@ def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_on
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=10, ckpt_every=5)
-    x, y, nc = dit.load_data("shapes", image_size=16)
     d, calls = dit.Diffusion(), {"n": 0}
 
     def loss_fn(m, xb, yb, step):
@@ -287,8 +293,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
         terms = d.loss(m, xb, yb)
         return dict(terms, loss=terms["loss"] * float("nan")) if calls["n"] == 8 else terms
     with pytest.raises(SystemExit) as e:
-        dit.train(dit.DiT(**dit.dit_config(cfg, nc)), loss_fn, (x, y), cfg,
-                  dict(kind="dit", config=dit.dit_config(cfg, nc)), quiet=True)
+        train_tiny(cfg, loss_fn)
     assert "loss is nan" in str(e.value)
     assert dit.load_checkpoint(cfg.out)["step"] == 5
 
@@ -410,7 +415,6 @@ def test_training_saves_the_final_state_once_and_syncs_the_host_once_per_step(tm
     """The final checkpoint is written once (not at the last step and again after the loop), and a step
     reads its loss terms back with one .tolist() (the finite check and the log share it): the loop's own
     .item() / .tolist() calls are counted."""
-    x, y, _ = dit.load_data("shapes", image_size=16)
     cfg = tiny_cfg(tmp_path, steps=4, batch_size=8, log_every=2, ckpt_every=100)
     saves, syncs = [], []
     save = dit.save_checkpoint
@@ -422,11 +426,7 @@ def test_training_saves_the_final_state_once_and_syncs_the_host_once_per_step(tm
                 syncs.append(_n)
             return _o(t, *a)
         monkeypatch.setattr(torch.Tensor, name, counted)
-    d = dit.Diffusion()
-    torch.manual_seed(0)
-    model = dit.DiT(**dit.dit_config(cfg, 10))
-    loss = lambda m, xb, yb, s: d.loss(m, xb, yb)  # noqa: E731
-    dit.train(model, loss, (x, y), cfg, dict(kind="dit", config={}), quiet=True)
+    train_tiny(cfg)
     assert saves == [cfg.out] and len(syncs) == cfg.steps, (saves, syncs)
 
 
@@ -562,7 +562,6 @@ def assert_images_close(a, b, levels=1, frac=0.01):
 def test_sample_cli_writes_grid_and_npz(tiny_teacher, tmp_path):
     sample.main(["--ckpt", tiny_teacher, "--grid", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"),
                  "--n", "12", "--steps", "5", "--per-class", "2"])
-    from PIL import Image
     left = 6 * max(map(len, dit.SHAPE_NAMES)) + 6  # a label column: each row's class name (shapes)
     img = np.asarray(Image.open(tmp_path / "g.png"))
     assert img.shape == (10 * 18 + 2, left + 2 * 18 + 2, 3) and (img[:, :left] < 128).any()
@@ -750,7 +749,6 @@ def test_classifier_metric_ranks_real_data_far_better_than_noise(cache):
 
 
 def test_evaluate_returns_the_documented_dict_deterministically(tiny_teacher, cache):
-    import sample
     model = sample.load_model(tiny_teacher)
     kw = dict(data="shapes", image_size=16, n=30, steps=3, cfg_scale=1.5, seed=0, batch_size=30,
               cache_dir=cache)
@@ -762,7 +760,6 @@ def test_evaluate_returns_the_documented_dict_deterministically(tiny_teacher, ca
 
 
 def test_cli_scores_npz_folder_and_stats_inputs(cache, tmp_path, capsys):
-    from PIL import Image
     x, _, _ = dit.load_data("shapes", "data", 16, train=False)
     a = str(tmp_path / "a.npz")
     np.savez(a, arr_0=x[:60].permute(0, 2, 3, 1).numpy())
@@ -1468,7 +1465,7 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     assert ratio.mean() < 0.95  # the FLOPs term switched units / tokens off
     for name in ("widths", "tokens"):
         assert os.path.exists(tmp_path / f"dy_{name}.png")
-    from PIL import Image  # the samples grid: base and the DyDiT, one 16 px row each, 10 classes, labelled
+    # the samples grid: base and the DyDiT, one 16 px row each, 10 classes, labelled
     label = 6 * len("dydit 0.5") + 6  # the longest row label, 6 px a character
     assert Image.open(tmp_path / "dydit_samples.png").size == (label + 10 * 18 + 2, 2 * 18 + 2)
 
@@ -1680,7 +1677,6 @@ def test_bench_runs_on_tiny_checkpoints_and_writes_outputs(tiny_teacher, tmp_pat
     assert "summary:" in md
     assert len((out / "bench.csv").read_text().strip().splitlines()) == 3
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2
-    from PIL import Image
     assert Image.open(out / "pareto.png").size == (760, 500)
     # a row per model, a class per column, a column of row labels (6 px per character of the longest name)
     label = 6 * max(len(os.path.basename(p)) - 3 for p in (tiny_teacher, pruned)) + 6
