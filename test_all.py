@@ -55,7 +55,7 @@ def tiny_teacher(tmp_path_factory):
 
 
 def train_tiny(cfg, loss_fn=None, **kw):
-    """dit.train on a fresh tiny DiT (torch seed 0) and the 16 px shapes: (model, ema, ckpt); default loss: DiT's."""
+    """dit.train on a fresh tiny DiT (seed 0), 16 px shapes: (model, ema, ckpt); DiT's loss by default."""
     x, y, nc = dit.load_data("shapes", image_size=16)
     d = dit.Diffusion()
     torch.manual_seed(0)
