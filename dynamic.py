@@ -107,7 +107,7 @@ class Routers(nn.Module):
 
 
 class DyDiT(nn.Module):
-    """A dit.DiT plus routers. Training (or sliced=False): the masked graph, masks multiply activations.
+    """A dit.DiT plus routers. Training: the masked graph (masked_forward), masks multiply activations.
     Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
     def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero", token_bias=TOKEN_BIAS):
         super().__init__()
@@ -118,7 +118,7 @@ class DyDiT(nn.Module):
         self.routers = Routers(D, H, L, router_init, token_bias)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
         dit.samples_like(self, model)
-        self.sliced, self.plans, self.weights, self.trace = True, {}, {}, None
+        self.plans, self.weights, self.trace = {}, {}, None
 
     def _apply(self, fn, *args, **kw):  # .to(device) / .half() invalidate the cached weight slices
         self.plans, self.weights = {}, {}
@@ -182,7 +182,7 @@ class DyDiT(nn.Module):
     def forward(self, x, t, y, complete=False, return_ratio=False, with_complete=False):
         """with_complete: also the complete model's output on the same input, in the same call (one
         forward per step, as DDP requires): returns (out, ratio, out_complete)."""
-        if self.training or not self.sliced or complete:
+        if self.training or complete:
             out, ratio = masked_forward(self, x, t, y, complete)
             if with_complete:
                 return out, ratio, masked_forward(self, x, t, y, True)[0]
@@ -458,10 +458,7 @@ def sliced_vs_masked(model, batch=16, seed=0):
         x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(dev)
         t = torch.full((batch,), tv, device=dev)
         y = torch.randint(0, model.num_classes, (batch,), generator=g).to(dev)
-        model.sliced = False
-        ref = model(x, t, y)
-        model.sliced = True
-        worst = max(worst, (model(x, t, y) - ref).abs().max().item())
+        worst = max(worst, (model(x, t, y) - masked_forward(model, x, t, y)[0]).abs().max().item())
     return worst
 
 

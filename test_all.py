@@ -1333,9 +1333,7 @@ def test_sliced_gathered_equals_masked_at_batch_1_and_ragged_batch_16(tiny_teach
         for B in (1, 16):
             for t in (999, 700, 400, 150, 0):
                 x, tt, y = dy_inputs(B, t, seed=t)
-                model.sliced = False
-                ref = model(x, tt, y)
-                model.sliced, model.trace = True, []
+                ref, model.trace = dynamic.masked_forward(model, x, tt, y)[0], []
                 out = model(x, tt, y)
                 worst = max(worst, (out - ref).abs().max().item())
                 keep = model.trace[0]["keep"]  # (L, B, T)
@@ -1359,10 +1357,8 @@ def test_all_on_routers_reproduce_the_base_dit(tiny_teacher):
     t = torch.tensor([0, 100, 250, 400, 600, 750, 900, 999])
     with torch.no_grad():
         ref = base(x, t, y)
-        model.sliced = False
-        out, ratio = model(x, t, y, return_ratio=True)
+        out, ratio = dynamic.masked_forward(model, x, t, y)
         assert torch.equal(out, ref) and torch.equal(ratio, torch.ones(8))
-        model.sliced = True
         assert (model(x, t, y) - ref).abs().max() < 1e-5
         assert all(w["k"] == w["g"] == base.num_heads for tv in t.tolist() for w in model.plan(tv))
 
@@ -1459,9 +1455,8 @@ def test_main_end_to_end_on_tiny(tiny_teacher, tmp_path, monkeypatch):
     assert ck["step"] == 8 and ck["lam"] == 0.3 and len(calls) == 3  # base, base at half the steps, DyDiT
     model = dynamic.build_dydit(ck)
     x, t, y = dy_inputs(8, 0)
-    model.sliced = False
     with torch.no_grad():
-        _, ratio = model(x, dynamic.stratified_steps(8, "cpu"), y, return_ratio=True)
+        _, ratio = dynamic.masked_forward(model, x, dynamic.stratified_steps(8, "cpu"), y)
     assert ratio.mean() < 0.95  # the FLOPs term switched units / tokens off
     for name in ("widths", "tokens"):
         assert os.path.exists(tmp_path / f"dy_{name}.png")
@@ -1554,8 +1549,7 @@ def test_dydit_slices_follow_new_weights_and_report_the_ratio(tiny_teacher):
         fresh.load_state_dict(other)
         assert torch.allclose(model(x, t, y), fresh(x, t, y), atol=1e-6)
         out, ratio = model(x, t, y, return_ratio=True)
-        model.sliced = False
-        _, masked = model(x, t, y, return_ratio=True)
+        _, masked = dynamic.masked_forward(model, x, t, y)
     assert ratio.shape == (2,) and torch.allclose(ratio, masked, atol=1e-6)
 
 
@@ -1591,10 +1585,9 @@ def test_token_bias_names_only_runs_whose_token_routers_act_and_starts_them_ther
 def test_token_routers_started_off_skip_every_mlp_and_leave_the_attention_share(tiny_teacher):
     net = dit.build_dit(dit.load_checkpoint(tiny_teacher))
     model = dynamic.DyDiT(net, "sdt", token_bias=-35.0).eval()
-    model.sliced = False
     x, t, y = torch.randn(2, 3, net.input_size, net.input_size), torch.tensor([10, 900]), torch.tensor([1, 2])
     with torch.no_grad():
-        out, ratio = model(x, t, y, return_ratio=True)
+        out, ratio = dynamic.masked_forward(model, x, t, y)
         h, c = net.embed(x, t, y)
         for block in net.blocks:  # the DiT with every MLP skipped: attention halves only
             h = h + block.attn_branch(h, block.modulation(c))
