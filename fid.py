@@ -576,7 +576,7 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     ys = [v for _, y, sd in pts for v in (max(y - sd, y / 2) if ylog else y - sd, y + sd)]
     X, Y = axes(d, [p[0] for p in pts], ys, size, m, ylog)
     colours = [(0, 70, 200), (200, 0, 0), (0, 140, 0), (150, 0, 150), (200, 120, 0), (0, 150, 150),
-               (110, 110, 110), (120, 60, 0)]
+               (110, 110, 110), (120, 60, 0), (0, 0, 0), (230, 60, 150)]
     for k, (label, s) in enumerate(series.items()):
         c, dx = colours[k % len(colours)], 4 * k - 2 * (len(series) - 1)
         d.line([(X(x) + dx, Y(y)) for x, y, _ in s], fill=c, width=2)
