@@ -54,14 +54,15 @@ def tiny_teacher(tmp_path_factory):
     return cfg.out
 
 
-def train_tiny(cfg, loss_fn=None, **kw):
-    """dit.train on a fresh tiny DiT (seed 0), 16 px shapes: (model, ema, ckpt); DiT's loss by default."""
+def train_tiny(cfg, loss_fn=None, groups=None):
+    """dit.train on a fresh tiny DiT (seed 0), 16 px shapes: (model, ema, ckpt); DiT's loss by default;
+    groups(model) -> the optimizer's parameter groups (default: one)."""
     x, y, nc = dit.load_data("shapes", image_size=16)
     d = dit.Diffusion()
     torch.manual_seed(0)
     model = dit.DiT(**dit.dit_config(cfg, nc))
     return dit.train(model, loss_fn or (lambda m, xb, yb, step: d.loss(m, xb, yb)), (x, y), cfg,
-                     dict(kind="dit", config=dit.dit_config(cfg, nc)), quiet=True, **kw)
+                     dict(kind="dit", config=dit.dit_config(cfg, nc)), groups and groups(model), quiet=True)
 
 
 def run(args, **kw):
@@ -266,22 +267,14 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_one_says_so(tmp_path):
     """Reusing a finished checkpoint needs only its weights: a run whose optimizer has other parameter groups
     (a changed recipe with the same key) reuses it; resuming an unfinished one that way is one error line."""
-    x, y, nc = dit.load_data("shapes", image_size=16)
-    d = dit.Diffusion()
-
-    def run(cfg, split=False):
-        torch.manual_seed(0)
-        model = dit.DiT(**dit.dit_config(cfg, nc))
-        groups = [dict(params=list(model.blocks.parameters())),
-                  dict(params=[p for n, p in model.named_parameters() if not n.startswith("blocks.")])]
-        return dit.train(model, lambda m, xb, yb, step: d.loss(m, xb, yb), (x, y), cfg,
-                         dict(kind="dit", config=dit.dit_config(cfg, nc)), groups if split else None,
-                         quiet=True)
-    _, ema, _ = run(tiny_cfg(tmp_path / "a", steps=4))
-    _, ema_again, _ = run(tiny_cfg(tmp_path / "a", steps=4), split=True)
+    def split(model):  # two parameter groups: the blocks, and the rest
+        return [dict(params=list(model.blocks.parameters())),
+                dict(params=[p for n, p in model.named_parameters() if not n.startswith("blocks.")])]
+    _, ema, _ = train_tiny(tiny_cfg(tmp_path / "a", steps=4))
+    _, ema_again, _ = train_tiny(tiny_cfg(tmp_path / "a", steps=4), groups=split)
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), ema_again.state_dict().values()))
     with pytest.raises(SystemExit, match="optimizer state does not fit"):
-        run(tiny_cfg(tmp_path / "a", steps=6), split=True)
+        train_tiny(tiny_cfg(tmp_path / "a", steps=6), groups=split)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
