@@ -62,7 +62,8 @@ def train_tiny(cfg, loss_fn=None, groups=None):
     torch.manual_seed(0)
     model = dit.DiT(**dit.dit_config(cfg, nc))
     return dit.train(model, loss_fn or (lambda m, xb, yb, step: d.loss(m, xb, yb)), (x, y), cfg,
-                     dict(kind="dit", config=dit.dit_config(cfg, nc)), groups and groups(model), quiet=True)
+                     dict(kind="dit", config=dit.dit_config(cfg, nc)), groups(model) if groups else None,
+                     quiet=True)
 
 
 def run(args, **kw):
