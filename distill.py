@@ -175,7 +175,10 @@ def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250, shipped
     """GET's offline signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, cached at `path`.
     A `shipped` file holds the images x alone (z and y are remade from the seed)."""
     if os.path.exists(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        pairs = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(pairs, dict) and {"z", "x", "y"} <= pairs.keys()) or dit.nonfinite(pairs):
+            sys.exit(f"error: {path} is not a pairs file with finite z, x, y; delete it to remake it")
+        return pairs
     device = next(teacher.parameters()).device
     C, S = teacher.in_channels, teacher.input_size
     z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed))
@@ -489,24 +492,24 @@ class DistillConfig:
     ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
     ta_init: str = "slice"       # ta hop (one-step): the student starts as the TA cut to its width, or random
     mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
-    depth: int = 3               # student blocks (teacher: 6)
-    width: int = 64              # student hidden size D (multiple of 4 * heads; teacher: 128)
-    heads: int = 2               # student attention heads
+    depth: int = 3               # >=1: student blocks (teacher: 6)
+    width: int = 64              # >=1: student hidden size D (multiple of 4 * heads; teacher: 128)
+    heads: int = 2               # >=1: student attention heads
     out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
-    feat_weight: float = 0.1     # lambda_f on the feature loss (BK-SDM: 1; 0.1 here, see docs) [inferred]
+    feat_weight: float = 0.1     # >=0: lambda_f on the feature loss (BK-SDM: 1; 0.1 here) [inferred]
     feat_norm: str = "channel"   # targets standardised per channel | token (a LayerNorm, the old loss)
-    local_frac: float = 0.3      # mi1: block-local stage A steps = local_frac * steps, before the steps
-    steps: int = 2400            # student training steps (equal for every method; end-to-end for MI1)
-    teacher_steps: int = 1500    # steps of the one-step teacher (the feature source of fkd / ta / mi1)
-    aux_steps: int = 1000        # steps of the teaching assistant (--method ta; one fixed TA, shippable)
-    batch_size: int = 64         # pairs (or images) per step
-    lr: float = 1e-3             # AdamW learning rate (constant after a 20-step warm-up)
-    ema_decay: float = 0.999     # EMA of the weights (the evaluated model)
-    pairs: int = 1000            # offline (noise, image, label) pairs from the teacher
-    sample_steps: int = 10       # teacher DDIM steps (eta 0): the pairs, and the teacher's quality/latency
-    cfg_scale: float = 1.5       # classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
-    eval_n: int = 500            # samples per fid.evaluate; 0 = skip the quality column
-    bench_reps: int = 5          # timing rounds, every model once per round (interleaved); median reported
+    local_frac: float = 0.3      # (0,1): mi1: block-local stage A steps = local_frac * steps, first
+    steps: int = 2400            # >=1: student training steps (equal for every method; end-to-end for MI1)
+    teacher_steps: int = 1500    # >=1: steps of the one-step teacher (the feature source of fkd / ta / mi1)
+    aux_steps: int = 1000        # >=1: steps of the teaching assistant (--method ta; one fixed TA, shippable)
+    batch_size: int = 64         # >=1: pairs (or images) per step
+    lr: float = 1e-3             # >0: AdamW learning rate (constant after a 20-step warm-up)
+    ema_decay: float = 0.999     # [0,1): EMA of the weights (the evaluated model)
+    pairs: int = 1000            # >=1: offline (noise, image, label) pairs from the teacher
+    sample_steps: int = 10       # [1,1000]: teacher DDIM steps (eta 0): pairs, teacher quality/latency
+    cfg_scale: float = 1.5       # >=0: classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
+    eval_n: int = 500            # >=0: samples per fid.evaluate; 0 = skip the quality column
+    bench_reps: int = 5          # >=1: timing rounds, each model once per round (interleaved); median
     sweep: bool = False          # train the depth/width/heads grid and draw the Pareto plot
     curve: str = ""              # student steps to score during training, e.g. 300,600,1200,2400: a table
     #                              and out/<...>/curves.png over every method and seed run with these settings
@@ -517,11 +520,11 @@ class DistillConfig:
     data: str = "shapes"         # shapes (embedded) | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"       # where cifar10 lives
     out: str = "out/distill"     # folder for pairs, stage checkpoints, grids and plots
-    seed: int = 0                # students, TA, evaluation noise (the pairs and one-step teacher stay fixed)
-    pairs_seed: int = 1          # noise of the offline pairs (the distillation data set, fixed across --seed)
+    seed: int = 0                # >=0: students, TA, evaluation noise (pairs, one-step teacher fixed)
+    pairs_seed: int = 1          # >=0: noise of the offline pairs (the data set, fixed across --seed)
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast)
-    log_every: int = 100         # training log line every N steps
+    log_every: int = 100         # >=1: training log line every N steps
 
 
 # the GPU presets' recipe for every stage (DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy) [inferred]
@@ -532,11 +535,9 @@ def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
                     dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
                          ta_init=("random", "slice"), mapping=("uniform", "first", "last"),
-                         out_loss=("huber", "l2", "l1"), feat_norm=("channel", "token"), dtype=dit.DTYPES),
-                    positive=("depth", "width", "heads", "steps", "teacher_steps", "aux_steps", "batch_size",
-                              "lr", "pairs", "sample_steps", "bench_reps", "log_every"))
-    if cfg.width % (4 * cfg.heads) or not 0 < cfg.local_frac < 1:
-        sys.exit("error: --width must be a multiple of 4 * --heads and 0 < --local-frac < 1")
+                         out_loss=("huber", "l2", "l1"), feat_norm=("channel", "token"), dtype=dit.DTYPES))
+    if cfg.width % (4 * cfg.heads):
+        sys.exit("error: --width must be a multiple of 4 * --heads")
     dit.curve_steps(cfg.curve, cfg.steps, "student steps (--steps)")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)

@@ -46,6 +46,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zipfile
 from collections import namedtuple
 from dataclasses import dataclass
 from datetime import timedelta
@@ -615,22 +616,22 @@ class TrainConfig:
     preset: str = "cpu"          # model size: tiny | cpu | cifar | imagenet64 (see PRESETS)
     data: str = "shapes"         # shapes (embedded, offline) | cifar10 | imagenet64
     data_dir: str = "data"       # where cifar10 / imagenet64 files live (or are downloaded to)
-    image_size: int = 0          # 0 = the preset's input_size; images are resized to this
+    image_size: int = 0          # >=0: 0 = the preset's input_size; images are resized to this
     out: str = "out/dit.pt"      # checkpoint path; re-running with the same --out resumes
-    steps: int = 0               # optimizer steps; 0 = the preset's default
-    batch_size: int = 0          # global batch; 0 = the preset's default
-    lr: float = 0.0              # AdamW learning rate; 0 = the preset's default (paper: 1e-4)
-    warmup: int = -1             # linear lr warm-up steps; -1 = the preset's default (paper: 0)
-    lr_end: float = 1.0          # after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant (paper)
-    weight_decay: float = 0.0    # AdamW weight decay (paper: 0)
-    grad_clip: float = 0.0       # clip the grad norm to this; 0 = off (paper: off)
-    ema_decay: float = 0.0       # EMA decay; 0 = the preset's default (paper: 0.9999)
-    ema_warmup: int = -1         # 1 = decay min(d, (1+n)/(10+n)) [ours]; 0 = constant d (paper); -1 = preset
+    steps: int = 0               # >=0: optimizer steps; 0 = the preset's default
+    batch_size: int = 0          # >=0: global batch; 0 = the preset's default
+    lr: float = 0.0              # >=0: AdamW learning rate; 0 = the preset's default (paper: 1e-4)
+    warmup: int = -1             # >=-1: linear lr warm-up steps; -1 = the preset's default (paper: 0)
+    lr_end: float = 1.0          # [0,1]: after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant
+    weight_decay: float = 0.0    # >=0: AdamW weight decay (paper: 0)
+    grad_clip: float = 0.0       # >=0: clip the grad norm to this; 0 = off (paper: off)
+    ema_decay: float = 0.0       # [0,1): EMA decay; 0 = the preset's default (paper: 0.9999)
+    ema_warmup: int = -1         # [-1,1]: 1 = min(d, (1+n)/(10+n)) [ours]; 0 = constant (paper); -1 = preset
     learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term
-    class_dropout: float = 0.1   # label dropout for classifier-free guidance (paper: 0.1; 0 = no CFG)
-    log_every: int = 50          # one log line (and one JSON line) every N steps
-    ckpt_every: int = 500        # atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
-    seed: int = 0                # seeds model init, data order, noise and timesteps
+    class_dropout: float = 0.1   # [0,1): label dropout for classifier-free guidance (paper: 0.1; 0 = no CFG)
+    log_every: int = 50          # >=1: one log line (and one JSON line) every N steps
+    ckpt_every: int = 500        # >=1: atomic checkpoint every N steps (also at the end and on SIGINT/TERM)
+    seed: int = 0                # >=0: seeds model init, data order, noise and timesteps
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False        # torch.compile the model
@@ -646,8 +647,7 @@ def resolve(cfg):
             setattr(cfg, k, v)
     if cfg.image_size == 0:
         cfg.image_size = PRESETS[cfg.preset]["input_size"]
-    return check(cfg, dict(data=("shapes", "cifar10", "imagenet64"), dtype=DTYPES),
-                 positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "image_size", "ema_decay"))
+    return check(check_ranges(cfg), dict(data=("shapes", "cifar10", "imagenet64"), dtype=DTYPES))
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -669,16 +669,64 @@ def method_preset(cfg, teacher_ckpt, paper):
     return cfg
 
 
-def check(cfg, choices=None, positive=()):
-    """One error line (and exit) for a flag outside its choices or a count that must be positive."""
+def check(cfg, choices=None):
+    """One error line (and exit) for a flag outside its choices."""
     for k, allowed in (choices or {}).items():
         if getattr(cfg, k) not in allowed:
             sys.exit(f"error: --{k.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
                      f"not {getattr(cfg, k)!r}")
-    for k in positive:
-        if not getattr(cfg, k) > 0:
-            sys.exit(f"error: --{k.replace('_', '-')} must be positive, not {getattr(cfg, k)}")
     return cfg
+
+
+# A numeric field's valid range opens its comment, before a colon: ">=1:", ">0:", "(0,1]:", "(-inf,inf):"
+RANGE = re.compile(r"^\s+(\w+)\s*:[^#\n]*#\s*(>=?-?[\d.e]+|[\[(]-?[\w.]+,-?[\w.]+[\])]):", re.M)
+
+
+def in_range(value, text):
+    """Is a finite number inside the declared range `text` (">=1", ">0", "(0,1]", "[0,1)", ...)?"""
+    if not math.isfinite(value):
+        return False
+    if text[0] == ">":
+        return value >= float(text[2:]) if text[1] == "=" else value > float(text[1:])
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    above = lo < value if text[0] == "(" else lo <= value
+    return above and (value < hi if text[-1] == ")" else value <= hi)
+
+
+@functools.lru_cache
+def config_source(config_cls):
+    """The source of a config class, whose comments are its flags' help and ranges (read once: it is slow)."""
+    return inspect.getsource(config_cls)
+
+
+def declared_ranges(config_cls):
+    """{field: range text} of a config class's numeric fields."""
+    return dict(RANGE.findall(config_source(config_cls)))
+
+
+def check_range(config_cls, name, value, flag=None):
+    """One error line (and exit) when `value` of field `name` lies outside the range its comment declares."""
+    text = declared_ranges(config_cls).get(name)
+    if text is not None and not in_range(value, text):
+        said = re.sub(r"^(>=?)", r"\1 ", text) if text[0] == ">" else "in " + text.replace(",", ", ")
+        sys.exit(f"error: {flag or '--' + name.replace('_', '-')} must be {said}, not {value}")
+    return value
+
+
+def check_ranges(cfg):
+    """Every numeric field of a config against its declared range (parse_args calls this before any work)."""
+    for name in declared_ranges(type(cfg)):
+        check_range(type(cfg), name, getattr(cfg, name))
+    return cfg
+
+
+def number_list(text, config_cls, name, flag, kind=float):
+    """A list flag's comma list ("0.3,0.5"), each number inside field `name`'s range; else one error line."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        sys.exit(f"error: {flag} takes a comma list of numbers, not {text!r}")
+    return [check_range(config_cls, name, v, flag) for v in values]
 
 
 # what a --curve run adds to a stage's key: its scores are kept in the checkpoint
@@ -700,11 +748,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(config_cls, argv=None, paths=False):
     """Turn a @dataclass into argparse flags (--batch-size 64, --compile / --no-compile); the help of a
-    flag is its field's trailing comment. Unknown flags: one error line. paths=True also takes positional
-    paths anywhere on the line and returns (config, paths)."""
+    flag is its field's trailing comment, which opens with the range of a numeric one (check_ranges). Unknown
+    flags or a number outside its range: one error line. paths=True also takes positional paths anywhere on
+    the line and returns (config, paths)."""
     p = OneLineParser(description=sys.modules["__main__"].__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(config_cls), re.M))
+    helps = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", config_source(config_cls), re.M))
     for f in dataclasses.fields(config_cls):
         flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + f" (default: {f.default})"
         if f.type in (bool, "bool"):
@@ -713,11 +762,11 @@ def parse_args(config_cls, argv=None, paths=False):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag, type=typ, default=f.default, help=h)
     if not paths:
-        return config_cls(**vars(p.parse_args(argv)))
+        return check_ranges(config_cls(**vars(p.parse_args(argv))))
     p.add_argument("paths", nargs="*", help="input paths")
     args = vars(p.parse_intermixed_args(argv))
     found = args.pop("paths")
-    return config_cls(**args), found
+    return check_ranges(config_cls(**args)), found
 
 # --- Data: uint8 (N, 3, H, W) images + int64 labels, held in memory -------------------------------
 
@@ -793,21 +842,48 @@ def load_cifar10(data_dir, train=True):
     names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     tar_path = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    check_data_dir(data_dir)
     if not os.path.isdir(folder):
         if not os.path.exists(tar_path):
             download(CIFAR_URL, tar_path, ("md5", CIFAR_MD5))
-        with tarfile.open(tar_path) as tar:
-            tar.extractall(data_dir, filter="data")
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(data_dir, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            sys.exit(f"error: {tar_path} is not a readable CIFAR-10 tarball ({e}); delete it and retry")
     xs, ys = [], []
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             sys.exit(f"error: {path} is missing; {folder} is not a complete cifar-10-batches-py folder")
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"], dtype=np.int64)
+        except Exception as e:  # not a pickle, not a dict, or without the keys
+            sys.exit(f"error: {path} is not a CIFAR-10 batch (a pickled dict with b'data' and b'labels'; "
+                     f"{type(e).__name__}: {str(e)[:80]})")
+        xs.append(check_flat_images(x, y, path, 32, 10))
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def check_data_dir(data_dir):
+    """One error line when --data-dir names something that is not a folder."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        sys.exit(f"error: --data-dir {data_dir} is a file, not a folder")
+
+
+def check_flat_images(x, y, path, size, num_classes, first=0):
+    """uint8 (N, 3 * size * size) rows + N labels in 0..num_classes-1 -> uint8 (N, 3, size, size); else one
+    error line naming the file and what is wrong (its labels count from `first`)."""
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * size * size:
+        sys.exit(f"error: {path}: images must be uint8 rows of 3 x {size} x {size} values, "
+                 f"not {x.dtype} {x.shape}")
+    if y.shape != (len(x),) or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
+        sys.exit(f"error: {path}: needs one label in {first}..{num_classes - 1 + first} per image "
+                 f"({len(x)} images, labels of shape {y.shape})")
+    return x.reshape(-1, 3, size, size)
 
 
 def load_imagenet64(data_dir, train=True, rank=0, world=1):
@@ -816,18 +892,34 @@ def load_imagenet64(data_dir, train=True, rank=0, world=1):
     filled file by file, so the peak is the data set plus one file (not twice the data set); under
     torchrun each rank reads only its files (rank, rank + world, ...)."""
     prefix = "train_data_batch_" if train else "val_data"
+    check_data_dir(data_dir)
     files = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".npz")) \
         if os.path.isdir(data_dir) else []
     if not files:
         sys.exit(f"error: no {prefix}*.npz in {data_dir}; get Imagenet64_train_npz from image-net.org "
                  "(downsampled variants) and unpack it there")
-    files = files[rank::world]
-    ys = [np.load(os.path.join(data_dir, f))["labels"].astype(np.int64) - 1 for f in files]
+    files = [os.path.join(data_dir, f) for f in files[rank::world]]
+    ys = [npz_arrays(f, ("labels",))["labels"].astype(np.int64) - 1 for f in files]
     x, k = torch.empty(sum(len(y) for y in ys), 3, 64, 64, dtype=torch.uint8), 0
-    for f, y in zip(files, ys):
-        x[k:k + len(y)] = torch.from_numpy(np.load(os.path.join(data_dir, f))["data"].reshape(-1, 3, 64, 64))
+    for f, y in zip(files, ys):  # one file's array alive at a time
+        rows = check_flat_images(npz_arrays(f, ("data",))["data"], y, f, 64, 1000, first=1)
+        x[k:k + len(y)] = torch.from_numpy(rows)
+        del rows
         k += len(y)
     return x, torch.from_numpy(np.concatenate(ys))
+
+
+def npz_arrays(path, keys, optional=()):
+    """{key: array} of an .npz file's `keys` and of those `optional` ones it has (only these are read); one
+    error line when it is unreadable or lacks one of `keys`."""
+    try:
+        with np.load(path) as d:
+            missing = [k for k in keys if k not in d.files]
+            if missing:
+                sys.exit(f"error: {path} has no {', '.join(map(repr, missing))} array (it has {d.files})")
+            return {k: d[k] for k in list(keys) + [k for k in optional if k in d.files]}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        sys.exit(f"error: {path} is not a readable .npz file ({type(e).__name__}: {str(e)[:80]})")
 
 
 def load_data(name="shapes", data_dir="data", image_size=32, train=True, shard=(0, 1)):
@@ -899,9 +991,23 @@ def load_checkpoint(path, kinds=None):
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})")
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
         sys.exit(f"error: {path} is not a tinydit checkpoint (no 'kind'/'config' entries)")
+    if ckpt["kind"] != "pairs" and "ema" not in ckpt and "model" not in ckpt:  # a model needs its weights
+        sys.exit(f"error: {path} holds no weights (no 'ema' or 'model' entry)")
     if kinds is not None and ckpt["kind"] not in kinds:
         sys.exit(f"error: {path} holds a {ckpt['kind']!r} model; expected one of {kinds}")
+    bad = nonfinite(ckpt)
+    if bad:
+        sys.exit(f"error: {path} holds NaN or inf in {bad}; retrain it, or use another file")
     return ckpt
+
+
+def nonfinite(obj, name=""):
+    """The name ("ema/blocks.0.mlp.fc1.weight") of the first floating tensor in a checkpoint dict holding a
+    NaN or inf, or None: broken weights are refused at load, before they sample, train or score."""
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return next((bad for k, v in items if (bad := nonfinite(v, f"{name}/{k}".lstrip("/")))), None)
 
 
 def weights_tag(state):

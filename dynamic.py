@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -513,46 +514,49 @@ class DyConfig:
     preset: str = ""              # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
     mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
-    lam: float = 0.5              # target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
+    lam: float = 0.5              # (0,1]: target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
     sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
     variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
-    steps: int = 800              # fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 misses lambda)
-    batch_size: int = 64          # fine-tuning batch (paper: 256)
-    lr: float = 2e-4              # AdamW lr of the DiT weights (paper: 1e-4, constant)
-    router_lr: float = 0.005      # AdamW lr of the routers [inferred, see the docstring]
-    token_bias: float = TOKEN_BIAS  # SDT routers' last bias at init (code: 35, all tokens on; 5: some off)
-    ema_decay: float = 0.99       # EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
-    ema_warmup: int = 0           # ... constant from a copy of the base (1 = the cpu preset's warm-up)
+    steps: int = 800              # >=1: fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 miss lambda)
+    batch_size: int = 64          # >=1: fine-tuning batch (paper: 256)
+    lr: float = 2e-4              # >0: AdamW lr of the DiT weights (paper: 1e-4, constant)
+    router_lr: float = 0.005      # >0: AdamW lr of the routers [inferred, see the docstring]
+    token_bias: float = TOKEN_BIAS  # (-inf,inf): SDT routers' last bias at init (code 35: all on)
+    ema_decay: float = 0.99       # [0,1): EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
+    ema_warmup: int = 0           # [0,1]: ... constant from a copy of the base (1 = the cpu preset's warm-up)
     router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
-    lam_hold: int = 10            # steps at target 1 before the ramp (paper: 100)
-    lam_ramp: int = 80            # steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
-    complete_steps: int = 50      # steps with the complete-model loss (paper: 30k of 200k for XL)
-    flops_weight: float = 10.0    # w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred], docstring)
-    tau: float = 5.0              # Gumbel-sigmoid temperature (paper: 5, fixed)
+    lam_hold: int = 10            # >=0: steps at target 1 before the ramp (paper: 100)
+    lam_ramp: int = 80            # >=0: steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
+    complete_steps: int = 50      # >=0: steps with the complete-model loss (paper: 30k of 200k for XL)
+    flops_weight: float = 10.0    # >=0: w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred])
+    tau: float = 5.0              # >0: Gumbel-sigmoid temperature (paper: 5, fixed)
     reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
     curve: str = ""               # fine-tune steps to score the EMA model at (e.g. 100,200,400,800): a
     #                               table and curves.png over every variant and --seed of these settings
-    eval_n: int = 500             # images per quality score (fid.evaluate)
-    eval_steps: int = 50          # DDIM steps for quality and for the speed benchmark
-    cfg_scale: float = 1.5        # classifier-free guidance scale (paper FID setting: 1.5)
+    eval_n: int = 500             # >=1: images per quality score (fid.evaluate)
+    eval_steps: int = 50          # [1,1000]: DDIM steps for quality and for the speed benchmark
+    cfg_scale: float = 1.5        # >=0: classifier-free guidance scale (paper FID setting: 1.5)
     bench_batches: str = "64,1"   # batch sizes of the sampling-speed benchmark (comma-separated)
-    bench_reps: int = 3           # timed sampling runs per model and batch (min is reported)
-    seed: int = 0                 # seeds fine-tuning; evaluation noise comes from fid / sample generators
+    bench_reps: int = 3           # >=1: timed sampling runs per model and batch (min is reported)
+    seed: int = 0                 # >=0: seeds fine-tuning; evaluation noise: fid / sample generators
     device: str = "auto"          # auto | cpu | cuda | mps
     data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"        # where the data set lives
 
+MODES = ("dydit", "tdw", "sdt", "random", "halfwidth", "static")
 CURVE_COLUMNS = (("ratio", "FLOPs ratio", ".3f"), ("keep", "token keep", ".3f"))  # --curve, beside FD-clf
 # the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
 PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 
 def main(argv=None):
-    cfg = dit.check(dit.parse_args(DyConfig, argv),
-                    dict(mode=("dydit", "tdw", "sdt", "random", "halfwidth", "static")),
-                    positive=("lam", "steps", "batch_size", "lr", "router_lr", "tau", "eval_n", "eval_steps",
-                              "bench_reps"))
+    cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES))
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
+    dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
+    runs = [tuple(r.split(":")) for r in cfg.variants.split(",")] if cfg.sweep else [(cfg.mode, str(cfg.lam))]
+    if not all(len(r) == 2 and r[0] in MODES for r in runs):
+        sys.exit(f"error: --variants takes mode:lambda pairs, modes {', '.join(MODES)}; not {cfg.variants!r}")
+    runs = [(m, dit.number_list(v, DyConfig, "lam", "--variants lambda")[0]) for m, v in runs]
     dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
@@ -560,8 +564,6 @@ def main(argv=None):
                               seed=cfg.seed)
     dit.method_preset(cfg, teacher, PAPER)
     print(json.dumps(dataclasses.asdict(cfg)))
-    runs = [(m, float(v)) for m, v in (r.split(":") for r in cfg.variants.split(","))] if cfg.sweep \
-        else [(cfg.mode, cfg.lam)]
     base = dit.build_dit(teacher).to(device)
     static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes

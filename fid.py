@@ -69,14 +69,14 @@ class FIDConfig:
     inception_weights: str = ""   # pt_inception-2015-12-05-6726825d.pth ("" = $TINYDIT_INCEPTION, cache)
     data: str = ""                # data set of the reference / classifier; "" = the checkpoint's, else shapes
     data_dir: str = "data"        # where cifar10 / imagenet64 live
-    image_size: int = 0           # classifier resolution; 0 = the model's (or the first input's)
+    image_size: int = 0           # >=0: classifier resolution; 0 = the model's (or the first input's)
     cache_dir: str = ""           # classifier + reference stats; "" = $TINYDIT_FID_CACHE or out/fid_cache
-    n: int = 500                  # samples generated for --ckpt (labels cycle through the classes)
-    steps: int = 50               # sampling steps for --ckpt
+    n: int = 500                  # >=1: samples generated for --ckpt (labels cycle through the classes)
+    steps: int = 50               # [1,1000]: sampling steps for --ckpt
     method: str = "ddim"          # ddim | ddpm
-    cfg_scale: float = 1.5        # classifier-free guidance for --ckpt (DiT's FID setting)
-    seed: int = 0                 # sampling noise; also the data:SPLIT:N subset
-    batch_size: int = 100         # images per sampling / feature batch
+    cfg_scale: float = 1.5        # >=0: classifier-free guidance for --ckpt (DiT's FID setting)
+    seed: int = 0                 # >=0: sampling noise; also the data:SPLIT:N subset
+    batch_size: int = 100         # >=1: images per sampling / feature batch
     device: str = "auto"          # auto | cpu | cuda | mps
 
 
@@ -432,6 +432,8 @@ def load_images(source, data, data_dir, image_size, seed):
     `data:SPLIT[:N]` (the --data set's train/test split, N random images of it)."""
     if source.startswith("data:"):
         parts = source.split(":")
+        if parts[1] not in ("train", "test") or len(parts) > 3 or not all(p.isdigit() for p in parts[2:]):
+            sys.exit(f"error: {source}: write data:train, data:test or data:SPLIT:N (N a count)")
         size = image_size or (64 if data == "imagenet64" else 32)
         x, _, _ = dit.load_data(data, data_dir, size, train=parts[1] == "train")
         if len(parts) > 2:
@@ -441,12 +443,40 @@ def load_images(source, data, data_dir, image_size, seed):
         files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS))
         if not files:
             sys.exit(f"error: no images in {source}")
-        arr = np.stack([np.asarray(Image.open(os.path.join(source, f)).convert("RGB")) for f in files])
+        arr = [read_image(os.path.join(source, f)) for f in files]
+        if len({a.shape for a in arr}) > 1:
+            sys.exit(f"error: the images in {source} differ in size: {sorted({a.shape for a in arr})}")
+        arr = np.stack(arr)
     elif source.endswith(".npz"):
-        arr = np.load(source)["arr_0"]
+        arr = dit.npz_arrays(source, ("arr_0",))["arr_0"]
     else:
         sys.exit(f"error: {source} is not a folder, an .npz or data:SPLIT")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or not len(arr):
+        sys.exit(f"error: {source}: arr_0 must hold uint8 RGB images (N, H, W, 3) in 0..255, not "
+                 f"{arr.dtype} {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def read_image(path):
+    """One RGB image file as uint8 (H, W, 3); one error line when it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path} is not a readable image ({type(e).__name__}: {str(e)[:80]})")
+
+
+def load_input(path, data, data_dir, image_size, seed):
+    """An input of `fid.py A B`, checked before any work: a --save-stats .npz -> (mu, sigma, metric), with mu
+    finite (D,) and sigma finite (D, D); else images (load_images)."""
+    d = dit.npz_arrays(path, (), ("mu", "sigma", "metric")) if path.endswith(".npz") else {}
+    if "mu" not in d:
+        return load_images(path, data, data_dir, image_size, seed)
+    mu, sigma = d["mu"], d.get("sigma", np.zeros(0))
+    finite = np.isfinite(mu).all() and np.isfinite(sigma).all()
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not finite:
+        sys.exit(f"error: {path}: mu must be finite (D,), sigma finite (D, D); not {mu.shape}, {sigma.shape}")
+    return mu, sigma, str(d["metric"]) if "metric" in d else "?"
 
 
 # --- Measure: the one sampling timer and the pictures every script shares -------------------------
@@ -657,7 +687,7 @@ def pareto_png(points, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
 
 def main(argv=None):
     cfg, paths = dit.parse_args(FIDConfig, argv, paths=True)
-    dit.check(cfg, dict(metric=("auto", "fid", "clf"), method=("ddim", "ddpm")), ("n", "steps", "batch_size"))
+    dit.check(cfg, dict(metric=("auto", "fid", "clf"), method=("ddim", "ddpm")))
     device = dit.pick_device(cfg.device)
     if cfg.download and find_inception_weights(cfg.inception_weights) is None:
         download_inception()
@@ -682,13 +712,13 @@ def main(argv=None):
         if len(paths) != 2:
             sys.exit("error: give two inputs (A B), or --save-stats A OUT.npz, or --ckpt PATH")
         data = cfg.data or "shapes"
+        inputs = [load_input(p, data, cfg.data_dir, cfg.image_size, cfg.seed)  # all checked before any work
+                  for p in (paths[:1] if cfg.save_stats else paths)]
         stats, scorer = [], None
-        for p in paths[:1] if cfg.save_stats else paths:
-            d = np.load(p) if p.endswith(".npz") else {}
-            if "mu" in d:  # a stats file
-                stats.append((d["mu"], d["sigma"], str(d["metric"]) if "metric" in d else "?", "stats"))
+        for imgs in inputs:
+            if isinstance(imgs, tuple):  # a stats file
+                stats.append(imgs + ("stats",))
                 continue
-            imgs = load_images(p, data, cfg.data_dir, cfg.image_size, cfg.seed)
             if scorer is None:
                 scorer = get_scorer(cfg.metric, data, cfg.data_dir, cfg.image_size or imgs.shape[-1], device,
                                     cfg.cache_dir, cfg.inception_weights)
@@ -697,7 +727,9 @@ def main(argv=None):
         if cfg.save_stats:
             mu, sigma, key, n = stats[0]
             os.makedirs(os.path.dirname(paths[1]) or ".", exist_ok=True)
-            np.savez(paths[1], mu=mu, sigma=sigma, metric=key)
+            with open(paths[1] + ".tmp", "wb") as f:  # written whole, then renamed: never half a file
+                np.savez(f, mu=mu, sigma=sigma, metric=key)
+            os.replace(paths[1] + ".tmp", paths[1])
             return print(f"fid: wrote {key} statistics of {n} images of {paths[0]} to {paths[1]}")
         if "?" not in (stats[0][2], stats[1][2]) and stats[0][2] != stats[1][2]:
             sys.exit(f"error: the inputs were featurised differently ({stats[0][2]} vs {stats[1][2]})")

@@ -61,22 +61,22 @@ KINDS = ("dit", "student", "dipgo", "dydit")
 @dataclass
 class BenchConfig:
     out: str = "out/bench"        # folder for bench.md / .csv / .json, pareto.png and stacked checkpoints
-    steps: int = 20               # DDIM steps of every diffusion model (a DiP-GO plan keeps its own K)
-    cfg_scale: float = 1.5        # classifier-free guidance for timing, FLOPs and quality (fid default)
-    batch: int = 64               # throughput batch (batch 1 is always measured too)
-    reps: int = 5                 # timed generations per (model, batch) after the warm-up
-    warmup: int = 1               # untimed generations first (torch.compile traces here)
+    steps: int = 20               # [1,1000]: DDIM steps of each diffusion model (a DiP-GO plan keeps its K)
+    cfg_scale: float = 1.5        # >=0: classifier-free guidance for timing, FLOPs and quality (fid default)
+    batch: int = 64               # >=1: throughput batch (batch 1 is always measured too)
+    reps: int = 5                 # >=1: timed generations per (model, batch) after the warm-up
+    warmup: int = 1               # >=0: untimed generations first (torch.compile traces here)
     compile: bool = False         # also time a torch.compile'd copy (rows "compile" beside "eager")
     dtype: str = "float32"        # float32 | float16 | bfloat16 (autocast); on CPU only when asked
     device: str = "auto"          # auto | cpu | cuda | mps
     quality: bool = True          # score with fid.evaluate (--no-quality skips it)
-    n: int = 100                  # samples per quality score (shared by every model)
+    n: int = 100                  # >=1: samples per quality score (shared by every model)
     data: str = "shapes"          # data set of the quality metric
     data_dir: str = "data"        # where cifar10 / imagenet64 live
-    seed: int = 0                 # noise of the timed inputs and of the quality samples
+    seed: int = 0                 # >=0: noise of the timed inputs and of the quality samples
     stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO, student + DyDiT)
-    stack_ratio: float = 0.5      # DiP-GO reuse ratio for the stacked plan; DyDiT lambda for the stack
-    stack_steps: int = 30         # DiP-GO pruner steps / DyDiT fine-tuning steps of the stack
+    stack_ratio: float = 0.5      # (0,1): DiP-GO reuse ratio for the stacked plan; DyDiT lambda for the stack
+    stack_steps: int = 30         # >=1: DiP-GO pruner steps / DyDiT fine-tuning steps of the stack
     peak: bool = False            # only time a fresh --preset DiT (train, forward, sampling) vs matmul peak
     preset: str = "cpu"           # model size for --peak (dit.PRESETS)
 
@@ -158,7 +158,9 @@ def find_checkpoints(paths, root="out"):
             print(f"skip {p}: not readable ({type(e).__name__})")
             continue
         kind = ck.get("kind") if isinstance(ck, dict) else None
-        if kind in KINDS and "config" in ck:
+        if kind in KINDS and "config" in ck and dit.nonfinite(ck):
+            print(f"skip {p}: NaN or inf in {dit.nonfinite(ck)}")
+        elif kind in KINDS and "config" in ck:
             found.append((p, kind))
         else:
             print(f"skip {p}: not a model checkpoint (kind {kind!r})")
@@ -300,7 +302,7 @@ def peak_table(preset, device, B=64):
 
 def main(argv=None):
     cfg, paths = dit.parse_args(BenchConfig, argv, paths=True)
-    dit.check(cfg, dict(dtype=dit.DTYPES), ("steps", "batch", "reps", "n", "stack_ratio", "stack_steps"))
+    dit.check(cfg, dict(dtype=dit.DTYPES))
     print(json.dumps(asdict(cfg)))
     device = dit.pick_device(cfg.device)
     if cfg.peak:

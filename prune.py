@@ -894,7 +894,7 @@ def dipgo_main(cfg):
         return []
     base = dit.build_dit(base_ckpt).to(device).requires_grad_(False)
     K, N = cfg.eval_steps, len(base.blocks)
-    ratios = [float(r) for r in cfg.ratios.split(",")] if cfg.ratios else [cfg.ratio]
+    ratios = dit.number_list(cfg.ratios, PruneConfig, "ratio", "--ratios") if cfg.ratios else [cfg.ratio]
     os.makedirs(cfg.out, exist_ok=True)
     variants, evals = [("full", base, K, torch.ones(K, N, dtype=torch.bool))], {}
     points = dit.curve_steps(cfg.curve, cfg.dipgo_steps)
@@ -998,50 +998,50 @@ class PruneConfig:
     out: str = "out/prune"       # folder for every stage's checkpoint, the PNGs and results.json
     pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default; 3:6 = global)
     kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
-    batch_size: int = 64         # batch for mask learning and recovery (paper: 128 learning, 256 recovery)
-    learn_steps: int = 200       # mask-learning steps (paper: ~10K = 1 ImageNet epoch; 1 shapes epoch = 156)
+    batch_size: int = 64         # >=1: batch for mask learning and recovery (paper: 128 / 256)
+    learn_steps: int = 200       # >=1: mask-learning steps (paper ~10K = 1 ImageNet epoch; shapes: 156)
     deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
-    lora_rank: int = 8           # LoRA rank r (paper 8)
-    lora_alpha: float = 16.0     # LoRA alpha (paper 2r)
-    lora_lr: float = 1e-3        # lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
-    gate_lr: float = 1e-2        # lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
-    tau_start: float = 4.0       # Gumbel-softmax temperature at step 0 (paper 4) ...
-    tau_end: float = 0.1         # ... annealed linearly to this (paper 0.1)
-    scaling: float = 100.0       # logit multiplier s (paper 100, constant)
-    logit_init: float = 0.02     # every pattern logit starts here (uniform distribution; paper 0.02)
-    gate_ema: float = 0.999      # EMA decay of the logits (and LoRA); the final mask is argmax of the EMA
-    gate_ema_warmup: int = 0     # 0 = the constant decay from step 0 (paper); 1 = the cpu preset's warm-up
-    calib_n: int = 128           # calibration samples for the score-based baselines and the loss column
-    random_masks: int = 100      # randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
+    lora_rank: int = 8           # >=1: LoRA rank r (paper 8)
+    lora_alpha: float = 16.0     # >0: LoRA alpha (paper 2r)
+    lora_lr: float = 1e-3        # >0: lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
+    gate_lr: float = 1e-2        # >0: lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
+    tau_start: float = 4.0       # >0: Gumbel-softmax temperature at step 0 (paper 4) ...
+    tau_end: float = 0.1         # >0: ... annealed linearly to this (paper 0.1)
+    scaling: float = 100.0       # >0: logit multiplier s (paper 100, constant)
+    logit_init: float = 0.02     # (-inf,inf): every pattern logit starts here (uniform; paper 0.02)
+    gate_ema: float = 0.999      # [0,1): EMA decay of the logits (and LoRA); final mask = argmax of EMA
+    gate_ema_warmup: int = 0     # [0,1]: 0 = constant decay from step 0 (paper); 1 = the cpu preset's warm-up
+    calib_n: int = 128           # >=1: calibration samples for the score-based baselines and the loss column
+    random_masks: int = 100      # >=1: randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
     recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
-    recover_steps: int = 300     # recovery steps, identical for every method (paper 100K / 500K)
-    recover_lr: float = 1e-3     # recovery peak lr (paper 2e-4) [inferred for CPU] ...
-    recover_lr_end: float = 0.5  # ... cosine-annealed to recover_lr * this (paper 2e-4 -> 1e-4); 1 = constant
-    kd_sigma: float = 2.0        # Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
-    alpha_kd: float = 0.9        # weight of the output KD term (paper 0.9)
-    alpha_gt: float = 0.1        # weight of the ground-truth diffusion loss (paper 0.1)
-    beta_rep: float = 1e-2       # weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
+    recover_steps: int = 300     # >=1: recovery steps, identical for every method (paper 100K / 500K)
+    recover_lr: float = 1e-3     # >0: recovery peak lr (paper 2e-4) [inferred for CPU] ...
+    recover_lr_end: float = 0.5  # [0,1]: ... cosine-annealed to recover_lr * this (paper 2e-4 -> 1e-4)
+    kd_sigma: float = 2.0        # >=0: Masked KD keeps |h - mu| < k sigma (paper 2; 0 = unmasked RepKD)
+    alpha_kd: float = 0.9        # >=0: weight of the output KD term (paper 0.9)
+    alpha_gt: float = 0.1        # >=0: weight of the ground-truth diffusion loss (paper 0.1)
+    beta_rep: float = 1e-2       # >=0: weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
     curve: str = ""              # recovery steps to score each mask at, e.g. 150,300: a table and curves.png
     #                              over every method and --seed run with these settings (out/prune_curves_*);
     #                              dipgo: pruner steps to score each ratio's plan at (out/dipgo_curves_*)
-    eval_n: int = 200            # samples per quality score (fid.evaluate); 0 = skip the quality columns
-    eval_steps: int = 20         # DDIM steps for quality scores, block influence and grids; DiP-GO's K
-    cfg_scale: float = 1.5       # classifier-free guidance for scores and grids (DiT FID setting)
-    speed_batch: int = 64        # sampling batch for the speed-up column (the claim: 64)
-    speed_steps: int = 10        # DDIM steps timed per model, 3 interleaved repeats, median
+    eval_n: int = 200            # >=0: samples per quality score (fid.evaluate); 0 = skip the quality columns
+    eval_steps: int = 20         # [1,1000]: DDIM steps for scores, block influence and grids; DiP-GO's K
+    cfg_scale: float = 1.5       # >=0: classifier-free guidance for scores and grids (DiT FID setting)
+    speed_batch: int = 64        # >=1: sampling batch for the speed-up column (the claim: 64)
+    speed_steps: int = 10        # [1,1000]: DDIM steps timed per model, 3 interleaved repeats, median
     # Section 2, DiP-GO (--method dipgo); it also uses teacher, out, eval_n, eval_steps (= K, the plan's DDIM
     # schedule), cfg_scale, speed_batch and seed from above
-    ratio: float = 0.5           # target fraction of (step >= 1, block) evaluations reused (paper: 0.3-0.8)
+    ratio: float = 0.5           # (0,1): fraction of (step >= 1, block) evaluations reused (paper 0.3-0.8)
     ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
-    dipgo_steps: int = 30        # pruner optimisation steps (paper: 500)
-    dipgo_batch: int = 4         # (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.005      # Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
+    dipgo_steps: int = 30        # >=1: pruner optimisation steps (paper: 500)
+    dipgo_batch: int = 4         # >=1: (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
+    dipgo_lr: float = 0.005      # >0: Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
     dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
-    dipgo_alpha: float = 1.0     # sparsity weight (paper 1.0, ablated 0.1-2.0)
-    dipgo_dim: int = 128         # pruner query width d (paper 512)
+    dipgo_alpha: float = 1.0     # >=0: sparsity weight (paper 1.0, ablated 0.1-2.0)
+    dipgo_dim: int = 128         # >=1: pruner query width d (paper 512)
     dipgo_encoder: bool = True   # apply the SA+FFN encoder (--no-dipgo-encoder = the released code's pruner)
     dipgo_grad_ckpt: bool = False  # gradient checkpointing per block (less memory, ~1.3x the time)
-    seed: int = 0                # seeds masks, LoRA, data order; scores and grids always use noise seed 0
+    seed: int = 0                # >=0: seeds masks, LoRA, data order; scores and grids: noise seed 0
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
 
@@ -1054,15 +1054,13 @@ PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
 def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
-                         dipgo_loss=("ssim", "mse", "l1"), dtype=dit.DTYPES),
-                    positive=("batch_size", "learn_steps", "lora_rank", "calib_n", "random_masks",
-                              "recover_steps", "eval_steps", "speed_batch", "speed_steps", "dipgo_steps",
-                              "dipgo_batch", "dipgo_dim"))
+                         dipgo_loss=("ssim", "mse", "l1"), dtype=dit.DTYPES))
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
     if cfg.method == "dipgo":
         dit.curve_steps(cfg.curve, cfg.dipgo_steps, "pruner steps (--dipgo-steps)")
+        dit.number_list(cfg.ratios or str(cfg.ratio), PruneConfig, "ratio", "--ratios")
     else:
         dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
     if cfg.curve and not (cfg.eval_n and (cfg.recover != "none" or cfg.method == "dipgo")):

@@ -37,16 +37,16 @@ class SampleConfig:
     grid: str = ""                # write a grid PNG here (labels in rows); default <ckpt>_samples.png
     npz: str = ""                 # write --n samples to this .npz (arr_0: uint8 N x H x W x 3, labels)
     fid: bool = False             # score --n samples with fid.evaluate (FID, or FD-clf offline)
-    n: int = 1000                 # number of samples for --npz / --fid (labels cycle through the classes)
-    per_class: int = 8            # grid columns (samples per class row)
-    steps: int = 50               # sampling steps (the 1000-step process respaced; DiT used 250 DDPM)
+    n: int = 1000                 # >=1: samples for --npz / --fid (labels cycle through the classes)
+    per_class: int = 8            # >=1: grid columns (samples per class row)
+    steps: int = 50               # [1,1000]: sampling steps (1000-step process respaced; DiT: 250 DDPM)
     method: str = "ddim"          # ddim | ddpm
-    eta: float = 0.0              # DDIM eta (0 = deterministic, 1 ~ DDPM)
-    cfg_scale: float = 4.0        # classifier-free guidance scale; 1 = off (DiT: 4.0 visuals, 1.5 FID)
-    batch_size: int = 64          # images per forward batch
+    eta: float = 0.0              # [0,1]: DDIM eta (0 = deterministic, 1 ~ DDPM)
+    cfg_scale: float = 4.0        # >=0: classifier-free guidance scale; 1 = off (DiT: 4.0 visuals, 1.5 FID)
+    batch_size: int = 64          # >=1: images per forward batch
     data: str = ""                # --fid reference data set ("" = the checkpoint's training data)
     data_dir: str = "data"        # where cifar10 / imagenet64 live
-    seed: int = 0                 # the noise seed: the same seed gives the same noise for every model
+    seed: int = 0                 # >=0: the noise seed: the same seed gives the same noise for every model
     device: str = "auto"          # auto | cpu | cuda | mps
     dtype: str = "float32"        # float32 | bfloat16 | float16 (autocast)
 
@@ -69,11 +69,9 @@ def load_model(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = dit.check(dit.parse_args(SampleConfig, argv), dict(method=("ddim", "ddpm"), dtype=dit.DTYPES),
-                    positive=("n", "per_class", "steps", "batch_size"))
+    cfg = dit.check(dit.parse_args(SampleConfig, argv), dict(method=("ddim", "ddpm"), dtype=dit.DTYPES))
     device = dit.pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)
-    dit.space_timesteps(1000, cfg.steps)  # one line for a step count outside 1..1000, before any work
     gen = dict(seed=cfg.seed, steps=cfg.steps, method=cfg.method, eta=cfg.eta, cfg_scale=cfg.cfg_scale,
                batch_size=cfg.batch_size, dtype=cfg.dtype, progress=True)
     if cfg.npz:

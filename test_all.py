@@ -1731,7 +1731,8 @@ BAD = [("dit", ["--steps", "-1"]), ("dit", ["--data", "mnist"]), ("sample", ["--
        ("distill", ["--method", "bogus"]), ("distill", ["--depth", "0"]), ("distill", ["--heads", "3"]),
        ("prune", ["--method", "bogus"]), ("prune", ["--pattern", "5:2"]), ("prune", ["--recover", "x"]),
        ("dynamic", ["--mode", "wide"]), ("dynamic", ["--lam", "0"]), ("jetson_bench", ["--reps", "0"]),
-       ("sample", ["--no-such-flag", "1"])]
+       ("sample", ["--no-such-flag", "1"]), ("prune", ["--method", "dipgo", "--ratio", "1.5"]),
+       ("dynamic", ["--lam", "1.7"])]
 
 
 @pytest.mark.parametrize("script,args", BAD, ids=[f"{s} {' '.join(a)}" for s, a in BAD])
@@ -1840,6 +1841,155 @@ def test_an_unwritable_out_fails_in_one_line_before_any_work(tmp_path, script, o
     with pytest.raises(SystemExit) as e:
         globals()[script].main(args)
     assert str(e.value.code).startswith("error: cannot write to") and not os.path.exists(missing)
+
+
+CONFIGS = [(dit.TrainConfig, False), (distill.DistillConfig, False), (prune.PruneConfig, False),
+           (dynamic.DyConfig, False), (fid.FIDConfig, True), (sample.SampleConfig, False),
+           (jetson_bench.BenchConfig, True)]
+
+
+def outside(text, integer):
+    """Values just outside a declared range (">=1", ">0", "(0,1]", "(-inf,inf)") and its closed ends."""
+    step = 1 if integer else 1e-3
+    if text[0] == ">":
+        b = float(text.lstrip(">="))
+        return ([b - step] if text[1] == "=" else [b]), ([b] if text[1] == "=" else [])
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    out = [v for v in ([lo - step if text[0] == "[" else lo], [hi + step if text[-1] == "]" else hi])
+           if math.isfinite(v[0])]
+    ends = [v for v, closed in ((lo, text[0] == "["), (hi, text[-1] == "]")) if closed and math.isfinite(v)]
+    return [v[0] for v in out], ends
+
+
+@pytest.mark.parametrize("cls,paths", CONFIGS, ids=[c.__name__ for c, _ in CONFIGS])
+def test_every_numeric_flag_declares_its_range_and_refuses_a_value_outside_it(cls, paths):
+    """Each int / float field opens its comment with its range; the default lies inside; a value just outside
+    each end (and nan, inf) ends in one 'error: --flag must be ...' line at parse time, before any work; a
+    closed end itself is accepted."""
+    ranges = dit.declared_ranges(cls)
+    numeric = {f.name: f.type in (int, "int") for f in dataclasses.fields(cls)
+               if f.type in (int, float, "int", "float")}
+    assert set(ranges) == set(numeric), set(numeric) ^ set(ranges)
+    for name, integer in numeric.items():
+        flag = "--" + name.replace("_", "-")
+        assert dit.in_range(getattr(cls(), name), ranges[name]), (name, ranges[name])
+        bad, ends = outside(ranges[name], integer)
+        for v in bad + ([] if integer else [float("nan"), float("inf")]):
+            with pytest.raises(SystemExit) as e:
+                dit.parse_args(cls, [flag, str(int(v) if integer else v)], paths=paths)
+            assert str(e.value.code).startswith(f"error: {flag} must be ") and "\n" not in str(e.value.code)
+        for v in ends:
+            cfg = dit.parse_args(cls, [flag, str(int(v) if integer else v)], paths=paths)
+            assert getattr(cfg[0] if paths else cfg, name) == v
+
+
+def test_list_flags_check_each_number_against_its_fields_range(tiny_teacher, tmp_path):
+    """--ratios and --variants hold numbers in --ratio's / --lam's ranges: each is checked before any work."""
+    for args, said in [(["--method", "dipgo", "--ratios", "0.5,1.5"], "--ratios must be in (0, 1)"),
+                       (["--method", "dipgo", "--ratios", "0.5,x"], "--ratios takes a comma list")]:
+        with pytest.raises(SystemExit) as e:
+            prune.main(args + ["--teacher", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p")])
+        assert str(e.value.code).startswith("error: " + said)
+    for variants, said in [("static:1,dydit:1.7", "lambda must be in (0, 1]"), ("wide:0.5", "mode:lambda")]:
+        with pytest.raises(SystemExit) as e:
+            dynamic.main(["--sweep", "--variants", variants, "--teacher", str(tmp_path / "none.pt")])
+        assert said in str(e.value.code)
+    assert not os.path.exists(tmp_path / "none.pt") and not os.path.exists(tmp_path / "p")
+
+
+def nan_copy(src, path, where="ema"):
+    ck = torch.load(src, weights_only=True)
+    name = sorted(ck[where])[-1]
+    ck[where][name] = ck[where][name].clone().fill_(float("nan"))
+    torch.save(ck, path)
+    return str(path), f"{where}/{name}"
+
+
+def refuses(fn, *args, said=""):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg and said in msg, msg
+    return msg
+
+
+def test_non_finite_weights_are_refused_before_sampling_training_or_scoring(tiny_teacher, tmp_path, cache):
+    """A checkpoint with a NaN (in the EMA, or in the optimizer state of a run to resume) is refused in one
+    line naming the file and the tensor: sample.py writes no picture, fid.py scores nothing, dit.py does not
+    resume from it, the bench skips it. The same file without the NaN loads."""
+    bad, name = nan_copy(tiny_teacher, tmp_path / "nan.pt")
+    grid = tmp_path / "g.png"
+    refuses(sample.main, ["--ckpt", bad, "--grid", str(grid), "--steps", "2"],
+            said=f"{bad} holds NaN or inf in {name}")
+    refuses(fid.main, ["--ckpt", bad, "--n", "4", "--steps", "2", "--cache-dir", cache], said=name)
+    assert not grid.exists()
+    ck = torch.load(tiny_teacher, weights_only=True)
+    ck["opt"]["state"][0]["exp_avg"] = ck["opt"]["state"][0]["exp_avg"].clone().fill_(float("inf"))
+    torch.save(ck, tmp_path / "resume.pt")
+    before = (tmp_path / "resume.pt").read_bytes()
+    resume = ["--preset", "tiny", "--steps", "200", "--out", str(tmp_path / "resume.pt"), "--device", "cpu"]
+    refuses(dit.main, resume, said="opt/state/0/exp_avg")
+    assert (tmp_path / "resume.pt").read_bytes() == before
+    assert jetson_bench.find_checkpoints([bad, tiny_teacher]) == [(tiny_teacher, "dit")]
+    ck = torch.load(bad, weights_only=True)
+    ck["ema"][name.split("/", 1)[1]].zero_()
+    torch.save(ck, tmp_path / "fixed.pt")
+    assert dit.load_checkpoint(str(tmp_path / "fixed.pt"))["kind"] == "dit"
+
+
+def test_image_inputs_are_checked_before_any_work(tmp_path):
+    """fid.py's inputs (.npz arrays, image folders, stats files, data:SPLIT) are all read and checked first:
+    a wrong rank, channel count, dtype, missing key, unreadable or mixed-size image, or malformed statistics
+    ends in one line naming the file; nothing is scored or written (the good input is not featurised)."""
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    cases = {"gray.npz": dict(arr_0=np.zeros((4, 16, 16), np.uint8)),
+             "nchw.npz": dict(arr_0=np.zeros((4, 3, 16, 16), np.uint8)),
+             "float.npz": dict(arr_0=np.zeros((4, 16, 16, 3), np.float32)),
+             "nokey.npz": dict(images=np.zeros((4, 16, 16, 3), np.uint8)),
+             "stats.npz": dict(mu=np.zeros(4), sigma=np.zeros((3, 3))),
+             "nanstats.npz": dict(mu=np.full(4, np.nan), sigma=np.eye(4))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "b.png")
+    inputs = [str(tmp_path / n) for n in list(cases) + ["junk.npz", "corrupt", "mixed"]] + ["data:tran:5"]
+    for bad in inputs:  # a fresh cache: scoring the good input would train a classifier into it
+        refuses(fid.main, [str(good), bad, "--cache-dir", str(tmp_path / "cache")], said=bad)
+    assert not (tmp_path / "cache").exists()
+    refuses(fid.main, ["--save-stats", str(tmp_path / "gray.npz"), str(tmp_path / "out.npz")],
+            said="gray.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_data_files_are_checked_for_what_the_loaders_assume(tmp_path):
+    """A --data-dir that is a file, a CIFAR batch without its keys or with the wrong row size, an ImageNet-64
+    npz without labels or with labels outside 1..1000: one line naming the file and what is wrong."""
+    (tmp_path / "afile").write_text("x")
+    for name in ("cifar10", "imagenet64"):
+        refuses(dit.load_data, name, str(tmp_path / "afile"), 32, said="is a file, not a folder")
+    folder = fake_cifar(tmp_path / "c", 0)
+    batch = os.path.join(folder, "cifar-10-batches-py", "data_batch_2")
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8)}, f)
+    refuses(dit.load_data, "cifar10", folder, 32, said=batch)
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 1024), np.uint8), b"labels": [0] * 4}, f)
+    refuses(dit.load_data, "cifar10", folder, 32, said="uint8 rows of 3 x 32 x 32")
+    (tmp_path / "in64").mkdir()
+    np.savez(tmp_path / "in64" / "train_data_batch_1.npz", data=np.zeros((2, 12288), np.uint8))
+    refuses(dit.load_data, "imagenet64", str(tmp_path / "in64"), 64, said="has no 'labels' array")
+    np.savez(tmp_path / "in64" / "train_data_batch_1.npz", data=np.zeros((2, 12288), np.uint8),
+             labels=np.array([1, 1001]))
+    refuses(dit.load_data, "imagenet64", str(tmp_path / "in64"), 64, said="label in 1..1000")
+    np.savez(tmp_path / "in64" / "train_data_batch_1.npz", data=np.zeros((2, 12288), np.uint8),
+             labels=np.array([1, 1000]))
+    x, y, nc = dit.load_data("imagenet64", str(tmp_path / "in64"), 64)
+    assert x.shape == (2, 3, 64, 64) and y.tolist() == [0, 999] and nc == 1000
 
 
 def test_a_damaged_shipped_file_is_refused_with_its_rebuild_command(tmp_path, monkeypatch):
