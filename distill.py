@@ -12,17 +12,17 @@ are swept for the quality / size / latency trade-off.
     offline teacher signals (GET, arXiv 2312.04453)     -> make_pairs (DDIM eta 0, cached in out/distill/)
     one-step DiT, no timestep input (GET)               -> OneStepDiT; the large one, "onestep-teacher"
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
-    block mapping knob                                  -> block_map (uniform | first | last)
-    Teaching Assistant: depth hop, then width hop       -> teaching_assistant, --ta hop
-    the student starts as the TA cut to its width       -> slice_width, --ta-init slice (Minitron-style)
-    TA of intermediate size (TAKD, arXiv 1902.03393)    -> teaching_assistant, --ta mid
+    block mapping knob                                  -> block_map (uniform | first)
+    Teaching Assistant: depth hop, then width hop       -> teaching_assistant
+    the student starts as the TA cut to its width       -> slice_width (Minitron-style)
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
-    BK-SDM style multi-step student (Sec. 3.2)          -> --setup multistep (task + eps KD + feature KD)
     depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
-Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --setup multistep, --sweep).
+Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --sweep). Settled options
+that left the code (a multi-step student, a mid-size TA, a random-init student, the token-LayerNorm feature
+loss, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
 It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
 out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
@@ -60,17 +60,16 @@ class OneStepDiT(nn.Module):
         return (out, feats) if return_features else out
 
 
-def embed(model, x, y, t=None):
-    """(h_0 (B, T, D), c (B, D), the DiT holding the blocks) for a OneStepDiT (t None: c = c0 + y_emb) or a
-    dit.DiT at timesteps t (c = t_emb + y_emb). Labels are used as given (no random CFG drop)."""
-    net = model.dit if t is None else model
-    c = (model.c0 if t is None else net.t_embedder(t)) + net.y_embedder(y, False)
-    return net.x_embedder(x) + net.pos_embed, c, net
+def embed(model, x, y):
+    """(h_0 (B, T, D), c (B, D), the DiT holding the blocks) of a OneStepDiT: c = c0 + y_emb, the labels used
+    as given (no random CFG drop)."""
+    net = model.dit
+    return net.x_embedder(x) + net.pos_embed, model.c0 + net.y_embedder(y, False), net
 
 
-def features(model, x, y, t=None):
+def features(model, x, y):
     """(output, [h_0, h_1, .., h_L]): h_l = the tokens (B, T, D) after block l, h_0 = the patch embedding."""
-    h, c, net = embed(model, x, y, t)
+    h, c, net = embed(model, x, y)
     feats = [h]
     for block in net.blocks:
         h = block(h, c)
@@ -86,12 +85,10 @@ def shape_of(model):
 
 def block_map(n_student, n_teacher, how="uniform"):
     """Student layer i -> teacher layer m(i), 1-indexed (layer 0 = the embedding) [inferred]:
-    uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1); last: only (L_S, L_T)."""
+    uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1)."""
     if how == "uniform":
         return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
-    if how == "first":
-        return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]
-    return [(n_student, n_teacher)]  # last
+    return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]  # first
 
 
 def mi1_groups(n_student, n_teacher):
@@ -100,13 +97,13 @@ def mi1_groups(n_student, n_teacher):
     return list(zip([0] + ends[:-1], ends))
 
 
-def output_distance(a, b, how="huber"):
-    """Weight-free output loss: pseudo-Huber (iCT, Song & Dhariwal 2023, Sec. 3.3) per sample | l2 | l1."""
-    if how == "huber":
-        c = 0.00054
-        # d(a, b) = sqrt(||a - b||^2 / dim + c^2) - c
-        return (((a - b) ** 2).flatten(1).mean(1) + c * c).sqrt().sub(c).mean()
-    return F.mse_loss(a, b) if how == "l2" else F.l1_loss(a, b)
+HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d) on ||.||, i.e. 0.00054 on the per-dimension RMS used here
+
+
+def output_distance(a, b):
+    """Weight-free output loss: pseudo-Huber (iCT, Song & Dhariwal 2023, Sec. 3.3), per sample, averaged."""
+    # d(a, b) = sqrt(||a - b||^2 / dim + c^2) - c
+    return (((a - b) ** 2).flatten(1).mean(1) + HUBER_C * HUBER_C).sqrt().sub(HUBER_C).mean()
 
 
 def standardise(h, ref):
@@ -117,25 +114,19 @@ def standardise(h, ref):
     return (h - mu) / sd
 
 
-def distill_loss(out, target, s_feats, t_feats, pairs, out_loss="huber", feat_weight=1.0,
-                 feat_norm="channel"):
+def distill_loss(out, target, s_feats, t_feats, pairs, feat_weight=1.0):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = pairs[k]
     std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected
-    by W_k. out None: no output term (MI1 stage A); no pairs: output only. feat_norm "token": a LayerNorm per
-    token on both sides instead (the previous version, kept as an ablation)."""
+    by W_k. out None: no output term (MI1 stage A); no pairs: output only."""
     terms, loss = {}, 0.0
     if out is not None:
-        terms["out"] = output_distance(out, target, out_loss)
+        terms["out"] = output_distance(out, target)
         loss = terms["out"]
     if t_feats is not None and pairs:
         # assignment 5 begin: feature KD with its projector
-        if feat_norm == "token":
-            mse = [F.mse_loss(F.layer_norm(s, s.shape[-1:]), F.layer_norm(t_feats[j], s.shape[-1:]))
-                   for s, (_, j) in zip(s_feats, pairs)]
-        else:
-            mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
-                   for s, (_, j) in zip(s_feats, pairs)]
+        mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
+               for s, (_, j) in zip(s_feats, pairs)]
         terms["feat"] = sum(mse) / len(pairs)
         # assignment 5 end
         loss = loss + feat_weight * terms["feat"]
@@ -154,13 +145,13 @@ class Distiller(nn.Module):
         self.up = nn.ModuleList(make(d, d_teacher) for _ in pairs)
         self.down = nn.ModuleList(make(d_teacher, d) for _ in (groups or []))
 
-    def forward(self, x, y, t=None, t_feats=None):
+    def forward(self, x, y, t_feats=None):
         if self.groups is None:
-            out, feats = features(self.student, x, y, t)
+            out, feats = features(self.student, x, y)
             # assignment 5 begin: feature KD with its projector
             return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.pairs)]
             # assignment 5 end
-        h, c, net = embed(self.student, x, y, t)
+        h, c, net = embed(self.student, x, y)
         outs = []
         for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
             h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
@@ -252,8 +243,9 @@ def slice_width(dst, src, states):
 def build_student(ckpt, ema=True):
     """The model of a "student" checkpoint (any stage), EMA weights, eval mode, without the projectors."""
     config = dict(ckpt["config"])
-    arch = config.pop("arch")
-    model = OneStepDiT(**config) if arch == "onestep" else dit.DiT(**config)
+    if config.pop("arch") != "onestep":  # the multi-step student left the code (its numbers: docs/distill.md)
+        sys.exit("error: this checkpoint holds a multi-step student, which distill.py no longer builds")
+    model = OneStepDiT(**config)
     state = ckpt["ema"] if ema else ckpt["model"]
     model.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
     return model.eval()
@@ -265,12 +257,12 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     the pairs only); how: block mapping (None: output only); init/keep: copy init's blocks keep; mi1: stage A
     then B. The file name hashes everything the stage depends on, so equal stages are shared across runs.
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
-    onestep, device = cfg.setup == "onestep", dit.pick_device(cfg.device)
+    device = dit.pick_device(cfg.device)
     steps, cfg = steps or cfg.steps, replace(cfg, seed=0) if shared else cfg
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(cfg.seed)
-    student = OneStepDiT(**config) if onestep else dit.DiT(**config)
-    if keep == "slice":  # --ta-init slice: the TA cut to the student's width
+    student = OneStepDiT(**config)
+    if keep == "slice":  # the TA cut to the student's width
         slice_width(student, init, source_states(init, base, range(shape[0] + 1)).values())
     elif init is not None:
         init_from(student, init, keep)
@@ -278,37 +270,21 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     pairs = block_map(shape[0], L_T, how) if how else []
     tag = dit.settings_tag(key := stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps))
     net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
-    diffusion, cache = dit.Diffusion(), None
-    if onestep and source is not None:  # fixed inputs: the source's used states, computed once per stage
+    cache = None  # fixed inputs: the source's used states on every pair, computed once per stage
+    if source is not None:
         cache = source_states(source, base, {j for _, j in pairs} | {a for a, _ in net.groups or []})
 
-    def loss_fn(net, xb, yb, step):
-        if onestep:  # yb indexes the pairs; xb (the same images as uint8) is unused
-            x, t, target, y = base["z"][yb], None, base["x"][yb], base["y"][yb]
-        else:  # BK-SDM: the student's diffusion loss + the teacher's eps and features at the same (x_t, t)
-            y = base["teacher"].y_embedder.token_drop(yb)  # the base's CFG label dropout, same for both nets
-            i = torch.randint(0, diffusion.num_steps, (len(xb),), device=xb.device)
-            noise = torch.randn_like(xb)
-            x, t = diffusion.q_sample(xb, i, noise), diffusion.model_t(i)
-        t_out, t_feats = None, None if cache is None else {j: h[yb] for j, h in cache.items()}
-        if cache is None and source is not None:
-            with torch.no_grad():
-                t_out, t_feats = features(source, x, y, t)
-        out, s_feats = net(x, y, t, t_feats)
-        C, kw = xb.shape[1], (cfg.out_loss, cfg.feat_weight, cfg.feat_norm)
-        if onestep:
-            return distill_loss(out, target, s_feats, t_feats, pairs, *kw)
-        terms = distill_loss(out if out is None else out[:, :C], t_out[:, :C], s_feats, t_feats, pairs, *kw)
-        if out is not None:
-            terms["task"] = diffusion.loss_from_output(out, xb, x, i, noise)["loss"]
-            terms["loss"] = terms["loss"] + terms["task"]
-        return terms
+    def loss_fn(net, xb, yb, step):  # yb indexes the pairs; xb (the same images as uint8) is unused
+        z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
+        t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
+        out, s_feats = net(z, y, t_feats)
+        return distill_loss(out, target, s_feats, t_feats, pairs, cfg.feat_weight)
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
         phases.insert(0, (f"{name}_{tag}_local", max(1, round(cfg.local_frac * steps))))
-    meta = dict(kind="student", config=dict(config, arch="onestep" if onestep else "dit"), stage=name,
-                method=cfg.method, setup=cfg.setup, key=json.dumps(key))
+    meta = dict(kind="student", config=dict(config, arch="onestep"), stage=name, method=cfg.method,
+                setup="onestep", key=json.dumps(key))
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
     if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
         return found
@@ -343,13 +319,12 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
 
 def stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps):
     """Every setting a stage's result depends on (its checkpoint's name hashes it)."""
-    key = dict(name=name, config=config, setup=cfg.setup, pairs=pairs, mi1=mi1, data=base["data_tag"],
+    key = dict(name=name, config=config, setup="onestep", pairs=pairs, mi1=mi1, data=base["data_tag"],
                teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
-               **{k: getattr(cfg, k) for k in ("out_loss", "batch_size", "lr", "ema_decay", "seed", "dtype")})
+               out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
+               **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
     if pairs:  # the feature weight and MI1's split only matter to the stages that use them
-        key["feat_weight"] = cfg.feat_weight
-        if cfg.feat_norm == "channel":  # (token: the old loss, whose keys had no such entry)
-            key["feat_norm"] = "channel"
+        key.update(feat_weight=cfg.feat_weight, feat_norm="channel")
     if mi1:
         key.update(local_frac=cfg.local_frac, local_on_top=True)
     if cfg.curve and name == "student":  # a curve run keeps its scores in the checkpoint: its own file
@@ -377,25 +352,20 @@ def load_shipped(path, meta, tag, steps, device):
 
 
 def teaching_assistant(cfg, source, shape, stage):
-    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` [inferred]. hop: the
-    student's depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output +
-    feature KD; the student then only shrinks the width (block i -> i). mid (TAKD, arXiv 1902.03393): halfway
-    depth and width, trained like the student."""
+    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` [inferred]: the student's
+    depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output + feature
+    KD; the student then only shrinks the width (block i -> i)."""
     L_T, D_T, H_T = shape_of(source)
-    if cfg.ta == "hop":
-        keep = [j - 1 for _, j in block_map(shape[0], L_T)]
-        return stage("ta", (shape[0], D_T, H_T), source, "uniform", init=source, keep=keep,
-                     steps=cfg.aux_steps, shared=cfg.setup == "onestep")  # one fixed TA for every --seed
-    h = shape[2]
-    mid = ((L_T + shape[0] + 1) // 2, (D_T + shape[1]) // 2 // (4 * h) * (4 * h), h)
-    return stage("ta", mid, source, cfg.mapping, steps=cfg.aux_steps)
+    keep = [j - 1 for _, j in block_map(shape[0], L_T)]
+    return stage("ta", (shape[0], D_T, H_T), source, "uniform", init=source, keep=keep, steps=cfg.aux_steps,
+                 shared=True)  # one fixed TA for every --seed
 
 
 def run_method(cfg, base, shape):
     """[(name, model, checkpoint)] of cfg.method's stages for a student of shape (depth, width, heads).
     Networks: base_dit (the multi-step base, "teacher"), onestep_teacher (the base made one-step on the
-    pairs), ta, student. The feature source is base_dit (multistep) or onestep_teacher (onestep)."""
-    base_dit, onestep = base["teacher"], cfg.setup == "onestep"
+    pairs; the feature source), ta, student."""
+    base_dit = base["teacher"]
     L_T, D_T, H_T = shape_of(base_dit)
     stages = []
 
@@ -404,20 +374,17 @@ def run_method(cfg, base, shape):
         return stages[-1][1]
 
     if cfg.method == "kd":
-        stage("student", shape, None if onestep else base_dit, None)
+        stage("student", shape, None, None)
         return stages
-    source = base_dit
-    if onestep:
-        source = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=base_dit, keep=list(range(L_T)),
-                       steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
+    source = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=base_dit, keep=list(range(L_T)),
+                   steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
     if cfg.method == "fkd":
         stage("student", shape, source, cfg.mapping)
     elif cfg.method == "mi1":
         stage("student", shape, source, "uniform", mi1=True)
     else:
         ta = teaching_assistant(cfg, source, shape, stage)
-        sliced = dict(init=ta, keep="slice") if cfg.ta == "hop" and cfg.ta_init == "slice" and onestep else {}
-        stage("student", shape, ta, "first" if cfg.ta == "hop" else cfg.mapping, **sliced)
+        stage("student", shape, ta, "first", init=ta, keep="slice")
     return stages
 
 
@@ -451,9 +418,9 @@ def curves(cfg, ck):
     FD-clf, mean +- sd, training seconds) and curves.png over every run in cfg.out whose settings equal
     these but for the method and the seed."""
     same = {k: v for k, v in asdict(cfg).items() if k not in ("method", "seed", "out", "device", "log_every",
-                                                                "bench_reps", "ship", "ta_init")}
+                                                                "bench_reps", "ship")}
     folder = os.path.join(cfg.out, f"curves_{dit.settings_tag(same)}")
-    label = cfg.method + ("-slice" if (cfg.method, cfg.ta, cfg.ta_init) == ("ta", "hop", "slice") else "")
+    label = cfg.method + ("-slice" if cfg.method == "ta" else "")  # the student cut from the TA
     rows, png = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
                                 ("method", "student steps"),
                                 xlabel="student training steps (MI1: end-to-end steps, after its stage A)")
@@ -478,7 +445,7 @@ def sweep(cfg, base, device):
     points = [(float(r["ms/img b1"]), float(q), f"{r['model'][8:]} {r['params']}")
               for r in rows[1:] for k, q in r.items() if "lower better" in k]
     if points:
-        fid.pareto_png(points, os.path.join(cfg.out, f"pareto_{cfg.setup}_{cfg.method}.png"),
+        fid.pareto_png(points, os.path.join(cfg.out, f"pareto_onestep_{cfg.method}.png"),
                        "ms per image at batch 1")
     return rows
 
@@ -488,16 +455,11 @@ def sweep(cfg, base, device):
 @dataclass
 class DistillConfig:
     method: str = "ta"           # kd (output only) | fkd (output + features) | ta (teaching assistant) | mi1
-    setup: str = "onestep"       # onestep (z -> x from offline pairs) | multistep (BK-SDM: diffusion student)
-    ta: str = "hop"              # ta variant: hop (teacher -> (L_S, D_T) -> student) | mid (halfway-size TA)
-    ta_init: str = "slice"       # ta hop (one-step): the student starts as the TA cut to its width, or random
-    mapping: str = "uniform"     # student->teacher block map for fkd / ta mid: uniform | first | last
+    mapping: str = "uniform"     # student->teacher block map for fkd: uniform | first
     depth: int = 3               # >=1: student blocks (teacher: 6)
     width: int = 64              # >=1: student hidden size D (multiple of 4 * heads; teacher: 128)
     heads: int = 2               # >=1: student attention heads
-    out_loss: str = "huber"      # output distance: huber (pseudo-Huber, iCT) | l2 | l1
     feat_weight: float = 0.1     # >=0: lambda_f on the feature loss (BK-SDM: 1; 0.1 here) [inferred]
-    feat_norm: str = "channel"   # targets standardised per channel | token (a LayerNorm, the old loss)
     local_frac: float = 0.3      # (0,1): mi1: block-local stage A steps = local_frac * steps, first
     steps: int = 2400            # >=1: student training steps (equal for every method; end-to-end for MI1)
     teacher_steps: int = 1500    # >=1: steps of the one-step teacher (the feature source of fkd / ta / mi1)
@@ -533,9 +495,7 @@ PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
-                    dict(method=("kd", "fkd", "ta", "mi1"), setup=("onestep", "multistep"), ta=("hop", "mid"),
-                         ta_init=("random", "slice"), mapping=("uniform", "first", "last"),
-                         out_loss=("huber", "l2", "l1"), feat_norm=("channel", "token"), dtype=dit.DTYPES))
+                    dict(method=("kd", "fkd", "ta", "mi1"), mapping=("uniform", "first"), dtype=dit.DTYPES))
     if cfg.width % (4 * cfg.heads):
         sys.exit("error: --width must be a multiple of 4 * --heads")
     dit.curve_steps(cfg.curve, cfg.steps, "student steps (--steps)")
@@ -545,29 +505,23 @@ def main(argv=None):
     ck = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device, seed=cfg.seed)
     dit.method_preset(cfg, ck, PAPER)
     head_dim = ck["config"]["hidden_size"] // ck["config"]["num_heads"]
-    if (cfg.method, cfg.ta, cfg.ta_init, cfg.setup) == ("ta", "hop", "slice", "onestep") and \
-            cfg.width // cfg.heads != head_dim:
-        sys.exit(f"error: --ta-init slice keeps whole heads: --width / --heads must be {head_dim} (the "
-                 "TA's), or pass --ta-init random")
+    if cfg.method == "ta" and cfg.width // cfg.heads != head_dim:
+        sys.exit(f"error: the student cut from the TA keeps whole heads: --width / --heads must be "
+                 f"{head_dim} (the TA's)")
     print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
     base = dict(teacher=T, config=ck["config"])
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.setup == "onestep":
-        name = (f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}"
-                f"_seed{cfg.pairs_seed}.pt")
-        path = os.path.join(cfg.out, name)
-        shipped = os.path.join(cfg.shipped, name)  # the images only, float32
-        p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path,
-                           shipped=shipped)
-        if cfg.ship and not os.path.exists(shipped) and dit.is_main():
-            dit.ship_weights(dict(kind="pairs", config=dict(n=cfg.pairs), x=p["x"], ema={}), shipped)
-        base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
-                    data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
-    else:
-        x, y, _ = dit.load_data(cfg.data, cfg.data_dir, T.input_size)
-        base.update(data=(x, y), data_tag=f"{cfg.data}-{dit.data_tag(x, y)}")
+    name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.pairs_seed}.pt"
+    path = os.path.join(cfg.out, name)
+    shipped = os.path.join(cfg.shipped, name)  # the images only, float32
+    p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path,
+                       shipped=shipped)
+    if cfg.ship and not os.path.exists(shipped) and dit.is_main():
+        dit.ship_weights(dict(kind="pairs", config=dict(n=cfg.pairs), x=p["x"], ema={}), shipped)
+    base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
+                data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, base, device)
@@ -577,7 +531,7 @@ def main(argv=None):
     stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
     if not dit.is_main():  # under torchrun: rank 0 measures and writes, the others wait in dist_finish
         return dit.dist_finish()
-    grid = os.path.join(cfg.out, f"{cfg.setup}_{cfg.method}_grid.png")
+    grid = os.path.join(cfg.out, f"onestep_{cfg.method}_grid.png")
     dit.save_rows([T] + [m for _, m, _ in stages], grid, cfg.seed, cfg.sample_steps, cfg.cfg_scale)
     rows = measure(cfg, [("teacher", T, None)] + stages, device)
     names = ", ".join(n for n, _, _ in stages)

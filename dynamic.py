@@ -21,8 +21,9 @@ Paper / reference code -> this file
     inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.plan, sliced_forward
     batched token gather / scatter (DyFLUX code)              -> sliced_forward
 
-[inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); random
-routers and the half-width baseline (magnitude pruning of half the heads and groups); for a few hundred CPU
+[inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); the
+half-width baseline (magnitude pruning of half the heads and groups); TDW router weights starting at 0
+(code: Xavier); for a few hundred CPU
 steps (paper: 50k-200k) a router lr of 0.005 (0.05 saturates the TDW logits on the shipped base, whose
 |E_t| is about 60: Adam moves each logit by lr x |E_t|_1 per step), EMA 0.99, FLOPs weight w = 10 (paper 2:
 with 2 the ratio lagged the ramp, 0.60 after 200 steps at lambda 0.5) and a scaled-down hold / ramp / warm-up.
@@ -33,10 +34,11 @@ Run:
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
 Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> plan -> slice_block.
+Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode) keep
+their numbers in docs/dynamic.md.
 """
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -81,15 +83,15 @@ def flops_loss(ratio, lam, weight):
     # assignment 8 end
 
 
-TOKEN_BIAS = 35.0  # the SDT routers' last bias at init (DyDiT code): every token starts through the MLP
+WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0  # the routers' last biases at init (DyDiT code): every unit starts on
 
 
 class Routers(nn.Module):
     """Per block: TDW routers D -> H-1 head / group logits on E_t, the SDT router D -> D/16 -> ReLU -> 1
     per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code). With
-    |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0: init="zero"
-    starts them at weight 0 instead [inferred]."""
-    def __init__(self, D, H, depth, init="zero", token_bias=TOKEN_BIAS):
+    |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0, so the TDW
+    weights start at 0 instead [inferred]."""
+    def __init__(self, D, H, depth):
         super().__init__()
         self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
         self.mlp = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
@@ -100,23 +102,22 @@ class Routers(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         for lin in list(self.attn) + list(self.mlp):
-            nn.init.constant_(lin.bias, 15.0)
-            if init == "zero":
-                nn.init.zeros_(lin.weight)
+            nn.init.constant_(lin.bias, WIDTH_BIAS)
+            nn.init.zeros_(lin.weight)  # ours: every unit on for any E_t (code: Xavier, 9% off at step 0)
         for r in self.token:
-            nn.init.constant_(r[-1].bias, token_bias)
+            nn.init.constant_(r[-1].bias, TOKEN_BIAS)
 
 
 class DyDiT(nn.Module):
     """A dit.DiT plus routers. Training: the masked graph (masked_forward), masks multiply activations.
     Eval: the sliced graph, per-t weight slices and a token gather. forward(x, t, y) like any DiT."""
-    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0, router_init="zero", token_bias=TOKEN_BIAS):
+    def __init__(self, model, mode="dydit", lam=0.5, tau=5.0):
         super().__init__()
-        if mode not in ("dydit", "tdw", "sdt", "random", "halfwidth"):
+        if mode not in ("dydit", "tdw", "sdt", "halfwidth"):
             raise ValueError(f"unknown DyDiT mode {mode!r}")
         self.dit, self.mode, self.lam, self.tau = model, mode, lam, tau
         D, H, L = model.pos_embed.shape[-1], model.num_heads, len(model.blocks)
-        self.routers = Routers(D, H, L, router_init, token_bias)
+        self.routers = Routers(D, H, L)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
         dit.samples_like(self, model)
         self.plans, self.weights, self.trace = {}, {}, None
@@ -133,12 +134,7 @@ class DyDiT(nn.Module):
         self.plans, self.weights = {}, {}
         return super()._load_from_state_dict(*args, **kw)
 
-    def p_random(self):
-        """Keep rate p of the random-router ablation: F_attn p + F_mlp p^2 = lambda (F_attn + F_mlp)."""
-        fa, fm = block_macs(self.dit.blocks[0], self.dit.pos_embed.shape[1])
-        return (-fa + math.sqrt(fa * fa + 4 * fm * self.lam * (fa + fm))) / (2 * fm)
-
-    def width_masks(self, l, e, gen=None):
+    def width_masks(self, l, e):
         """TDW masks of block l, DyDiT Sec. 3.1: (B, H) head mask and (B, H) MLP-group mask from E_t (B, D);
         entry 0 is a constant 1 (the always-on head / group)."""
         B, H = e.shape[0], self.dit.num_heads
@@ -146,21 +142,15 @@ class DyDiT(nn.Module):
             return e.new_ones(B, H), e.new_ones(B, H)
         if self.mode == "halfwidth":
             return self.fixed[0, l].expand(B, H), self.fixed[1, l].expand(B, H)
-        if self.mode == "random":  # Bernoulli(q) on units 1..H-1 so that the expected kept fraction is p
-            q = min(max((self.p_random() * H - 1) / (H - 1), 0.0), 1.0)
-            ma, mm = (torch.rand(2, B, H - 1, generator=gen) < q).float().to(e)
-        else:
-            ma = gumbel_sigmoid(self.routers.attn[l](e), self.tau, self.training)
-            mm = gumbel_sigmoid(self.routers.mlp[l](e), self.tau, self.training)
+        ma = gumbel_sigmoid(self.routers.attn[l](e), self.tau, self.training)
+        mm = gumbel_sigmoid(self.routers.mlp[l](e), self.tau, self.training)
         one = e.new_ones(B, 1)
         return torch.cat([one, ma], 1), torch.cat([one, mm], 1)
 
-    def token_mask(self, l, h, gen=None):
+    def token_mask(self, l, h):
         """SDT mask of block l, DyDiT Sec. 3.2: (B, T), 1 = the token goes through the MLP; None = all do."""
         if self.mode in ("tdw", "halfwidth"):
             return None
-        if self.mode == "random":
-            return (torch.rand(h.shape[:2], generator=gen) < self.p_random()).float().to(h)
         return gumbel_sigmoid(self.routers.token[l](h).squeeze(-1), self.tau, self.training)
 
     @torch.no_grad()
@@ -171,7 +161,7 @@ class DyDiT(nn.Module):
             e = self.dit.t_embedder(torch.tensor([t], device=self.fixed.device))  # E_t (1, D)
             steps = []
             for l, block in enumerate(self.dit.blocks):
-                hm, gm = self.width_masks(l, e, torch.Generator().manual_seed(1000 * t + l))
+                hm, gm = self.width_masks(l, e)
                 on = lambda m: tuple(m[0].nonzero().flatten().tolist())  # noqa: E731
                 key = (l, on(hm), on(gm))
                 if key not in self.weights:
@@ -267,8 +257,7 @@ def sliced_forward(model, x, t, y):
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2)
         o = o.reshape(B, T, -1)  # (B, T, k hd)
         h = h + mod.gate_msa.unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
-        gen = torch.Generator().manual_seed(7 * tv + l) if model.mode == "random" else None
-        tm = model.token_mask(l, h, gen)
+        tm = model.token_mask(l, h)
         def mlp(v, w=w, block=block):  # the sliced MLP
             return F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"), w["fc2_w"],
                             block.mlp.fc2.bias)
@@ -344,21 +333,14 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
 
 
 # every setting a fine-tuned checkpoint depends on, besides the teacher's weights
-TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "ema_warmup",
-              "router_init", "lam_hold", "lam_ramp", "complete_steps", "flops_weight", "tau", "reorder",
-              "seed", "data")
-
-
-def sdt_knobs(cfg, mode):
-    """The SDT settings off the code's defaults, for a mode whose token routers act ({} otherwise): part of
-    the run's key and its label, so runs at the defaults keep their earlier keys."""
-    return {"token_bias": cfg.token_bias} if mode in ("dydit", "sdt") and cfg.token_bias != TOKEN_BIAS else {}
+TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
+              "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
 
 
 def run_key(cfg, teacher, data=None):
     """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
     x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
-    keys = TRAIN_KEYS + tuple(sdt_knobs(cfg, cfg.mode)) + dit.CURVE_KEYS * bool(cfg.curve)
+    keys = TRAIN_KEYS + dit.CURVE_KEYS * bool(cfg.curve)
     return dit.run_key(cfg, keys, teacher, dit.data_tag(x, y))
 
 
@@ -379,7 +361,7 @@ def finetune(cfg, teacher, quiet=False):
         reorder_(net)
     tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
-                         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, log_every=max(cfg.steps // 8, 1),
+                         ema_decay=cfg.ema_decay, ema_warmup=0, log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
         dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
@@ -397,7 +379,7 @@ def finetune(cfg, teacher, quiet=False):
         def loss(m, xb, yb, step):
             return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
         return dit.train(net, loss, (x, y), tc, meta, quiet=quiet, **hook)[2]
-    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau, cfg.router_init, cfg.token_bias)
+    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
         model.fixed[:, :, net.num_heads // 2:] = 0
     groups = [dict(params=list(net.parameters())),
@@ -496,8 +478,7 @@ def evaluate(name, model, static, cfg, device, lam="1", steps=None):
             row["of FLOPs cut"] = f"{ts / td * ratio:.2f}" if t else "-"
     return {**row, q["metric"]: f"{q['score']:.2f}",
             "acc": "-" if q["acc"] is None else f"{q['acc']:.3f}",
-            # random masks are drawn anew by each graph, so the two cannot agree: no check for mode random
-            "max|sliced-masked|": f"{sliced_vs_masked(model):.1e}" if dyn and model.mode != "random" else "-"}
+            "max|sliced-masked|": f"{sliced_vs_masked(model):.1e}" if dyn else "-"}
 
 
 def direction(model):
@@ -513,18 +494,15 @@ class DyConfig:
     teacher: str = "weights/dit_shapes.pt"  # base DiT (shipped; out/dit.pt after python dit.py)
     preset: str = ""              # "" = the base's; cifar / imagenet64: lr, EMA left at default -> PAPER
     out: str = ""                 # checkpoint ("" = out/dydit_<mode>_<lam>_<hash>.pt); --sweep: the prefix
-    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | random | halfwidth | static (fine-tune)
+    mode: str = "dydit"           # dydit (TDW+SDT) | tdw | sdt | halfwidth | static (fine-tune)
     lam: float = 0.5              # (0,1]: target FLOPs ratio lambda (paper grid 0.9 .. 0.3)
     sweep: bool = False           # run every mode:lambda of --variants (static first: the speed reference)
-    variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5,random:0.5"
+    variants: str = "static:1,halfwidth:0.5,dydit:0.7,dydit:0.5,dydit:0.3,tdw:0.5,sdt:0.5"
     steps: int = 800              # >=1: fine-tuning steps (paper: 50k DiT-S .. 200k DiT-XL; 200 miss lambda)
     batch_size: int = 64          # >=1: fine-tuning batch (paper: 256)
     lr: float = 2e-4              # >0: AdamW lr of the DiT weights (paper: 1e-4, constant)
     router_lr: float = 0.005      # >0: AdamW lr of the routers [inferred, see the docstring]
-    token_bias: float = TOKEN_BIAS  # (-inf,inf): SDT routers' last bias at init (code 35: all on)
-    ema_decay: float = 0.99       # [0,1): EMA of the fine-tuned weights (paper: 0.9999 over 200k steps) ...
-    ema_warmup: int = 0           # [0,1]: ... constant from a copy of the base (1 = the cpu preset's warm-up)
-    router_init: str = "zero"     # TDW router weights: zero (every unit on for any E_t) | xavier (code)
+    ema_decay: float = 0.99       # [0,1): EMA of the fine-tuned weights, constant from a copy (paper: 0.9999)
     lam_hold: int = 10            # >=0: steps at target 1 before the ramp (paper: 100)
     lam_ramp: int = 80            # >=0: steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
     complete_steps: int = 50      # >=0: steps with the complete-model loss (paper: 30k of 200k for XL)
@@ -543,7 +521,7 @@ class DyConfig:
     data: str = "shapes"          # shapes | cifar10 (with --data-dir ../shared/data/cifar10-subset)
     data_dir: str = "data"        # where the data set lives
 
-MODES = ("dydit", "tdw", "sdt", "random", "halfwidth", "static")
+MODES = ("dydit", "tdw", "sdt", "halfwidth", "static")
 CURVE_COLUMNS = (("ratio", "FLOPs ratio", ".3f"), ("keep", "token keep", ".3f"))  # --curve, beside FD-clf
 # the GPU presets' recipe (DyDiT Sec. 4 / DiT Sec. 4: lr 1e-4, constant EMA 0.9999 from a copy)
 PAPER = dict(lr=1e-4, ema_decay=0.9999)
@@ -569,7 +547,7 @@ def main(argv=None):
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
     same = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("mode", "lam", "token_bias", "sweep", "variants", "seed", "out", "device",
+            if k not in ("mode", "lam", "sweep", "variants", "seed", "out", "device",
                          "bench_reps")}
     folder, curve = os.path.join("out", f"dydit_curves_{dit.settings_tag(same)}"), None
     if not cfg.sweep and lead:
@@ -584,8 +562,7 @@ def main(argv=None):
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if not lead:
             continue
-        sdt = [f"{k.replace('_', '-')} {v:g}" for k, v in sdt_knobs(cfg, mode).items()]
-        label = " ".join([mode, str(lam)] + sdt)  # the SDT knob is not in the curve folder's key
+        label = f"{mode} {lam}"
         if cfg.curve:  # this run's points, pooled with every variant and seed of the same settings
             curve = fid.pool_curves(folder, f"{label}_seed{cfg.seed}", ck.get("evals", []),
                                     ("variant", "fine-tune steps"), CURVE_COLUMNS, "fine-tuning steps")
@@ -596,7 +573,7 @@ def main(argv=None):
             rows.append(evaluate(f"static fine-tuned, {half} steps", static, static, cfg, device, steps=half))
         else:
             model = grid[label] = build_dydit(ck).to(device)
-            rows.append(evaluate(" ".join([mode] + sdt), model, static, cfg, device, lam))
+            rows.append(evaluate(mode, model, static, cfg, device, lam))
             pictures += save_pictures(model, os.path.splitext(out)[0], cfg)
             dirs[label] = direction(model)
         samples = os.path.join(os.path.dirname(out) or ".", "dydit_samples.png")

@@ -19,8 +19,8 @@ What is measured, per checkpoint (any kind sample.load_model knows: dit, student
     peak MB                      CUDA: torch.cuda.max_memory_allocated at --batch; CPU: n/a (not measured)
     quality                      fid.evaluate with one shared setting (--n, --steps, --cfg-scale, --seed)
 Stacking (--stack): a DiP-GO plan learned on each TinyFusion-pruned DiT (prune.learn_scores +
-postprocess), and DyDiT fine-tuned from each multi-step distilled student (dynamic.finetune). A one-step
-student has no timestep input, so DyDiT's timestep-wise width has nothing to route on: not stacked.
+postprocess). (The student + DyDiT stack, for multi-step students only, left with the multi-step student; a
+one-step student has no timestep input, so DyDiT's timestep-wise width has nothing to route on.)
 
 Choices here ([inferred], no paper specifies them): per-call latency is the median over all calls of a
 trajectory (DyDiT and DiP-GO calls differ in cost by step); quality is always scored in float32 eager.
@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 
 import dit
-import dynamic
 import fid
 import prune
 import sample
@@ -74,9 +73,9 @@ class BenchConfig:
     data: str = "shapes"          # data set of the quality metric
     data_dir: str = "data"        # where cifar10 / imagenet64 live
     seed: int = 0                 # >=0: noise of the timed inputs and of the quality samples
-    stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO, student + DyDiT)
-    stack_ratio: float = 0.5      # (0,1): DiP-GO reuse ratio for the stacked plan; DyDiT lambda for the stack
-    stack_steps: int = 30         # >=1: DiP-GO pruner steps / DyDiT fine-tuning steps of the stack
+    stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO)
+    stack_ratio: float = 0.5      # (0,1): DiP-GO reuse ratio for the stacked plan
+    stack_steps: int = 30         # >=1: DiP-GO pruner steps of the stack
     peak: bool = False            # only time a fresh --preset DiT (train, forward, sampling) vs matmul peak
     preset: str = "cpu"           # model size for --peak (dit.PRESETS)
 
@@ -170,12 +169,11 @@ def find_checkpoints(paths, root="out"):
 def stack_dipgo(path, cfg, device):
     """TinyFusion + DiP-GO: learn a DiP-GO plan (pruner + falling threshold) on a pruned DiT checkpoint
     and save it as a kind "dipgo" checkpoint. Returns its path."""
-
     ck = dit.load_checkpoint(path, kinds=["dit"])
     base = dit.build_dit(ck).to(device).requires_grad_(False)
     dcfg = prune.PruneConfig(teacher=path, eval_steps=cfg.steps, cfg_scale=cfg.cfg_scale,
-                             ratio=cfg.stack_ratio,
-                          dipgo_steps=cfg.stack_steps, seed=cfg.seed, device=str(device), data=cfg.data)
+                             ratio=cfg.stack_ratio, dipgo_steps=cfg.stack_steps, seed=cfg.seed,
+                             device=str(device), data=cfg.data)
     score, _ = prune.learn_scores(base, dcfg, log=None)
     plan = prune.postprocess(score, cfg.stack_ratio)
     name = os.path.splitext(os.path.basename(path))[0]
@@ -184,42 +182,15 @@ def stack_dipgo(path, cfg, device):
     return out
 
 
-def stack_dydit(path, cfg, device):
-    """Distilled multi-step student + DyDiT: the student (a dit.DiT) is fine-tuned into a DyDiT at
-    lambda = --stack-ratio by dynamic.finetune. Returns the path, or None for a one-step student."""
-    ck = dit.load_checkpoint(path, kinds=["student"])
-    config = dict(ck["config"])
-    if config.pop("arch") == "onestep":
-        return None
-    as_dit = dict(kind="dit", config=config,
-                  ema={k[len("student."):]: v for k, v in ck["ema"].items() if k.startswith("student.")})
-    name = os.path.splitext(os.path.basename(path))[0]
-    out = os.path.join(cfg.out, "stack", f"{name}+dydit_{cfg.stack_ratio}.pt")
-    dcfg = dynamic.DyConfig(out=out, lam=cfg.stack_ratio, steps=cfg.stack_steps, device=str(device),
-                            data=cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, lam_hold=0,
-                            lam_ramp=max(cfg.stack_steps // 2, 1),
-                            complete_steps=0)
-    dynamic.finetune(dcfg, as_dit, quiet=True)
-    return out
-
-
 def build_stacks(found, cfg, device):
-    """The stacked checkpoints for `found`, with a note per pair that cannot be stacked."""
+    """The stacked checkpoints (a DiP-GO plan on each TinyFusion-pruned DiT) of `found`."""
     new = []
     for p, kind in found:
         ck = torch.load(p, map_location="cpu", weights_only=True)
         if kind == "dit" and ck.get("method") == "tinyfusion":
             print(f"stack: learning a DiP-GO plan on {p} ({cfg.stack_steps} pruner steps)")
             new.append((stack_dipgo(p, cfg, device), "dipgo"))
-        elif kind == "student":
-            print(f"stack: fine-tuning DyDiT from the student {p} ({cfg.stack_steps} steps)")
-            q = stack_dydit(p, cfg, device)
-            if q is None:
-                print(f"stack: {p} is a one-step student (no timestep): DyDiT's width router has no input; "
-                      "skipped")
-            else:
-                new.append((q, "dydit"))
-    if not any(k == "dipgo" for _, k in new):
+    if not new:
         print("stack: no TinyFusion checkpoint (kind dit, method tinyfusion): nothing to stack with DiP-GO")
     return new
 

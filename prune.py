@@ -295,21 +295,6 @@ def masked_rep_loss(h_s, h_t, k):
     return ((keep(h_s) * h_s - keep(h_t) * h_t.detach()) ** 2).mean()
 
 
-@torch.no_grad()
-def massive_activations(model, batch, k):
-    """Does this DiT have the "massive activations" TinyFusion's Masked KD ignores? Per block output
-    h_l on the calibration batch: max |h - mu| / sigma (per sample, as masked_rep_loss) and the share of
-    entries beyond k sigma. Returns [(max ratio, share)] per block."""
-    x0, y, i, noise = batch
-    diffusion = dit.Diffusion()
-    _, feats = model(diffusion.q_sample(x0, i, noise), diffusion.model_t(i), y, return_features=True)
-    rows = []
-    for h in feats:
-        z = (h - h.mean(dim=(1, 2), keepdim=True)).abs() / h.std(dim=(1, 2), keepdim=True)
-        rows.append((z.amax().item(), (z >= k).float().mean().item()))
-    return rows
-
-
 def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     """Masked KD, TinyFusion Sec. 3 / Table 5: a_KD L_KD + a_GT L_GT + beta L_rep, beta = beta_0 (1 - frac).
     Teacher and student see the same x_t, t and the same CFG label drop. L_KD = ||eps_s - eps_t||^2 + the
@@ -376,7 +361,7 @@ def learn_mask(cfg, teacher_ckpt, data, path):
                   lora_alpha=cfg.lora_alpha)
     meta = dict(kind="tinyfusion_search", config=config)
     tcfg = dataclasses.replace(train_config(cfg, path, cfg.learn_steps, cfg.gate_lr, cfg.gate_ema, 1.0),
-                               ema_warmup=cfg.gate_ema_warmup)
+                               ema_warmup=0)  # the constant decay from step 0 (paper)
     _, ema, ck = dit.train(net, loss_fn, data, tcfg, meta, param_groups=groups_)
     trainable = sum(p.numel() for g in groups_ for p in g["params"])
     changes = [s for s in sorted(history) if s - 1 in history and history[s] != history[s - 1]]
@@ -413,13 +398,13 @@ def recover(cfg, pruned_ckpt, teacher, data, path):
 
 # every setting a stage's result depends on, besides the teacher's weights
 SEARCH_KEYS = ("preset", "data", "pattern", "batch_size", "learn_steps", "deltaw", "lora_rank", "lora_alpha",
-               "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema",
-               "gate_ema_warmup", "seed", "dtype")
+               "lora_lr", "gate_lr", "tau_start", "tau_end", "scaling", "logit_init", "gate_ema", "seed",
+               "dtype")
 RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "recover_lr", "recover_lr_end",
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
-DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr",
-              "dipgo_loss", "dipgo_alpha", "dipgo_dim", "dipgo_encoder", "seed")
+DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr", "dipgo_alpha",
+              "dipgo_dim", "seed")
 
 
 def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
@@ -515,11 +500,6 @@ def run_depth_pruning(cfg, methods, device):
     teacher = dit.build_dit(teacher_ckpt).to(device)
     data = dit.load_data(cfg.data, cfg.data_dir, teacher.input_size)[:2]
     batch = calib_batch(data, cfg.calib_n, cfg.seed, device)
-    if cfg.recover == "maskedkd":
-        ma = massive_activations(teacher, batch, cfg.kd_sigma)
-        print(f"massive activations of the base, per block: max |h - mu| / sigma = "
-              f"{', '.join(f'{m:.1f}' for m, _ in ma)}; share beyond {cfg.kd_sigma} sigma = "
-              f"{', '.join(f'{f:.3f}' for _, f in ma)}")
     results = [prune_method(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
     if not dit.is_main():  # under torchrun: rank 0 scores, times and writes; the others wait in dist_finish
         return results
@@ -594,17 +574,14 @@ def backup_connection(h, delta):
     return h + delta
 
 
-def gated_blocks(blocks, h, c, cache, gate=None, grad_ckpt=False):
+def gated_blocks(blocks, h, c, cache, gate=None):
     """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
         h <- g_keep * Block_b(h, c) + g_reuse * (h + D[t-1, b]),   D[t, b] = h_out - h_in
     gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values; None = step 0 (compute all).
     Every block is computed so that g_keep gets a gradient. Returns (h, new cache)."""
     new = []
     for b, block in enumerate(blocks):
-        if grad_ckpt:
-            out = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
-        else:
-            out = block(h, c)
+        out = block(h, c)
         if gate is not None:
             out = gate[b, 1] * out + gate[b, 0] * backup_connection(h, cache[b])
         new.append(out - h)
@@ -641,11 +618,11 @@ class Pruner(nn.Module):
     """Pruner network, DiP-GO Sec. 3: a learnable query per gated (step, block) -> a 1-layer single-head
     self-attention across the blocks of each step (Q, K in d/4) + FFN (d -> d/4 -> d), LayerNorms ->
     a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2) with logits [reuse, keep]
-    initialised to [0, 1] (P(keep) = 0.73). The released code skips the encoder; encoder=False does too."""
-    def __init__(self, steps, depth, dim=128, encoder=True):
+    initialised to [0, 1] (P(keep) = 0.73)."""
+    def __init__(self, steps, depth, dim=128):
         super().__init__()
         S, N, r = steps - 1, depth, dim // 4
-        self.shape, self.encoder = (S, N, dim), encoder
+        self.shape = (S, N, dim)
         self.query = nn.Embedding(S * N, dim)
         self.q, self.k, self.v = nn.Linear(dim, r), nn.Linear(dim, r), nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -660,12 +637,11 @@ class Pruner(nn.Module):
 
     def forward(self):
         S, N, d = self.shape
-        x = self.query.weight.view(S, N, d)
-        if self.encoder:
-            # A = softmax(Q K^T / sqrt(d/4)) V across the N blocks of each step
-            att = (self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(d // 4)).softmax(-1)  # (S, N, N)
-            x = self.norm1(x + att @ self.v(x))
-            x = self.norm2(x + self.ffn(x))  # (S, N, d)
+        x = self.query.weight.view(S, N, d)  # the paper's SA + FFN encoder (the released code skips it)
+        # A = softmax(Q K^T / sqrt(d/4)) V across the N blocks of each step
+        att = (self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(d // 4)).softmax(-1)  # (S, N, N)
+        x = self.norm1(x + att @ self.v(x))
+        x = self.norm2(x + self.ffn(x))  # (S, N, d)
         x = x.reshape(S * N, d)
         h = F.relu(torch.einsum("md,mdr->mr", x, self.w1) + self.b1)
         h = F.relu(torch.einsum("mr,mrs->ms", h, self.w2) + self.b2)
@@ -688,12 +664,10 @@ def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
     return s.mean()
 
 
-def consistency_loss(x, ref, kind="ssim"):
-    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3 (1 - SSIM by
-    default; MSE and L1 are the code's other options)."""
-    if kind == "ssim":
-        return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
-    return F.mse_loss(x, ref) if kind == "mse" else F.l1_loss(x, ref)
+def consistency_loss(x, ref):
+    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3: 1 - SSIM (the
+    paper's default; the code's MSE and L1 options were never measured here)."""
+    return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
 
 
 def sparsity_loss(logits, gates, ratio):
@@ -707,12 +681,12 @@ def sparsity_loss(logits, gates, ratio):
     # assignment 7 end
 
 
-def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, kind="ssim"):
+def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0):
     """The pruner's objective, DiP-GO Sec. 3: L = L_cons(x, ref) + alpha * sparsity_loss.
     x: the gated SuperNet's images, ref: the full sampler's; logits (K-1, N, 2) = [reuse, keep]; gates: their
     hard straight-through values. Returns (loss, L_cons, mean P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
-    cons = consistency_loss(x, ref, kind)
+    cons = consistency_loss(x, ref)
     sparse, p_keep, kept = sparsity_loss(logits, gates, ratio)
     return cons + alpha * sparse, cons, p_keep, kept
     # assignment 7 end
@@ -759,9 +733,9 @@ class CachedDiT(nn.Module):
     """A DiT that runs a DiP-GO plan inside any sampler (dit.sample / generate / fid.evaluate). It knows
     its step from t (the respaced schedule of `steps`, walked from its last entry down) and resets the cache
     at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead."""
-    def __init__(self, model, steps, plan=None, grad_ckpt=False):
+    def __init__(self, model, steps, plan=None):
         super().__init__()
-        self.dit, self.steps, self.grad_ckpt = model, steps, grad_ckpt
+        self.dit, self.steps = model, steps
         dit.samples_like(self, model)
         tmap = dit.Diffusion().respace(steps).timestep_map
         self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
@@ -780,7 +754,7 @@ class CachedDiT(nn.Module):
         h, c = self.dit.embed(x, t, y)
         if self.gates is not None:
             gate = None if s == 0 else self.gates[s - 1]
-            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.grad_ckpt)
+            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate)
         else:
             h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s)
         return self.dit.head(h, c)
@@ -796,9 +770,9 @@ def learn_scores(base, cfg, log=print, on_step=None):
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(cfg.seed)
-    pruner = Pruner(K, N, cfg.dipgo_dim, cfg.dipgo_encoder).to(device)
+    pruner = Pruner(K, N, cfg.dipgo_dim).to(device)
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)
-    net = CachedDiT(base, K, grad_ckpt=cfg.dipgo_grad_ckpt)
+    net = CachedDiT(base, K)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
         g = torch.Generator().manual_seed(cfg.seed * 100003 + it)
@@ -810,8 +784,7 @@ def learn_scores(base, cfg, log=print, on_step=None):
         logits = pruner()  # (K-1, N, 2)
         net.gates = st_gate(logits)
         x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
-        loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha,
-                                              cfg.dipgo_loss)
+        loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
@@ -1010,7 +983,6 @@ class PruneConfig:
     scaling: float = 100.0       # >0: logit multiplier s (paper 100, constant)
     logit_init: float = 0.02     # (-inf,inf): every pattern logit starts here (uniform; paper 0.02)
     gate_ema: float = 0.999      # [0,1): EMA decay of the logits (and LoRA); final mask = argmax of EMA
-    gate_ema_warmup: int = 0     # [0,1]: 0 = constant decay from step 0 (paper); 1 = the cpu preset's warm-up
     calib_n: int = 128           # >=1: calibration samples for the score-based baselines and the loss column
     random_masks: int = 100      # >=1: randmin: random k-of-L masks tried (all of them if C(L, k) is smaller)
     recover: str = "finetune"    # none | finetune | kd (logits KD) | maskedkd (paper's TinyDiT recipe)
@@ -1036,11 +1008,8 @@ class PruneConfig:
     dipgo_steps: int = 30        # >=1: pruner optimisation steps (paper: 500)
     dipgo_batch: int = 4         # >=1: (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
     dipgo_lr: float = 0.005      # >0: Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
-    dipgo_loss: str = "ssim"     # consistency loss: ssim (paper default) | mse | l1
     dipgo_alpha: float = 1.0     # >=0: sparsity weight (paper 1.0, ablated 0.1-2.0)
     dipgo_dim: int = 128         # >=1: pruner query width d (paper 512)
-    dipgo_encoder: bool = True   # apply the SA+FFN encoder (--no-dipgo-encoder = the released code's pruner)
-    dipgo_grad_ckpt: bool = False  # gradient checkpointing per block (less memory, ~1.3x the time)
     seed: int = 0                # >=0: seeds masks, LoRA, data order; scores and grids: noise seed 0
     device: str = "auto"         # auto | cpu | cuda | mps
     dtype: str = "float32"       # float32 | bfloat16 | float16 (autocast during training)
@@ -1054,7 +1023,7 @@ PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
 def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
-                         dipgo_loss=("ssim", "mse", "l1"), dtype=dit.DTYPES))
+                         dtype=dit.DTYPES))
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
