@@ -26,6 +26,7 @@ loss, L1 / L2 output losses, the last-block map) keep their numbers in docs/dist
 It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
 out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
+import functools
 import json
 import os
 import statistics
@@ -84,7 +85,8 @@ def shape_of(model):
 
 
 def block_map(n_student, n_teacher, how="uniform"):
-    """Student layer i -> teacher layer m(i), 1-indexed (layer 0 = the embedding) [inferred]:
+    """The block links [(i, m(i))]: student layer i learns teacher layer m(i), 1-indexed (layer 0 = the
+    embedding) [inferred]:
     uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1)."""
     if how == "uniform":
         return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
@@ -114,20 +116,20 @@ def standardise(h, ref):
     return (h - mu) / sd
 
 
-def distill_loss(out, target, s_feats, t_feats, pairs, feat_weight=1.0):
+def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
-        L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = pairs[k]
+        L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = links[k]
     std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected
-    by W_k. out None: no output term (MI1 stage A); no pairs: output only."""
+    by W_k. out None: no output term (MI1 stage A); no links: output only."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target)
         loss = terms["out"]
-    if t_feats is not None and pairs:
+    if t_feats is not None and links:
         # assignment 5 begin: feature KD with its projector
         mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
-               for s, (_, j) in zip(s_feats, pairs)]
-        terms["feat"] = sum(mse) / len(pairs)
+               for s, (_, j) in zip(s_feats, links)]
+        terms["feat"] = sum(mse) / len(links)
         # assignment 5 end
         loss = loss + feat_weight * terms["feat"]
     terms["loss"] = loss
@@ -137,19 +139,19 @@ def distill_loss(out, target, s_feats, t_feats, pairs, feat_weight=1.0):
 class Distiller(nn.Module):
     """The student plus its projectors W_k: Linear(D_S -> D_T) (dropped after training). With `groups` (MI1
     stage A) each block runs alone on the teacher state at the start of its group (through `down`)."""
-    def __init__(self, student, d_teacher, pairs, groups=None):
+    def __init__(self, student, d_teacher, links, groups=None):
         super().__init__()
         d = shape_of(student)[1]
         make = lambda a, b: nn.Identity() if a == b else nn.Linear(a, b)
-        self.student, self.pairs, self.groups = student, pairs, groups
-        self.up = nn.ModuleList(make(d, d_teacher) for _ in pairs)
+        self.student, self.links, self.groups = student, links, groups
+        self.up = nn.ModuleList(make(d, d_teacher) for _ in links)
         self.down = nn.ModuleList(make(d_teacher, d) for _ in (groups or []))
 
     def forward(self, x, y, t_feats=None):
         if self.groups is None:
             out, feats = features(self.student, x, y)
             # assignment 5 begin: feature KD with its projector
-            return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.pairs)]
+            return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.links)]
             # assignment 5 end
         h, c, net = embed(self.student, x, y)
         outs = []
@@ -267,18 +269,12 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     elif init is not None:
         init_from(student, init, keep)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
-    pairs = block_map(shape[0], L_T, how) if how else []
-    tag = dit.settings_tag(key := stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps))
-    net = Distiller(student, D_T, pairs, mi1_groups(shape[0], L_T) if mi1 else None)
-    cache = None  # fixed inputs: the source's used states on every pair, computed once per stage
-    if source is not None:
-        cache = source_states(source, base, {j for _, j in pairs} | {a for a, _ in net.groups or []})
-
-    def loss_fn(net, xb, yb, step):  # yb indexes the pairs; xb (the same images as uint8) is unused
-        z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
-        t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
-        out, s_feats = net(z, y, t_feats)
-        return distill_loss(out, target, s_feats, t_feats, pairs, cfg.feat_weight)
+    links = block_map(shape[0], L_T, how) if how else []
+    tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps))
+    net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
+    used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
+    cache = source_states(source, base, used) if source is not None else None
+    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight)
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
@@ -289,12 +285,6 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
         return found
     points = dit.curve_steps(cfg.curve, steps) if name == "student" else set()
-
-    def curve_point(step, ema):  # --curve: the student's (EMA) quality at these steps of its training
-        if step in points:
-            q = fid.evaluate(ema.student, cfg.data, cfg.data_dir, ema.student.input_size, n=cfg.eval_n,
-                             steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
-            return dict(score=round(q["score"], 4), acc=q["acc"])
     wall = 0.0
     for k, (run, n) in enumerate(phases):
         net.groups = net.groups if k == 0 and mi1 else None
@@ -303,10 +293,10 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
                                warmup=20, ema_decay=cfg.ema_decay, seed=cfg.seed + k, log_every=cfg.log_every,
                                ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, shape {shape}, source {getattr(source, 'name', None)}, "
-              f"mapping {pairs}{' (MI1 block-local)' if net.groups else ''}")
+              f"mapping {links}{' (MI1 block-local)' if net.groups else ''}")
         last = k == len(phases) - 1 and points
-        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True,
-                               on_step=curve_point if last else None)
+        on_step = functools.partial(curve_point, cfg=cfg, points=points, device=device) if last else None
+        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True, on_step=on_step)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
     if shared and cfg.ship and dit.is_main():
@@ -317,13 +307,31 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
-def stage_key(cfg, name, config, pairs, mi1, base, source, init, keep, steps):
+def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight):
+    """dit.train's loss on a batch of offline pairs: yb indexes them (xb, the same images as uint8, is
+    unused); the frozen source's states come from `cache` (computed once per stage; None: output KD only)."""
+    z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
+    t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
+    out, s_feats = net(z, y, t_feats)
+    return distill_loss(out, target, s_feats, t_feats, links, feat_weight)
+
+
+def curve_point(step, ema, cfg, points, device):
+    """--curve (dit.train's on_step): the student's EMA quality at these steps of its training."""
+    if step in points:
+        q = fid.evaluate(ema.student, cfg.data, cfg.data_dir, ema.student.input_size, n=cfg.eval_n,
+                         steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
+        return dict(score=round(q["score"], 4), acc=q["acc"])
+
+
+def stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps):
     """Every setting a stage's result depends on (its checkpoint's name hashes it)."""
-    key = dict(name=name, config=config, setup="onestep", pairs=pairs, mi1=mi1, data=base["data_tag"],
+    # "pairs" is the key's old name for the block links, kept so that the shipped files' keys still match
+    key = dict(name=name, config=config, setup="onestep", pairs=links, mi1=mi1, data=base["data_tag"],
                teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
                out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
                **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
-    if pairs:  # the feature weight and MI1's split only matter to the stages that use them
+    if links:  # the feature weight and MI1's split only matter to the stages that use them
         key.update(feat_weight=cfg.feat_weight, feat_norm="channel")
     if mi1:
         key.update(local_frac=cfg.local_frac, local_on_top=True)

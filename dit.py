@@ -567,12 +567,12 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
     model.train()
     with s:  # closes the progress bar and restores the signal handlers however the loop ends
         while s.step < cfg.steps:
-            xb, yb = s.batch()
+            xb, yb = (v.to(s.device) for v in next(s.it))
             for g in opt.param_groups:  # linear warm-up, then constant (the paper's schedule) or cosine
                 g["lr"] = g["base_lr"] * lr_factor(s.step, cfg)
             with autocast(s.device, cfg.dtype):
                 terms = loss_fn(s.net, xb, yb, s.step)
-            values = s.scalars(terms)  # the step's one host sync; stops on a non-finite loss
+            values = scalars(terms, s)  # the step's one host sync; stops on a non-finite loss
             opt.zero_grad(set_to_none=True)
             s.scaler.scale(terms["loss"]).backward()
             if cfg.grad_clip > 0:
@@ -948,6 +948,12 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+# Seeds of derived random streams [ours]: seed * STRIDE + index gives every (seed, index < STRIDE) its own
+# generator seed (epochs of the data order, pruner steps); FLIP_STRIDE, a prime, spaces the per-step flip
+# streams of nearby seeds; RESEED_STRIDE re-seeds a run resumed with another world size, by step.
+STRIDE, FLIP_STRIDE, RESEED_STRIDE = 100003, 7919, 1000003
+
+
 def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
     """Endless (images in [-1, 1], labels) batches. The order depends only on (seed, epoch), so a run
     resumed at step n sees exactly the batches an uninterrupted run would. Each rank takes its slice.
@@ -956,11 +962,11 @@ def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
     per_epoch, reps = max(n // batch_size, 1), -(-batch_size // n)
     while True:
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).repeat(reps)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * STRIDE + epoch)).repeat(reps)
         idx = perm[k * batch_size:(k + 1) * batch_size][rank::world]
         xb = to_float(x[idx])
         if flip:  # random horizontal flip, the only DiT augmentation; deterministic per step
-            f = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed + 7919 * step)) < 0.5
+            f = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed + FLIP_STRIDE * step)) < 0.5
             xb = torch.where(f[:, None, None, None], xb.flip(-1), xb)
         yield xb, y[idx]
         step += 1
@@ -1184,7 +1190,7 @@ class Session:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
         for g in self.opt.param_groups:
             g.setdefault("base_lr", g["lr"])
-        self.step, self.done_s, self.log_path = 0, 0.0, os.path.splitext(cfg.out)[0] + ".log.jsonl"
+        self.step, self.done_s = 0, 0.0
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         self.finished = os.path.exists(cfg.out) and self.resume()
         if self.finished:
@@ -1194,18 +1200,12 @@ class Session:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
                                                            find_unused_parameters=find_unused)
-        images, labels = data
-        flip = cfg.data != "shapes"
-        self.it = (batches(images, labels, cfg.batch_size // world, cfg.seed + 1000 * rank, self.step,
-                           flip=flip) if sharded
-                   else batches(images, labels, cfg.batch_size, cfg.seed, self.step, rank, world, flip=flip))
+        self.it = data_stream(data, cfg, self.step, rank, world, sharded)
         self.stop = {"sig": 0}
         on_signal = lambda sig, _: self.stop.update(sig=sig)  # noqa: E731
         self.handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.t0 = time.time() - self.done_s  # the training clock goes on from where a resumed run stopped
-        self.last, self.logs, self.last_logs, self.n_logged = time.time(), {}, {}, 0
-        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=rank != 0 or quiet,
-                        desc=os.path.basename(cfg.out), dynamic_ncols=True, leave=False)
+        self.log = RunLog(cfg, self.step, rank == 0, quiet)
 
     def resume(self):
         """Load cfg.out (same settings only). True when it already holds every step (self.ck: the file)."""
@@ -1230,20 +1230,13 @@ class Session:
             set_rng_state(ck["rng"][rank], self.device)
         else:  # another world size: the old per-rank streams cannot be split; re-seed, deterministically
             print(f"note: {cfg.out} was written by {len(ck['rng'])} processes, now {self.world}: new noise")
-            torch.manual_seed(cfg.seed + rank + 1000003 * self.step)
-        if self.step >= cfg.steps:
-            if rank == 0 and not self.quiet:
-                same = "settings (its key)" if meta.get("key") else "model config"
-                print(f"reusing {cfg.out}: finished ({self.step} steps) with the same {same}")
-            self.ck = ck
-            return True
+            torch.manual_seed(cfg.seed + rank + RESEED_STRIDE * self.step)
+        done, same = self.step >= cfg.steps, "settings (its key)" if meta.get("key") else "model config"
         if rank == 0 and not self.quiet:
-            print(f"resuming {cfg.out} at step {self.step}")
-        return False
-
-    def batch(self):
-        xb, yb = next(self.it)
-        return xb.to(self.device), yb.to(self.device)
+            print(f"reusing {cfg.out}: finished ({self.step} steps) with the same {same}" if done
+                  else f"resuming {cfg.out} at step {self.step}")
+        self.ck = ck if done else None  # a run that goes on does not hold the file's tensors
+        return done
 
     def evaluate(self, fn):
         """fn(step, ema) after step `step` (1-based), its result kept in meta["evals"] (saved with every
@@ -1254,45 +1247,15 @@ class Session:
         if rec is not None:
             rec = dict(rec, step=self.step + 1, train_s=round(t - self.t0, 1))
             self.meta.setdefault("evals", []).append(rec)
-            if self.rank == 0 and not self.quiet:
-                self.bar.write("eval " + " ".join(f"{k} {v}" for k, v in rec.items()))
-        self.t0, self.last = self.t0 + time.time() - t, self.last + time.time() - t
-
-    def agreed(self, *flags):  # the max of each flag over the ranks, so every rank takes the same decision
-        if self.world == 1:
-            return [float(f) for f in flags]
-        v = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(v, op=dist.ReduceOp.MAX)
-        return v.tolist()
-
-    def scalars(self, terms):
-        """Every scalar term as a float, in one host sync; exits (collectively) on a non-finite loss."""
-        names = [k for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0]
-        values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
-        if self.agreed(not math.isfinite(values["loss"]))[0]:
-            sys.exit(f"error: loss is {values['loss']} at step {self.step}; {self.cfg.out} keeps the last "
-                     "good one")
-        return values
+            self.log.note("eval " + " ".join(f"{k} {v}" for k, v in rec.items()))
+        self.t0, self.log.last = self.t0 + time.time() - t, self.log.last + time.time() - t
 
     def end_step(self, values):
         """step += 1; a log line every log_every steps; a checkpoint every ckpt_every steps or on a signal."""
         cfg = self.cfg
         self.step += 1
-        self.bar.update(1)
-        for k, v in values.items():
-            self.logs[k] = self.logs.get(k, 0.0) + v
-        self.n_logged += 1
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-            ms = (time.time() - self.last) * 1000 / self.n_logged  # means over the steps since the last line
-            rec = dict(step=self.step, **{k: round(v / self.n_logged, 5) for k, v in self.logs.items()},
-                       ms_per_step=round(ms, 1), img_per_s=round(cfg.batch_size * 1000 / ms, 1))
-            if self.rank == 0 and not self.quiet:
-                self.bar.write(" ".join(f"{k} {v}" for k, v in rec.items()))
-            if self.rank == 0:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            self.last_logs, self.logs, self.last, self.n_logged = rec, {}, time.time(), 0
-        sig = int(self.agreed(self.stop["sig"])[0])
+        self.log.add(self.step, values)
+        sig = int(agreed(self.world, self.device, self.stop["sig"])[0])
         if (self.step % cfg.ckpt_every == 0 and self.step < cfg.steps) or sig:  # the last step: in finish
             self.checkpoint({})
         if sig:
@@ -1300,9 +1263,8 @@ class Session:
             sys.exit(128 + sig)
 
     def checkpoint(self, metrics):  # collective under DDP: every rank calls it at the same step
-        rngs = [rng_state(self.device)]
+        rngs = [rng_state(self.device)] if self.world == 1 else [None] * self.world
         if self.world > 1:
-            rngs = [None] * self.world
             dist.all_gather_object(rngs, rng_state(self.device))
         if self.rank == 0:
             save_checkpoint(dict(self.meta, model=self.model.state_dict(), ema=self.ema.state_dict(),
@@ -1315,17 +1277,77 @@ class Session:
         return self
 
     def __exit__(self, *exc):
-        self.bar.close()
+        self.log.bar.close()
         for s, h in self.handlers.items():
             signal.signal(s, h)
 
     def finish(self):
         """The final checkpoint (saved once) -> the returned dict (no optimizer state)."""
         metrics = dict(wall_s=round(time.time() - self.t0, 1),
-                       final_loss=self.last_logs.get("loss") if self.step else None)
+                       final_loss=self.log.last_line.get("loss") if self.step else None)
         self.checkpoint(metrics)
         return dict(self.meta, step=self.step, metrics=metrics, model=self.model.state_dict(),
                     ema=self.ema.state_dict())
+
+
+def data_stream(data, cfg, step, rank, world, sharded):
+    """The batches of a run from `step` on: each rank's slice of the global batch (sharded: each rank draws
+    from its own part of the data, with its own order). Random flips for every data set but shapes."""
+    (images, labels), flip = data, cfg.data != "shapes"
+    if sharded:
+        return batches(images, labels, cfg.batch_size // world, cfg.seed + 1000 * rank, step, flip=flip)
+    return batches(images, labels, cfg.batch_size, cfg.seed, step, rank, world, flip=flip)
+
+
+def scalars(terms, s):
+    """Every scalar term of a step as a float, in one host sync; exits (collectively, under DDP) on a
+    non-finite loss, leaving session s's last good checkpoint."""
+    names = [k for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0]
+    values = dict(zip(names, torch.stack([terms[k].detach().float() for k in names]).tolist()))
+    if agreed(s.world, s.device, not math.isfinite(values["loss"]))[0]:
+        sys.exit(f"error: loss is {values['loss']} at step {s.step}; {s.cfg.out} keeps the last good one")
+    return values
+
+
+def agreed(world, device, *flags):
+    """The max of each flag over the ranks (DDP), so that every rank takes the same stop / NaN decision."""
+    if world == 1:
+        return [float(f) for f in flags]
+    v = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return v.tolist()
+
+
+class RunLog:
+    """A run's log: a tqdm bar and, every log_every steps, one line of the means since the last line (+ ms
+    per step and images per second), printed on rank 0 unless quiet and appended as a JSON line next to
+    the checkpoint (<out>.log.jsonl)."""
+    def __init__(self, cfg, step, lead, quiet):
+        self.cfg, self.lead, self.show = cfg, lead, lead and not quiet
+        self.path = os.path.splitext(cfg.out)[0] + ".log.jsonl"
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not self.show, desc=os.path.basename(cfg.out),
+                        dynamic_ncols=True, leave=False)
+        self.last, self.sums, self.n, self.last_line = time.time(), {}, 0, {}
+
+    def note(self, text):
+        if self.show:
+            self.bar.write(text)
+
+    def add(self, step, values):
+        """The scalars of step `step` (1-based); a line every log_every steps and at the last step."""
+        self.bar.update(1)
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            ms = (time.time() - self.last) * 1000 / self.n  # means over the steps since the last line
+            rec = dict(step=step, **{k: round(v / self.n, 5) for k, v in self.sums.items()},
+                       ms_per_step=round(ms, 1), img_per_s=round(self.cfg.batch_size * 1000 / ms, 1))
+            self.note(" ".join(f"{k} {v}" for k, v in rec.items()))
+            if self.lead:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            self.last_line, self.sums, self.last, self.n = rec, {}, time.time(), 0
 
 
 def dit_config(cfg, num_classes=10):

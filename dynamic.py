@@ -527,14 +527,20 @@ CURVE_COLUMNS = (("ratio", "FLOPs ratio", ".3f"), ("keep", "token keep", ".3f"))
 PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 
+def variants(cfg):
+    """[(mode, lambda)] of this run: --variants' mode:lambda list with --sweep, else (--mode, --lam); one
+    error line for an unknown mode or a lambda outside --lam's range."""
+    runs = [tuple(r.split(":")) for r in cfg.variants.split(",")] if cfg.sweep else [(cfg.mode, str(cfg.lam))]
+    if not all(len(r) == 2 and r[0] in MODES for r in runs):
+        sys.exit(f"error: --variants takes mode:lambda pairs, modes {', '.join(MODES)}; not {cfg.variants!r}")
+    return [(m, dit.number_list(v, DyConfig, "lam", "--variants lambda")[0]) for m, v in runs]
+
+
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES))
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
-    runs = [tuple(r.split(":")) for r in cfg.variants.split(",")] if cfg.sweep else [(cfg.mode, str(cfg.lam))]
-    if not all(len(r) == 2 and r[0] in MODES for r in runs):
-        sys.exit(f"error: --variants takes mode:lambda pairs, modes {', '.join(MODES)}; not {cfg.variants!r}")
-    runs = [(m, dit.number_list(v, DyConfig, "lam", "--variants lambda")[0]) for m, v in runs]
+    runs = variants(cfg)
     dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
@@ -547,8 +553,7 @@ def main(argv=None):
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
     same = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("mode", "lam", "sweep", "variants", "seed", "out", "device",
-                         "bench_reps")}
+            if k not in ("mode", "lam", "sweep", "variants", "seed", "out", "device", "bench_reps")}
     folder, curve = os.path.join("out", f"dydit_curves_{dit.settings_tag(same)}"), None
     if not cfg.sweep and lead:
         rows.append(evaluate("static (base, not fine-tuned)", base, base, cfg, device))

@@ -54,6 +54,7 @@ Each stage's checkpoint name carries a hash of every setting that made it; re-ru
 are equal (and says so). Pruned checkpoints are kind "dit"; DiP-GO plans kind "dipgo" (sample.py runs both).
 """
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -200,9 +201,12 @@ def export_pruned(ckpt, kept, **info):
 
 # --- Method: baselines (TinyFusion Tables 1 and 3) ------------------------------------------------
 
+CALIB_OFFSET = 12345  # [ours] the calibration batch's stream: apart from the --seed of masks and training
+
+
 def calib_batch(data, n, seed, device):
     """A fixed calibration batch (x0, y, i, noise): the same images, timesteps and noise for every mask."""
-    g = torch.Generator().manual_seed(seed + 12345)
+    g = torch.Generator().manual_seed(seed + CALIB_OFFSET)
     idx = torch.randperm(len(data[0]), generator=g)[:n]
     x0 = dit.to_float(data[0][idx])
     i, noise = torch.randint(0, 1000, (n,), generator=g), torch.randn(x0.shape, generator=g)
@@ -542,24 +546,35 @@ def run_depth_pruning(cfg, methods, device):
     print(f"\nquality = {quality}; pruned = right after pruning, recovered = {recovered}; sampling_s = "
           f"{cfg.speed_steps} DDIM steps + CFG at batch {cfg.speed_batch}")
     print_results(rows, device, cfg, os.path.join(cfg.out, "results.json"))
+    print_rank_correlations(results)
+    print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
+    if cfg.curve:
+        pool_recovery_curves(cfg, results, teacher_ckpt)
+    return results
+
+
+def print_rank_correlations(results):
+    """TinyFusion's point (Sec. 1, Fig. 2): the loss right after pruning barely predicts recovery. Spearman of
+    the calibration loss and of the pruned quality with the recovered quality, over >= 3 distinct masks."""
     distinct = {tuple(r["kept"]): r for r in results if r["recovered_score"] and r["pruned_score"]}.values()
-    if len(distinct) >= 3:  # TinyFusion's point: the loss right after pruning barely predicts recovery
+    if len(distinct) >= 3:
         rec = [r["recovered_score"]["score"] for r in distinct]
         for what, xs in (("calibration loss", [r["calib_loss"] for r in distinct]),
                          ("quality right after pruning", [r["pruned_score"]["score"] for r in distinct])):
             rho, p = spearman(xs, rec)
             print(f"Spearman({what}, recovered quality), {len(rec)} distinct masks: {rho:.2f} (p = {p:.2f})")
-    print(f"\nwrote {cfg.out}/kept_blocks.png and {cfg.out}/samples.png (rows: {', '.join(variants)})")
-    if cfg.curve:  # each mask's points, pooled with every seed of the same settings
-        same = dict({k: getattr(cfg, k) for k in SEARCH_KEYS + RECOVER_KEYS + dit.CURVE_KEYS if k != "seed"},
-                    teacher=dit.weights_tag(teacher_ckpt["ema"]))
-        folder = os.path.join("out", f"prune_curves_{dit.settings_tag(same)}")
-        for r in results:
-            rows, png = fid.pool_curves(folder, f"{r['method']}_seed{cfg.seed}", r["recovered"]["evals"],
-                                        ("method", "recovery steps"), xlabel="recovery fine-tuning steps")
-        print(f"\nquality during recovery (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
-              f"{dit.markdown_table(rows)}\n{png}")
-    return results
+
+
+def pool_recovery_curves(cfg, results, teacher_ckpt):
+    """--curve: each mask's points, pooled with every seed of the same settings; one table and curves.png."""
+    same = dict({k: getattr(cfg, k) for k in SEARCH_KEYS + RECOVER_KEYS + dit.CURVE_KEYS if k != "seed"},
+                teacher=dit.weights_tag(teacher_ckpt["ema"]))
+    folder = os.path.join("out", f"prune_curves_{dit.settings_tag(same)}")
+    for r in results:
+        rows, png = fid.pool_curves(folder, f"{r['method']}_seed{cfg.seed}", r["recovered"]["evals"],
+                                    ("method", "recovery steps"), xlabel="recovery fine-tuning steps")
+    print(f"\nquality during recovery (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
+          f"{dit.markdown_table(rows)}\n{png}")
 
 
 # ==================================================================================================
@@ -692,6 +707,9 @@ def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0):
     # assignment 7 end
 
 
+THETA_START, THETA_STEP = 0.95, 0.05  # DiP-GO post-processing: the reuse threshold falls from 0.95 by 0.05
+
+
 def postprocess(score, ratio):
     """Scores -> static plan, DiP-GO Sec. 3 post-processing (code): every block kept, theta = 0.95; for
     each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
@@ -699,8 +717,8 @@ def postprocess(score, ratio):
     True = compute; row 0 (the first step) is always computed."""
     S, N = score.shape
     target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
-    for k in range(19, -1, -1):
-        theta = 0.05 * k
+    for k in range(round(THETA_START / THETA_STEP), -1, -1):  # theta = 0.95, 0.90, ..., 0 (official prune())
+        theta = THETA_STEP * k
         for b in reversed(range(N)):  # output side first, as both official prune() (block_names[::-1])
             for t in score[:, b].argsort(descending=True).tolist():
                 if int(reuse.sum()) >= target:
@@ -775,7 +793,7 @@ def learn_scores(base, cfg, log=print, on_step=None):
     net = CachedDiT(base, K)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + it)
+        g = torch.Generator().manual_seed(cfg.seed * dit.STRIDE + it)
         y = torch.randint(0, base.num_classes, (B,), generator=g).to(device)
         z = torch.randn(B, C, S, S, generator=g).to(device)
         t0 = time.time()
@@ -857,8 +875,9 @@ def longest_reuse(plan):
 
 
 def dipgo_main(cfg):
-    """Learn a plan per ratio, save it (kind "dipgo"), and compare it with the three baselines at matched
-    compute in one run: blocks kept, ideal and measured speed-up (same batch), quality, PSNR vs full."""
+    """DiP-GO (Sec. 3) per ratio: the gated SuperNet's pruner (learn_scores) -> post-processing (postprocess)
+    -> the cached sampler (CachedDiT), saved as kind "dipgo"; then one table against the baselines at
+    matched compute: blocks kept, ideal and measured speed-up (same batch), quality, PSNR vs full."""
     device = dit.pick_device(cfg.device)
     base_ckpt = dit.get_teacher(cfg.teacher, cfg.preset or "cpu", cfg.data, cfg.data_dir, cfg.device,
                                 cfg.seed)
@@ -874,33 +893,59 @@ def dipgo_main(cfg):
     for r in ratios:
         print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, "
               f"{K}-step DDIM")
-        t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
-        key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS + dit.CURVE_KEYS * bool(cfg.curve),
-                          base_ckpt)
-        old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else {}
-        if old.get("key") == key:
-            print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
-            score, evals[r] = old["score"], old["metrics"].get("evals", [])
-        else:
-            evals[r] = []
-
-            def curve_point(step, pruner, log):  # --curve: score the plan the pruner gives at this step
-                if step in points:
-                    with torch.no_grad():
-                        plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r)
-                    q = score_model(CachedDiT(base, K, plan).eval(), cfg)
-                    print(f"eval score {q['score']:.3f} acc {q['acc']} step {step}")
-                    evals[r].append(dict(step=step, score=q["score"], acc=q["acc"],
-                                         train_s=round(sum(e["s"] for e in log), 1)))
-            score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r), on_step=curve_point)
-            metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals[r])
-            save_dipgo(base_ckpt, postprocess(score, r), score, cfg, r, path, metrics, key)
+        t0 = time.time()
+        score, evals[r] = pruner_scores(cfg, base, base_ckpt, r, points)
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
         save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
         print(f"{time.time() - t0:.0f} s; reused slots {int((~plan).sum())} of {(K - 1) * N} "
               f"(target {r * (K - 1) * N:.1f})")
         variants += vs
+    rows, scores = compare_variants(cfg, base, variants, device)
+    dit.save_rows({v[0]: v[1] for v in variants}, os.path.join(cfg.out, "dipgo_samples.png"), 0,
+                  [v[2] for v in variants], cfg.cfg_scale)
+    print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate, "
+          f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
+          f"vs full; blocks kept = block calls / ({K} x {N}); dipgo_samples.png: a row per variant")
+    print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
+    if cfg.curve:
+        dipgo_curves(cfg, base_ckpt, variants, scores, evals, points)
+    return rows
+
+
+def pruner_scores(cfg, base, base_ckpt, r, points):
+    """(P(reuse) (K-1, N), --curve points) of ratio r: learn_scores, saved with its plan to out/dipgo_r<r>.pt,
+    or reused from there when every setting that made them is equal (its key)."""
+    t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
+    keys = DIPGO_KEYS + dit.CURVE_KEYS * bool(cfg.curve)
+    key = dit.run_key(dataclasses.replace(cfg, ratio=r), keys, base_ckpt)
+    old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else {}
+    if old.get("key") == key:
+        print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
+        return old["score"], old["metrics"].get("evals", [])
+    evals = []
+    hook = functools.partial(plan_curve_point, base=base, cfg=cfg, r=r, points=points, evals=evals)
+    score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r), on_step=hook)
+    metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals)
+    save_dipgo(base_ckpt, postprocess(score, r), score, cfg, r, path, metrics, key)
+    return score, evals
+
+
+def plan_curve_point(step, pruner, log, base, cfg, r, points, evals):
+    """--curve (learn_scores' on_step): score the plan the pruner gives at this step; appended to evals."""
+    if step in points:
+        with torch.no_grad():
+            plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r)
+        q = score_model(CachedDiT(base, cfg.eval_steps, plan).eval(), cfg)
+        print(f"eval score {q['score']:.3f} acc {q['acc']} step {step}")
+        evals.append(dict(step=step, score=q["score"], acc=q["acc"],
+                          train_s=round(sum(e["s"] for e in log), 1)))
+
+
+def compare_variants(cfg, base, variants, device):
+    """(table rows, {name: score}): every variant's blocks kept, ideal and measured speed-up (interleaved
+    timing, same batch), quality and PSNR against the full sampler from the same noise."""
+    K, N = cfg.eval_steps, len(base.blocks)
     print(f"\ntiming {len(variants)} variants ({K} DDIM steps + CFG, batch {cfg.speed_batch}) ...")
     secs = sampling_seconds({v[0]: v[1] for v in variants}, cfg.speed_batch, {v[0]: v[2] for v in variants},
                             cfg.cfg_scale)
@@ -924,15 +969,7 @@ def dipgo_main(cfg):
                      "measured speedup": f"{secs['full'] / secs[name]:.2f}x",
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
-    dit.save_rows({v[0]: v[1] for v in variants}, os.path.join(cfg.out, "dipgo_samples.png"), 0,
-                  [v[2] for v in variants], cfg.cfg_scale)
-    print(f"\nbase {cfg.teacher}: {N} blocks, {K}-step DDIM, CFG {cfg.cfg_scale}; quality = fid.evaluate, "
-          f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
-          f"vs full; blocks kept = block calls / ({K} x {N}); dipgo_samples.png: a row per variant")
-    print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
-    if cfg.curve:
-        dipgo_curves(cfg, base_ckpt, variants, scores, evals, points)
-    return rows
+    return rows, scores
 
 
 def dipgo_curves(cfg, base_ckpt, variants, scores, evals, points):

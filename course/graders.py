@@ -258,13 +258,13 @@ def test_assignment_4_frechet_distance():
 
 # --- assignment 5: feature KD with its projector (BK-SDM Sec. 3.2; Sundaresha 2025) ------------------
 
-def reference_feat(s_feats, t_feats, pairs):
+def reference_feat(s_feats, t_feats, links):
     """The grader's own feature loss: each channel standardised by the target's batch-and-token statistics."""
     out = 0
-    for s, (_, j) in zip(s_feats, pairs):
+    for s, (_, j) in zip(s_feats, links):
         sd = t_feats[j].reshape(-1, t_feats[j].shape[-1]).std(0)  # (D,): the mean cancels in s - t
         out = out + (((s - t_feats[j]) / sd) ** 2).mean()
-    return out / len(pairs)
+    return out / len(links)
 
 
 def grade_5(monkeypatch):
@@ -273,31 +273,31 @@ def grade_5(monkeypatch):
     size = torch.arange(1.0, 5.0)[:, None, None]  # the 4 samples differ in scale: pooled != per-sample stats
     t_feats = [torch.randn(4, 32, 16, generator=g) * scales * size + torch.randn(16, generator=g)
                for _ in range(3)]
-    pairs = [(0, 2), (1, 1)]  # student block i -> teacher block j: not the identity map
-    terms = distill.distill_loss(None, None, [t_feats[2].clone(), t_feats[1].clone()], t_feats, pairs)
+    links = [(0, 2), (1, 1)]  # student block i -> teacher block j: not the identity map
+    terms = distill.distill_loss(None, None, [t_feats[2].clone(), t_feats[1].clone()], t_feats, links)
     assert terms["feat"].item() < 1e-8, "a student feature equal to its target must cost 0"
     s_feats = [t_feats[j] + torch.randn(4, 32, 16, generator=g) * scales * (1 + k)
-               for k, (_, j) in enumerate(pairs)]
-    want = reference_feat(s_feats, t_feats, pairs)
-    loss = lambda *s: distill.distill_loss(None, None, list(s), t_feats, pairs)["feat"]  # noqa: E731
+               for k, (_, j) in enumerate(links)]
+    want = reference_feat(s_feats, t_feats, links)
+    loss = lambda *s: distill.distill_loss(None, None, list(s), t_feats, links)["feat"]  # noqa: E731
     assert close(loss(*s_feats), want, 2e-2), \
-        "the loss must be the mean over pairs (i, j) of the MSE after standardising every channel with the " \
-        "target h_T,j's mean and std over the batch and the tokens (4 samples x 32 tokens, 2 pairs)"
+        "the loss must be the mean over links (i, j) of the MSE after standardising every channel with the " \
+        "target h_T,j's mean and std over the batch and the tokens (4 samples x 32 tokens, 2 links)"
     a = torch.rand(16, generator=g) * 5 + 0.1  # one scale per channel, on student and teacher alike
-    rescaled = distill.distill_loss(None, None, [s * a for s in s_feats], [t * a for t in t_feats], pairs)
+    rescaled = distill.distill_loss(None, None, [s * a for s in s_feats], [t * a for t in t_feats], links)
     assert close(rescaled["feat"], want, 2e-2), \
         "rescaling a channel on both sides must not change the loss (no channel dominates)"
-    got, ref = grad_of(loss, *s_feats), grad_of(lambda *s: reference_feat(list(s), t_feats, pairs), *s_feats)
+    got, ref = grad_of(loss, *s_feats), grad_of(lambda *s: reference_feat(list(s), t_feats, links), *s_feats)
     assert all(r.abs().sum() > 0 and rel_close(a_, r, 3e-2) for a_, r in zip(got, ref)), \
         "the gradient must reach every projected student feature and equal the standardised MSE's"
     student = dit.DiT(input_size=8, patch_size=4, hidden_size=8, depth=3, num_heads=2)
-    net = distill.Distiller(student, 16, pairs)
+    net = distill.Distiller(student, 16, links)
     feats = [torch.randn(2, 4, 8, generator=g) for _ in range(3)]
     monkeypatch.setattr(distill, "features", lambda *a: (None, feats))
     _, proj = net(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
-    assert len(proj) == len(pairs) and all(p.shape == (2, 4, 16) for p in proj), \
+    assert len(proj) == len(links) and all(p.shape == (2, 4, 16) for p in proj), \
         "the student's mapped features must be projected to the teacher's width (8 -> 16)"
-    assert all(close(p, w(feats[i])) for p, w, (i, _) in zip(proj, net.up, pairs)), \
+    assert all(close(p, w(feats[i])) for p, w, (i, _) in zip(proj, net.up, links)), \
         "feature k must be projector W_k applied to the output of student block i_k of pair k = (i_k, j_k)"
 
 
@@ -486,9 +486,9 @@ def feat_loss(norm=None, reduce="mean", detach=False, target_index=1):
     """distill_loss's feature term with a mistake: norm(s, t) -> (s', t'); target_index 0 takes t_feats[i]."""
     norm = norm or (lambda s, t: (distill.standardise(s, t), distill.standardise(t, t)))
 
-    def loss(out, target, s_feats, t_feats, pairs, feat_weight=1.0):
+    def loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
         mse = [F.mse_loss(*norm(s.detach() if detach else s, t_feats[p[target_index]]))
-               for s, p in zip(s_feats, pairs)]
+               for s, p in zip(s_feats, links)]
         f = sum(mse) / (len(mse) if reduce == "mean" else 1)
         return dict(feat=f, loss=feat_weight * f)
     return loss
@@ -605,7 +605,7 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
          feat_loss(lambda s, t: (F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])))),
         ("the student standardised with its own statistics", distill, "distill_loss",
          feat_loss(lambda s, t: (distill.standardise(s, s), distill.standardise(t, t)))),
-        ("a sum over pairs instead of a mean", distill, "distill_loss", feat_loss(reduce="sum")),
+        ("a sum over the links instead of a mean", distill, "distill_loss", feat_loss(reduce="sum")),
         ("statistics per sample (over the tokens only)", distill, "distill_loss", feat_loss(per_sample)),
         ("the student feature detached", distill, "distill_loss", feat_loss(detach=True)),
         ("the target of pair (i, j) taken from teacher block i", distill, "distill_loss",
