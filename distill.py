@@ -12,7 +12,7 @@ are swept for the quality / size / latency trade-off.
     offline teacher signals (GET, arXiv 2312.04453)     -> make_pairs (DDIM eta 0, cached in out/distill/)
     one-step DiT, no timestep input (GET)               -> OneStepDiT; the large one, "onestep-teacher"
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
-    block mapping knob                                  -> block_map (uniform | first)
+    block mapping knob                                  -> dit.block_map (uniform | first)
     Teaching Assistant: depth hop, then width hop       -> teaching_assistant
     the student starts as the TA cut to its width       -> slice_width (Minitron-style)
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
@@ -84,18 +84,9 @@ def shape_of(model):
     return len(net.blocks), net.pos_embed.shape[-1], net.num_heads
 
 
-def block_map(n_student, n_teacher, how="uniform"):
-    """The block links [(i, m(i))]: student layer i learns teacher layer m(i), 1-indexed (layer 0 = the
-    embedding) [inferred]:
-    uniform m(i) = round_half_up(i * L_T / L_S); first m(i) = i (naive 1-to-1)."""
-    if how == "uniform":
-        return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
-    return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]  # first
-
-
 def mi1_groups(n_student, n_teacher):
     """MI1 groups [inferred]: student block j maps h_T,a_j to h_T,b_j; b_j = uniform m(j), a_j = b_(j-1)."""
-    ends = [m for _, m in block_map(n_student, n_teacher)]
+    ends = [m for _, m in dit.block_map(n_student, n_teacher)]
     return list(zip([0] + ends[:-1], ends))
 
 
@@ -207,6 +198,7 @@ def init_from(dst, src, keep):
                                                        and w.shape[1:] == v.shape[1:]))
         new[k] = w[:len(v)] if ok else v
     if isinstance(dst, OneStepDiT) and not isinstance(src, OneStepDiT):
+        # ours [inferred]: c0 starts as the base's embedding of its first sampling step, t = 999
         new["c0"] = src.t_embedder(torch.tensor([999], device=src.pos_embed.device))[0]
     dst.load_state_dict(new)
 
@@ -269,7 +261,7 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     elif init is not None:
         init_from(student, init, keep)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
-    links = block_map(shape[0], L_T, how) if how else []
+    links = dit.block_map(shape[0], L_T, how) if how else []
     tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps))
     net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
     used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
@@ -364,7 +356,7 @@ def teaching_assistant(cfg, source, shape, stage):
     depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output + feature
     KD; the student then only shrinks the width (block i -> i)."""
     L_T, D_T, H_T = shape_of(source)
-    keep = [j - 1 for _, j in block_map(shape[0], L_T)]
+    keep = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
     return stage("ta", (shape[0], D_T, H_T), source, "uniform", init=source, keep=keep, steps=cfg.aux_steps,
                  shared=True)  # one fixed TA for every --seed
 

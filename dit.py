@@ -298,6 +298,15 @@ def param_count(model):
     return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("pos_embed"))
 
 
+def block_map(n_student, n_teacher, how="uniform"):
+    """The block links [(i, m(i))] of a shallower model to a deeper one [inferred]: student layer i learns
+    teacher layer m(i), 1-indexed (layer 0 = the embedding). uniform m(i) = round_half_up(i * L_T / L_S),
+    the last block of each of L_S equal groups (distillation, TinyFusion's Masked KD); first m(i) = i."""
+    if how == "uniform":
+        return [(i, (2 * i * n_teacher + n_student) // (2 * n_student)) for i in range(1, n_student + 1)]
+    return [(i, i) for i in range(1, min(n_student, n_teacher) + 1)]  # first
+
+
 SAMPLER_ATTRS = ("num_classes", "in_channels", "input_size", "has_null", "learn_sigma", "out_channels")
 
 
@@ -469,6 +478,7 @@ def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generat
             out = forward_with_cfg(model, xx, tt, yy, cfg_scale)[:B]
         else:
             out = model(x, t, y)
+        # ours: x0 clipped to [-1, 1], pixel space (DiT samples latents, unclipped)
         mean, logvar, x0, eps = diffusion.p_mean_variance(out.float(), x, idx, clip)
         noise = 0
         if (method == "ddpm" or eta > 0) and i > 0:

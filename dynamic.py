@@ -18,7 +18,7 @@ Paper / reference code -> this file
     Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> masked_forward (r_b), dydit_loss
     Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
     importance ordering (paper; commented out in the code)    -> reorder_
-    inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.plan, sliced_forward
+    inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.slices, sliced_forward
     batched token gather / scatter (DyFLUX code)              -> sliced_forward
 
 [inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); the
@@ -33,7 +33,7 @@ Run:
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
-Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> plan -> slice_block.
+Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> slices -> slice_block.
 Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode) keep
 their numbers in docs/dynamic.md.
 """
@@ -120,18 +120,18 @@ class DyDiT(nn.Module):
         self.routers = Routers(D, H, L)
         self.register_buffer("fixed", torch.ones(2, L, H))  # halfwidth: the fixed (head, group) masks
         dit.samples_like(self, model)
-        self.plans, self.weights, self.trace = {}, {}, None
+        self.by_t, self.by_pattern, self.trace = {}, {}, None
 
     def _apply(self, fn, *args, **kw):  # .to(device) / .half() invalidate the cached weight slices
-        self.plans, self.weights = {}, {}
+        self.by_t, self.by_pattern = {}, {}
         return super()._apply(fn, *args, **kw)
 
     def train(self, mode=True):  # weights are about to change (or did): drop the slices
-        self.plans, self.weights = {}, {}
+        self.by_t, self.by_pattern = {}, {}
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kw):  # new weights: the cached slices are stale
-        self.plans, self.weights = {}, {}
+        self.by_t, self.by_pattern = {}, {}
         return super()._load_from_state_dict(*args, **kw)
 
     def width_masks(self, l, e):
@@ -154,21 +154,21 @@ class DyDiT(nn.Module):
         return gumbel_sigmoid(self.routers.token[l](h).squeeze(-1), self.tau, self.training)
 
     @torch.no_grad()
-    def plan(self, t):
+    def slices(self, t):
         """Per-block sliced weights for timestep t (an int). TDW masks depend on t only, so they are computed
         once per distinct t; weight slices are cached per distinct (block, heads, groups) pattern."""
-        if t not in self.plans:
+        if t not in self.by_t:
             e = self.dit.t_embedder(torch.tensor([t], device=self.fixed.device))  # E_t (1, D)
             steps = []
             for l, block in enumerate(self.dit.blocks):
                 hm, gm = self.width_masks(l, e)
                 on = lambda m: tuple(m[0].nonzero().flatten().tolist())  # noqa: E731
                 key = (l, on(hm), on(gm))
-                if key not in self.weights:
-                    self.weights[key] = slice_block(block, key[1], key[2], self.dit.num_heads)
-                steps.append(self.weights[key])
-            self.plans[t] = steps
-        return self.plans[t]
+                if key not in self.by_pattern:
+                    self.by_pattern[key] = slice_block(block, key[1], key[2], self.dit.num_heads)
+                steps.append(self.by_pattern[key])
+            self.by_t[t] = steps
+        return self.by_t[t]
 
     def forward(self, x, t, y, complete=False, return_ratio=False, with_complete=False):
         """with_complete: also the complete model's output on the same input, in the same call (one
@@ -241,8 +241,8 @@ def slice_block(block, heads, groups, H):
 
 
 def sliced_forward(model, x, t, y):
-    """The DyDiT inference graph for a batch that shares t: sliced attention / MLP weights from the per-t
-    plan; the MLP runs only on the kept tokens of the whole batch, flattened to (B T, D), gathered, and
+    """The DyDiT inference graph for a batch that shares t: sliced attention / MLP weights of the per-t
+    slices; the MLP runs only on the kept tokens of the whole batch, flattened to (B T, D), gathered, and
     scattered back with the gate (DyFLUX code). Returns (output, per-sample FLOPs ratio r_b); also logs
     the ratio when model.trace is a list."""
     net = model.dit
@@ -250,7 +250,7 @@ def sliced_forward(model, x, t, y):
     B, T, D = h.shape
     tv, H = int(t[0]), net.num_heads
     cost, total, keeps = h.new_zeros(B), 0.0, []
-    for l, (block, w) in enumerate(zip(net.blocks, model.plan(tv))):
+    for l, (block, w) in enumerate(zip(net.blocks, model.slices(tv))):
         mod = block.modulation(c)
         a = modulate(block.norm1(h), mod.shift_msa, mod.scale_msa)
         qkv = F.linear(a, w["qkv_w"], w["qkv_b"]).reshape(B, T, 3, w["k"], D // H).permute(2, 0, 3, 1, 4)
@@ -402,7 +402,7 @@ def build_dydit(ckpt, ema=True):
 def width_profile(model, ts):
     """(2, L, len(ts)): active fraction of heads [0] and MLP groups [1] per block at each timestep t."""
     H = model.dit.num_heads
-    prof = [[[w[k] / H for w in model.plan(int(t))] for t in ts] for k in ("k", "g")]  # (2, T, L)
+    prof = [[[w[k] / H for w in model.slices(int(t))] for t in ts] for k in ("k", "g")]  # (2, T, L)
     return torch.tensor(prof).transpose(1, 2)
 
 

@@ -117,8 +117,7 @@ def sampler_steps(model, steps):
     """(steps the sampler is run with, network calls per image) for this model."""
     if getattr(model, "one_step", False):
         return 1, 1
-    plan = isinstance(getattr(model, "plan", None), torch.Tensor)
-    s = model.steps if plan else steps  # a DiP-GO plan only runs on the K-step schedule it was learned for
+    s = model.steps if hasattr(model, "plan") else steps  # a DiP-GO plan runs only on the K steps it learned
     return s, s
 
 

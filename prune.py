@@ -305,8 +305,7 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
     KL between the two reverse Gaussians (student eps detached, as L_vb). cfg.recover == "kd": beta = 0."""
     B, C = x0.shape[0], x0.shape[1]
     i, noise = torch.randint(0, diffusion.num_steps, (B,), device=x0.device), torch.randn_like(x0)
-    drop = torch.rand(B, device=x0.device) < teacher.y_embedder.dropout_prob
-    y = torch.where(drop, teacher.num_classes, y)  # the student's own label drop is switched off
+    y = teacher.y_embedder.token_drop(y)  # one CFG label drop for both nets (the student's own is off)
     xt, t = diffusion.q_sample(x0, i, noise), diffusion.model_t(i)
     out_s, feats_s = student(xt, t, y, return_features=True)
     with torch.no_grad():
@@ -320,8 +319,8 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
         # KL(N_t || N_s) of the two reverse Gaussians, in bits/dim
         kd = kd + dit.normal_kl(mean_t, logvar_t, mean_s, logvar_s).mean() / math.log(2.0)
     k, L = len(feats_s), len(feats_t)
-    pairs = [(j, round((j + 1) * L / k) - 1) for j in range(k)]  # student j <-> last teacher block of group j
-    rep = sum(masked_rep_loss(feats_s[j], feats_t[jt], cfg.kd_sigma) for j, jt in pairs) / k
+    links = [(i - 1, m - 1) for i, m in dit.block_map(k, L)]  # student j <-> last teacher block of group j
+    rep = sum(masked_rep_loss(feats_s[j], feats_t[jt], cfg.kd_sigma) for j, jt in links) / k
     beta = cfg.beta_rep * (1 - frac) if cfg.recover == "maskedkd" else 0.0
     loss = cfg.alpha_kd * kd + cfg.alpha_gt * gt["loss"] + beta * rep
     return dict(loss=loss, kd=kd.detach(), gt=gt["loss"].detach(), rep=rep.detach())
@@ -671,7 +670,7 @@ def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
 
     def blur(x):
         return F.conv2d(x, w, padding=size // 2, groups=a.shape[1])
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2  # ours: range 2 (official: 1e-4, 9e-4)
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     # SSIM = (2 mu_a mu_b + c1)(2 cov + c2) / ((mu_a^2 + mu_b^2 + c1)(var_a + var_b + c2))
@@ -688,7 +687,8 @@ def consistency_loss(x, ref):
 def sparsity_loss(logits, gates, ratio):
     """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]. Each block is 1/N
     of the stack's FLOPs, so the compute is the mean keep probability; the term is off while the hard plan
-    (gates) already computes less than 1 - r. Returns (term, mean P_keep, kept_hard)."""
+    (gates) already computes less than 1 - r (ours [inferred]; the official code stops at a fixed 0.2).
+    Returns (term, mean P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
     kept = gates[..., 1].detach().mean()
     p_keep = logits.softmax(-1)[..., 1].mean()
@@ -789,7 +789,7 @@ def learn_scores(base, cfg, log=print, on_step=None):
     device = next(base.parameters()).device
     torch.manual_seed(cfg.seed)
     pruner = Pruner(K, N, cfg.dipgo_dim).to(device)
-    opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)
+    opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)  # ours (official: SGD 0.2, cosine, 500)
     net = CachedDiT(base, K)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):

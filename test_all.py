@@ -798,7 +798,7 @@ def test_distill_loss_is_zero_when_student_equals_teacher():
     teacher = nontrivial(distill.OneStepDiT(**TINY))
     t_out, t_feats = distill.features(teacher, z, y)
     for how in ("uniform", "first"):
-        pairs = distill.block_map(4, 4, how)
+        pairs = dit.block_map(4, 4, how)
         net = distill.Distiller(copy.deepcopy(teacher), 64, pairs)
         out, s_feats = net(z, y, t_feats)
         terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0)
@@ -813,16 +813,16 @@ def test_distill_loss_is_zero_when_student_equals_teacher():
 def test_block_mappings_are_the_documented_ones():
     """uniform m(i) = round_half_up(i L_T / L_S); first m(i) = i; MI1 groups
     (m(j-1), m(j)]; the TA keeps teacher blocks m(i) - 1 (0-indexed)."""
-    assert distill.block_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
-    assert distill.block_map(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]
-    assert distill.block_map(2, 7) == [(1, 4), (2, 7)]
-    assert distill.block_map(3, 6, "first") == [(1, 1), (2, 2), (3, 3)]
+    assert dit.block_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert dit.block_map(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]
+    assert dit.block_map(2, 7) == [(1, 4), (2, 7)]
+    assert dit.block_map(3, 6, "first") == [(1, 1), (2, 2), (3, 3)]
     assert distill.mi1_groups(3, 6) == [(0, 2), (2, 4), (4, 6)]
     assert distill.mi1_groups(4, 6) == [(0, 2), (2, 3), (3, 5), (5, 6)]
     # TA hop 1 init: TA block i is teacher block m(i) - 1, embeddings copied
     teacher = nontrivial(distill.OneStepDiT(**TINY))
     ta = distill.OneStepDiT(**dict(TINY, depth=2))
-    keep = [j - 1 for _, j in distill.block_map(2, 4)]
+    keep = [j - 1 for _, j in dit.block_map(2, 4)]
     distill.init_from(ta, teacher, keep)
     assert keep == [1, 3]
     for i, k in enumerate(keep):
@@ -868,7 +868,7 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
     teacher state at the start of its group, reproduces the teacher state at its end, so the loss is 0."""
     teacher = nontrivial(distill.OneStepDiT(**TINY))
     groups = distill.mi1_groups(4, 4)
-    pairs = distill.block_map(4, 4)
+    pairs = dit.block_map(4, 4)
     net = distill.Distiller(copy.deepcopy(teacher), 64, pairs, groups)
     z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
     _, t_feats = distill.features(teacher, z, y)
@@ -1313,7 +1313,7 @@ def test_sliced_gathered_equals_masked_at_batch_1_and_ragged_batch_16(tiny_teach
                     counts = set(keep.sum((0, 2)).tolist())
                     assert len(counts) > 1, "samples should keep different token counts"
                     assert 0 < keep.float().mean() < 1
-                patterns.add(tuple((w["k"], w["g"]) for w in model.plan(t)))
+                patterns.add(tuple((w["k"], w["g"]) for w in model.slices(t)))
     model.trace = None
     assert worst < 1e-5, worst
     assert len(patterns) > 1 and any(k < H or g < H for p in patterns for k, g in p)
@@ -1332,7 +1332,7 @@ def test_all_on_routers_reproduce_the_base_dit(tiny_teacher):
         out, ratio = dynamic.masked_forward(model, x, t, y)
         assert torch.equal(out, ref) and torch.equal(ratio, torch.ones(8))
         assert (model(x, t, y) - ref).abs().max() < 1e-5
-        assert all(w["k"] == w["g"] == base.num_heads for tv in t.tolist() for w in model.plan(tv))
+        assert all(w["k"] == w["g"] == base.num_heads for tv in t.tolist() for w in model.slices(tv))
 
 
 def test_fresh_routers_keep_every_unit_on_for_the_shipped_base():
