@@ -1067,8 +1067,8 @@ def ship_weights(ck, path):
     os.replace(os.path.join(folder, "SHA256SUMS.tmp"), os.path.join(folder, "SHA256SUMS"))
 
 
-def check_writable(path, folder=False):
-    """One error line, before any work, when the output file (or folder) cannot be written."""
+def check_writable(path, folder=False, flag="--out"):
+    """One error line, before any work, when the output file (or folder) given by `flag` cannot be written."""
     d = path if folder else (os.path.dirname(path) or ".")
     try:
         os.makedirs(d, exist_ok=True)
@@ -1076,9 +1076,9 @@ def check_writable(path, folder=False):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        sys.exit(f"error: cannot write to {d} ({e.strerror}); choose another --out")
+        sys.exit(f"error: cannot write to {d} ({e.strerror}); choose another {flag}")
     if not folder and os.path.isdir(path):
-        sys.exit(f"error: --out {path} is a folder; give a file path (e.g. {path}/model.pt)")
+        sys.exit(f"error: {flag} {path} is a folder; give a file path")
 
 
 def data_tag(x, y):
@@ -1437,7 +1437,7 @@ def main(argv=None):
     cfg = resolve(parse_args(TrainConfig, argv))
     check_writable(cfg.out)
     if cfg.ship:
-        check_writable(cfg.ship)
+        check_writable(cfg.ship, flag="--ship")
     device = pick_device(cfg.device)
     dist_setup(device)
     print(json.dumps(dataclasses.asdict(cfg)))

@@ -272,7 +272,12 @@ def load_inception(path, device="cpu"):
     """FIDInception with the file's weights: torch.load(weights_only=True) reads the legacy (non-zip)
     format too; strict=True so a wrong file fails loudly."""
     model = FIDInception()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:  # not a torch file, or not the FID Inception's weights
+        why = " ".join(str(e).split())[:160]  # one line: load_state_dict lists the keys over several
+        sys.exit(f"error: {path} is not the FID Inception weights ({type(e).__name__}: {why}); get "
+                 f"{INCEPTION_URL}")
     return model.to(device).eval()
 
 
@@ -712,6 +717,8 @@ def main(argv=None):
         if len(paths) != 2:
             sys.exit("error: give two inputs (A B), or --save-stats A OUT.npz, or --ckpt PATH")
         data = cfg.data or "shapes"
+        if cfg.save_stats:
+            dit.check_writable(paths[1], flag="--save-stats's OUT")
         inputs = [load_input(p, data, cfg.data_dir, cfg.image_size, cfg.seed)  # all checked before any work
                   for p in (paths[:1] if cfg.save_stats else paths)]
         stats, scorer = [], None
@@ -726,7 +733,6 @@ def main(argv=None):
             stats.append((mu, sigma, scorer["key"], len(imgs)))
         if cfg.save_stats:
             mu, sigma, key, n = stats[0]
-            os.makedirs(os.path.dirname(paths[1]) or ".", exist_ok=True)
             with open(paths[1] + ".tmp", "wb") as f:  # written whole, then renamed: never half a file
                 np.savez(f, mu=mu, sigma=sigma, metric=key)
             os.replace(paths[1] + ".tmp", paths[1])

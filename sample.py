@@ -70,6 +70,9 @@ def load_model(path, device="cpu"):
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(SampleConfig, argv), dict(method=("ddim", "ddpm"), dtype=dit.DTYPES))
+    for path, flag in ((cfg.npz, "--npz"), (cfg.grid, "--grid")):
+        if path:  # one error line before any sampling
+            dit.check_writable(path, flag=flag)
     device = dit.pick_device(cfg.device)
     model = load_model(cfg.ckpt, device)
     gen = dict(seed=cfg.seed, steps=cfg.steps, method=cfg.method, eta=cfg.eta, cfg_scale=cfg.cfg_scale,
@@ -77,8 +80,9 @@ def main(argv=None):
     if cfg.npz:
         labels = torch.arange(cfg.n) % model.num_classes
         imgs = dit.generate(model, labels, **gen)
-        os.makedirs(os.path.dirname(cfg.npz) or ".", exist_ok=True)
-        np.savez(cfg.npz, arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        with open(cfg.npz + ".tmp", "wb") as f:  # written whole, then renamed: never half a file
+            np.savez(f, arr_0=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        os.replace(cfg.npz + ".tmp", cfg.npz)
         print(f"wrote {len(imgs)} samples to {cfg.npz}")
     tc = dit.load_checkpoint(cfg.ckpt).get("train_config", {})
     data = cfg.data or tc.get("data", "shapes")

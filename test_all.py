@@ -705,7 +705,7 @@ def test_inception_loads_strict_from_a_legacy_format_file(tmp_path, monkeypatch)
     model = fid.load_inception(fid.find_inception_weights())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     torch.save({k: v for k, v in sd.items() if k != "fc.bias"}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(RuntimeError, match="fc.bias"):
+    with pytest.raises(SystemExit, match="fc.bias"):  # one error line naming the missing key
         fid.load_inception(path)
     with torch.no_grad():
         out = model.eval()(fid.inception_preprocess(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)))
@@ -1932,6 +1932,21 @@ def test_image_inputs_are_checked_before_any_work(tmp_path):
     refuses(fid.main, ["--save-stats", str(tmp_path / "gray.npz"), str(tmp_path / "out.npz")],
             said="gray.npz")
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_output_paths_and_inception_weights_are_checked_before_any_work(tiny_teacher, tmp_path, monkeypatch):
+    """sample.py's --npz / --grid and fid.py --save-stats's OUT that cannot be written, and an Inception
+    weights file that is not one: one line naming the flag or file, before anything is sampled or
+    featurised."""
+    monkeypatch.setattr(dit, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(fid, "extract", lambda *a, **k: pytest.fail("featurised before the check"))
+    (tmp_path / "afile").write_text("x")
+    bad = str(tmp_path / "afile" / "x.npz")
+    refuses(sample.main, ["--ckpt", tiny_teacher, "--npz", bad, "--n", "4", "--steps", "2"], said="--npz")
+    refuses(sample.main, ["--ckpt", tiny_teacher, "--grid", str(tmp_path), "--steps", "2"], said="--grid")
+    np.savez(tmp_path / "good.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    refuses(fid.main, ["--save-stats", str(tmp_path / "good.npz"), bad], said="--save-stats")
+    refuses(fid.load_inception, str(tmp_path / "afile"), said="is not the FID Inception weights")
 
 
 def test_data_files_are_checked_for_what_the_loaders_assume(tmp_path):
