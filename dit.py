@@ -585,10 +585,14 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             values = scalars(terms, s)  # the step's one host sync; stops on a non-finite loss
             opt.zero_grad(set_to_none=True)
             s.scaler.scale(terms["loss"]).backward()
-            if cfg.grad_clip > 0:
+            norm = 0.0
+            if cfg.grad_clip > 0 or cfg.grad_skip > 0:
                 s.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            s.scaler.step(opt)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if cfg.grad_skip > 0 and norm > cfg.grad_skip:  # DyDiT's code drops such a step
+                s.log.note(f"step {s.step + 1}: grad norm {float(norm):.1f} > {cfg.grad_skip}: skipped")
+            else:
+                s.scaler.step(opt)
             s.scaler.update()
             ema_update(ema, model, ema_decay(s.step, cfg))
             if on_step:
@@ -635,6 +639,7 @@ class TrainConfig:
     lr_end: float = 1.0          # [0,1]: after the warm-up, cosine-anneal lr to lr * lr_end; 1 = constant
     weight_decay: float = 0.0    # >=0: AdamW weight decay (paper: 0)
     grad_clip: float = 0.0       # >=0: clip the grad norm to this; 0 = off (paper: off)
+    grad_skip: float = 0.0       # >=0: skip the optimizer step when the grad norm exceeds this; 0 = off
     ema_decay: float = 0.0       # [0,1): EMA decay; 0 = the preset's default (paper: 0.9999)
     ema_warmup: int = -1         # [-1,1]: 1 = min(d, (1+n)/(10+n)) [ours]; 0 = constant (paper); -1 = preset
     learn_sigma: bool = True     # predict the variance too (DiT default) and add the L_vb term

@@ -334,7 +334,20 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
 
 # every setting a fine-tuned checkpoint depends on, besides the teacher's weights
 TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
-              "complete_steps", "flops_weight", "tau", "reorder", "seed", "data")
+              "complete_steps", "flops_weight", "grad_skip", "tau", "reorder", "seed", "data")
+# DiT-S's fine-tuning length (DyDiT Table 6): official_recipe scales the code's step counts by --steps / this
+OFFICIAL_STEPS = 50_000
+
+
+def official_recipe(cfg):
+    """--recipe official, the released train.py [code]: the complete-model loss at every step, FLOPs weight 2,
+    one lr for every parameter (--lr), a step skipped when its grad norm exceeds 200 (the lambda 0.5 script);
+    the target held 100 steps, then ramped over 1000, and EMA 0.9999 (a half-life of 6931 steps), all three
+    taken as fractions of DiT-S's 50k steps and scaled to --steps [inferred: 800 steps cannot hold them]."""
+    f = cfg.steps / OFFICIAL_STEPS
+    return dataclasses.replace(cfg, complete_steps=cfg.steps, flops_weight=2.0, router_lr=cfg.lr,
+                               grad_skip=200.0, lam_hold=max(1, round(100 * f)),
+                               lam_ramp=max(1, round(1000 * f)), ema_decay=0.5 ** (1 / (6931 * f)))
 
 
 def run_key(cfg, teacher, data=None):
@@ -361,7 +374,8 @@ def finetune(cfg, teacher, quiet=False):
         reorder_(net)
     tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
-                         ema_decay=cfg.ema_decay, ema_warmup=0, log_every=max(cfg.steps // 8, 1),
+                         ema_decay=cfg.ema_decay, ema_warmup=0, grad_skip=cfg.grad_skip,
+                         log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
     meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
         dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
@@ -507,6 +521,8 @@ class DyConfig:
     lam_ramp: int = 80            # >=0: steps of the linear ramp 1 -> lambda (paper: 1000 .. 5000)
     complete_steps: int = 50      # >=0: steps with the complete-model loss (paper: 30k of 200k for XL)
     flops_weight: float = 10.0    # >=0: w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred])
+    grad_skip: float = 0.0        # >=0: skip a step whose grad norm exceeds this (code: 200); 0 = off
+    recipe: str = "ours"          # ours | official: train.py's settings, schedules scaled (official_recipe)
     tau: float = 5.0              # >0: Gumbel-sigmoid temperature (paper: 5, fixed)
     reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
     curve: str = ""               # fine-tune steps to score the EMA model at (e.g. 100,200,400,800): a
@@ -537,7 +553,8 @@ def variants(cfg):
 
 
 def main(argv=None):
-    cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES))
+    cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES, recipe=("ours", "official")))
+    cfg = official_recipe(cfg) if cfg.recipe == "official" else cfg
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
     runs = variants(cfg)

@@ -278,6 +278,27 @@ def test_a_finished_run_is_reused_whatever_its_optimizer_groups_and_a_stopped_on
         train_tiny(tiny_cfg(tmp_path / "a", steps=6), groups=split)
 
 
+def test_grad_skip_drops_the_steps_whose_gradient_is_too_large(tmp_path):
+    """--grad-skip (DyDiT's code): a step whose grad norm exceeds it leaves the weights as they were; below
+    every norm, no step is taken at all, and without it every step moves the weights."""
+    torch.manual_seed(0)
+    start = dit.DiT(**dit.dit_config(tiny_cfg(tmp_path), 10)).state_dict()
+    skipped = train_tiny(tiny_cfg(tmp_path / "a", steps=3, grad_skip=1e-9))[0].state_dict()
+    moved = train_tiny(tiny_cfg(tmp_path / "b", steps=3))[0].state_dict()
+    assert all(torch.equal(skipped[k], start[k]) for k in start)
+    assert any(not torch.equal(moved[k], start[k]) for k in start)
+
+
+def test_official_dydit_recipe_sets_the_codes_settings_scaled_to_the_run():
+    """--recipe official: the complete-model loss every step, w = 2, one lr, skip at grad norm 200; hold 100,
+    ramp 1000 and EMA 0.9999 of DiT-S's 50k steps scaled to --steps (at 50k steps: exactly the code's)."""
+    cfg = dynamic.official_recipe(dynamic.DyConfig(steps=800, lr=3e-4))
+    assert (cfg.complete_steps, cfg.flops_weight, cfg.router_lr, cfg.grad_skip) == (800, 2.0, 3e-4, 200.0)
+    assert (cfg.lam_hold, cfg.lam_ramp) == (2, 16) and abs(cfg.ema_decay ** 111 - 0.5) < 0.01
+    full = dynamic.official_recipe(dynamic.DyConfig(steps=50_000))
+    assert (full.lam_hold, full.lam_ramp) == (100, 1000) and abs(full.ema_decay - 0.9999) < 1e-6
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=10, ckpt_every=5)
     d, calls = dit.Diffusion(), {"n": 0}
