@@ -343,11 +343,15 @@ def official_recipe(cfg):
     """--recipe official, the released train.py [code]: the complete-model loss at every step, FLOPs weight 2,
     one lr for every parameter (--lr), a step skipped when its grad norm exceeds 200 (the lambda 0.5 script);
     the target held 100 steps, then ramped over 1000, and EMA 0.9999 (a half-life of 6931 steps), all three
-    taken as fractions of DiT-S's 50k steps and scaled to --steps [inferred: 800 steps cannot hold them]."""
+    taken as fractions of DiT-S's 50k steps and scaled to --steps [inferred: 800 steps cannot hold them].
+    A flag given on the command line (away from its default) keeps its value: one setting can be ablated."""
     f = cfg.steps / OFFICIAL_STEPS
-    return dataclasses.replace(cfg, complete_steps=cfg.steps, flops_weight=2.0, router_lr=cfg.lr,
-                               grad_skip=200.0, lam_hold=max(1, round(100 * f)),
-                               lam_ramp=max(1, round(1000 * f)), ema_decay=0.5 ** (1 / (6931 * f)))
+    official = dict(complete_steps=cfg.steps, flops_weight=2.0, router_lr=cfg.lr, grad_skip=200.0,
+                    lam_hold=max(1, round(100 * f)), lam_ramp=max(1, round(1000 * f)),
+                    ema_decay=0.5 ** (1 / (6931 * f)))
+    default = DyConfig()
+    kept = {k: v for k, v in official.items() if getattr(cfg, k) == getattr(default, k)}
+    return dataclasses.replace(cfg, **kept)
 
 
 def run_key(cfg, teacher, data=None):
