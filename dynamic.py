@@ -32,6 +32,7 @@ Run:
     python dynamic.py --lam 0.5             # fine-tune the shipped base 800 steps, evaluate (docs: times)
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
+    python dynamic.py --recipe official     # the released train.py's settings, schedules scaled (worse here)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
 Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> slices -> slice_block.
 Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode) keep
