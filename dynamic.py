@@ -340,19 +340,17 @@ TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_deca
 OFFICIAL_STEPS = 50_000
 
 
-def official_recipe(cfg):
+def official_recipe(cfg, given=()):
     """--recipe official, the released train.py [code]: the complete-model loss at every step, FLOPs weight 2,
     one lr for every parameter (--lr), a step skipped when its grad norm exceeds 200 (the lambda 0.5 script);
     the target held 100 steps, then ramped over 1000, and EMA 0.9999 (a half-life of 6931 steps), all three
     taken as fractions of DiT-S's 50k steps and scaled to --steps [inferred: 800 steps cannot hold them].
-    A flag given on the command line (away from its default) keeps its value: one setting can be ablated."""
+    The fields in `given` (the flags on the command line) keep their values: one setting can be ablated."""
     f = cfg.steps / OFFICIAL_STEPS
     official = dict(complete_steps=cfg.steps, flops_weight=2.0, router_lr=cfg.lr, grad_skip=200.0,
                     lam_hold=max(1, round(100 * f)), lam_ramp=max(1, round(1000 * f)),
                     ema_decay=0.5 ** (1 / (6931 * f)))
-    default = DyConfig()
-    kept = {k: v for k, v in official.items() if getattr(cfg, k) == getattr(default, k)}
-    return dataclasses.replace(cfg, **kept)
+    return dataclasses.replace(cfg, **{k: v for k, v in official.items() if k not in given})
 
 
 def run_key(cfg, teacher, data=None):
@@ -559,7 +557,9 @@ def variants(cfg):
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES, recipe=("ours", "official")))
-    cfg = official_recipe(cfg) if cfg.recipe == "official" else cfg
+    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")}
+    cfg = official_recipe(cfg, given) if cfg.recipe == "official" else cfg
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
     runs = variants(cfg)
