@@ -755,6 +755,12 @@ def curve_steps(text, last, what="steps"):
     return {int(p) for p in text.split(",")} if text else set()
 
 
+def given_flags(argv=None):
+    """Fields whose flags are on the command line (argv; None: sys.argv[1:]): --lam-ramp -> lam_ramp."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
+            if a.startswith("--")}
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the whole usage block
         sys.stderr.write(f"error: {message}; see --help\n")
@@ -1012,7 +1018,7 @@ def load_checkpoint(path, kinds=None):
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})")
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
         sys.exit(f"error: {path} is not a tinydit checkpoint (no 'kind'/'config' entries)")
-    if ckpt["kind"] != "pairs" and "ema" not in ckpt and "model" not in ckpt:  # a model needs its weights
+    if "ema" not in ckpt and "model" not in ckpt:
         sys.exit(f"error: {path} holds no weights (no 'ema' or 'model' entry)")
     if kinds is not None and ckpt["kind"] not in kinds:
         sys.exit(f"error: {path} holds a {ckpt['kind']!r} model; expected one of {kinds}")

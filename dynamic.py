@@ -557,9 +557,7 @@ def variants(cfg):
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES, recipe=("ours", "official")))
-    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
-             if a.startswith("--")}
-    cfg = official_recipe(cfg, given) if cfg.recipe == "official" else cfg
+    cfg = official_recipe(cfg, dit.given_flags(argv)) if cfg.recipe == "official" else cfg
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
     runs = variants(cfg)
