@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import dit
@@ -107,18 +108,20 @@ def standardise(h, ref):
     return (h - mu) / sd
 
 
-def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
+def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0, plain=False):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = links[k]
-    std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected
-    by W_k. out None: no output term (MI1 stage A); no links: output only."""
+    std() = `standardise` with the teacher state's per-channel statistics [inferred]; plain: std() = identity
+    (BK-SDM's plain MSE). s_feats[k] is already projected by W_k. out None: no output term (MI1 stage A);
+    no links: output only."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target)
         loss = terms["out"]
     if t_feats is not None and links:
         # assignment 5 begin: feature KD with its projector
-        mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
+        mse = [F.mse_loss(s, t_feats[j]) if plain else
+               F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
                for s, (_, j) in zip(s_feats, links)]
         terms["feat"] = sum(mse) / len(links)
         # assignment 5 end
@@ -157,7 +160,8 @@ class Distiller(nn.Module):
 @torch.no_grad()
 def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250, shipped=""):
     """GET's offline signals: n (noise z, image x = DDIM_eta=0(z, y), label y) triples, cached at `path`.
-    A `shipped` file holds the images x alone (z and y are remade from the seed)."""
+    x is kept as uint8, an image's precision; a `shipped` PNG holds the images alone (z and y are remade
+    from the seed, a training stream: never the evaluation noise)."""
     if os.path.exists(path):
         pairs = torch.load(path, map_location="cpu", weights_only=True)
         if not (isinstance(pairs, dict) and {"z", "x", "y"} <= pairs.keys()) or dit.nonfinite(pairs):
@@ -165,15 +169,38 @@ def make_pairs(teacher, n, steps, cfg_scale, seed, path, batch_size=250, shipped
         return pairs
     device = next(teacher.parameters()).device
     C, S = teacher.in_channels, teacher.input_size
-    z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(n, C, S, S, generator=dit.rng(seed))
     y = torch.arange(n) % teacher.num_classes
-    xs = [dit.load_checkpoint(shipped, kinds=["pairs"])["x"]] if os.path.exists(shipped) else \
-        [dit.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device), steps, "ddim",
-                    0.0, cfg_scale).clamp(-1, 1).cpu()
+    xs = [read_tiles(shipped, n, C, S)] if os.path.exists(shipped) else \
+        [dit.to_uint8(dit.sample(teacher, z[k:k + batch_size].to(device), y[k:k + batch_size].to(device),
+                                 steps, "ddim", 0.0, cfg_scale)).cpu()
          for k in tqdm(range(0, n, batch_size), desc=f"pairs ({steps} DDIM steps)", dynamic_ncols=True)]
     pairs = dict(z=z, x=torch.cat(xs), y=y)
     dit.save_checkpoint(pairs, path)
     return pairs
+
+
+TILES = 100  # images per row of a shipped pairs PNG
+
+
+def write_tiles(x, path):
+    """uint8 (N, C, S, S) -> one lossless PNG, TILES images per row (the last row padded with zeros), and its
+    sha256 into SHA256SUMS beside it."""
+    n, C, S, _ = x.shape
+    x = torch.cat([x, x.new_zeros(-n % TILES, C, S, S)])
+    grid = x.view(-1, TILES, C, S, S).permute(0, 3, 1, 4, 2).reshape(-1, TILES * S, C)
+    Image.fromarray(grid.squeeze(-1).numpy()).save(path + ".tmp.png", optimize=True)
+    os.replace(path + ".tmp.png", path)
+    dit.record_sum(path)
+
+
+def read_tiles(path, n, C, S):
+    """The inverse of write_tiles, checked against SHA256SUMS and the expected shape (one error line)."""
+    dit.check_sum(path)
+    grid = torch.tensor(fid.read_image(path))[..., :C]  # (H, W, C); a grey PNG reads as 3 equal channels
+    if grid.shape[:2] != (-(-n // TILES) * S, TILES * S):
+        sys.exit(f"error: {path} holds {tuple(grid.shape[:2])} pixels, not {n} images of {S} px; delete it")
+    return grid.reshape(-1, S, TILES, S, C).permute(0, 2, 4, 1, 3).reshape(-1, C, S, S)[:n].contiguous()
 
 
 @torch.no_grad()
@@ -252,9 +279,9 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     then B. The file name hashes everything the stage depends on, so equal stages are shared across runs.
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
     device = dit.pick_device(cfg.device)
-    steps, cfg = steps or cfg.steps, replace(cfg, seed=0) if shared else cfg
+    steps, cfg = cfg.steps if steps is None else steps, replace(cfg, seed=0) if shared else cfg
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(dit.seed_of(cfg.seed))
     student = OneStepDiT(**config)
     if keep == "slice":  # the TA cut to the student's width
         slice_width(student, init, source_states(init, base, range(shape[0] + 1)).values())
@@ -263,10 +290,14 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     links = dit.block_map(shape[0], L_T, how) if how else []
     tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps))
+    if steps == 0:  # --aux-steps 0, the control: the network cut from init, untrained
+        student.tag, student.name = tag, name
+        return student.eval().requires_grad_(False).to(device), dict(steps=0, wall_s=0.0, path="-")
     net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
     used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
     cache = source_states(source, base, used) if source is not None else None
-    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight)
+    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight,
+                                plain=cfg.feat_loss == "mse")
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
@@ -299,13 +330,13 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
-def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight):
+def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight, plain):
     """dit.train's loss on a batch of offline pairs: yb indexes them (xb, the same images as uint8, is
     unused); the frozen source's states come from `cache` (computed once per stage; None: output KD only)."""
     z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
     t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
     out, s_feats = net(z, y, t_feats)
-    return distill_loss(out, target, s_feats, t_feats, links, feat_weight)
+    return distill_loss(out, target, s_feats, t_feats, links, feat_weight, plain)
 
 
 def curve_point(step, ema, cfg, points, device):
@@ -324,7 +355,7 @@ def stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps):
                out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
                **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
     if links:  # the feature weight and MI1's split only matter to the stages that use them
-        key.update(feat_weight=cfg.feat_weight, feat_norm="channel")
+        key.update(feat_weight=cfg.feat_weight, feat_norm="channel" if cfg.feat_loss == "std" else "none")
     if mi1:
         key.update(local_frac=cfg.local_frac, local_on_top=True)
     if cfg.curve and name == "student":  # a curve run keeps its scores in the checkpoint: its own file
@@ -390,11 +421,31 @@ def run_method(cfg, base, shape):
 
 # --- Evaluate: params, GFLOPs and latency per generated image, quality, the Pareto plot ----------
 
-def measure(cfg, entries, device):
+@torch.no_grad()
+def held_out(teacher, cfg):
+    """(z, y, x): --eval-n new noises (the evaluation stream, never a pair) and the teacher's images of them."""
+    C, S, n = teacher.in_channels, teacher.input_size, cfg.eval_n
+    z, y = torch.randn(n, C, S, S, generator=dit.rng(cfg.seed, "eval")), torch.arange(n) % teacher.num_classes
+    z, y = z.to(next(teacher.parameters()).device), y.to(next(teacher.parameters()).device)
+    return z, y, dit.sample(teacher, z, y, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale).clamp(-1, 1)
+
+
+@torch.no_grad()
+def rmse(model, triples):
+    """Pixel RMSE of a one-step model's images to the teacher's on (z, y, x): on the training pairs and on new
+    noise it shows memorisation (a far smaller error on the pairs)."""
+    z, y, x = triples
+    return float(torch.cat([(model(z[k:k + 250], y[k:k + 250]).clamp(-1, 1) - x[k:k + 250]).pow(2).flatten(1)
+                            for k in range(0, len(z), 250)]).mean().sqrt())
+
+
+def measure(cfg, entries, device, base):
     """One row per (name, model, checkpoint): a multi-step model pays its whole DDIM + CFG sampler. Latency:
-    ms per image at batch 1 and 64, median of --bench-reps interleaved rounds (fid.time_sampling)."""
+    ms per image at batch 1 and 64, median of --bench-reps interleaved rounds (fid.time_sampling). One-step
+    models: pixel RMSE to the teacher's images on the first --eval-n pairs and on as many new noises."""
     models = {name: model for name, model, _ in entries}
     ms = {B: fid.time_sampling(models, B, cfg.sample_steps, cfg.cfg_scale, cfg.bench_reps) for B in (1, 64)}
+    held = held_out(entries[0][1], cfg) if cfg.eval_n else None
     rows = []
     for name, model, ck in entries:
         nfe = 1 if getattr(model, "one_step", False) else cfg.sample_steps * (2 if cfg.cfg_scale != 1 else 1)
@@ -409,6 +460,9 @@ def measure(cfg, entries, device):
                              steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
             row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
             row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
+        if cfg.eval_n and getattr(model, "one_step", False):
+            seen = (base["z"][:cfg.eval_n], base["y"][:cfg.eval_n], base["x"][:cfg.eval_n])
+            row["RMSE pairs / new"] = f"{rmse(model, seen):.3f} / {rmse(model, held):.3f}"
         rows.append(row)
     return rows
 
@@ -441,7 +495,7 @@ def sweep(cfg, base, device):
         entries.append((f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck))
     if not dit.is_main():  # under torchrun: rank 0 measures, the others wait in dist_finish
         return []
-    rows = measure(cfg, entries, device)
+    rows = measure(cfg, entries, device, base)
     points = [(float(r["ms/img b1"]), float(q), f"{r['model'][8:]} {r['params']}")
               for r in rows[1:] for k, q in r.items() if "lower better" in k]
     if points:
@@ -460,14 +514,16 @@ class DistillConfig:
     width: int = 64              # >=1: student hidden size D (multiple of 4 * heads; teacher: 128)
     heads: int = 2               # >=1: student attention heads
     feat_weight: float = 0.1     # >=0: lambda_f on the feature loss (BK-SDM: 1; 0.1 here) [inferred]
+    feat_loss: str = "std"       # std: each channel standardised by the source's statistics [inferred] | mse
     local_frac: float = 0.3      # (0,1): mi1: block-local stage A steps = local_frac * steps, first
     steps: int = 2400            # >=1: student training steps (equal for every method; end-to-end for MI1)
     teacher_steps: int = 1500    # >=1: steps of the one-step teacher (the feature source of fkd / ta / mi1)
-    aux_steps: int = 1000        # >=1: steps of the teaching assistant (--method ta; one fixed TA, shippable)
+    aux_steps: int = 1000        # >=0: steps of the teaching assistant (--method ta; one fixed TA, shipped);
+    #                              0 = the control: the student cut from the source's blocks, no TA trained
     batch_size: int = 64         # >=1: pairs (or images) per step
     lr: float = 1e-3             # >0: AdamW learning rate (constant after a 20-step warm-up)
     ema_decay: float = 0.999     # [0,1): EMA of the weights (the evaluated model)
-    pairs: int = 1000            # >=1: offline (noise, image, label) pairs from the teacher
+    pairs: int = 10000           # >=1: offline (noise, image, label) pairs from the teacher
     sample_steps: int = 10       # [1,1000]: teacher DDIM steps (eta 0): pairs, teacher quality/latency
     cfg_scale: float = 1.5       # >=0: classifier-free guidance of the teacher's sampler (DiT: 1.5 for FID)
     eval_n: int = 500            # >=0: samples per fid.evaluate; 0 = skip the quality column
@@ -495,7 +551,8 @@ PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
-                    dict(method=("kd", "fkd", "ta", "mi1"), mapping=("uniform", "first"), dtype=dit.DTYPES))
+                    dict(method=("kd", "fkd", "ta", "mi1"), mapping=("uniform", "first"),
+                         feat_loss=("std", "mse"), dtype=dit.DTYPES))
     if cfg.width % (4 * cfg.heads):
         sys.exit("error: --width must be a multiple of 4 * --heads")
     dit.curve_steps(cfg.curve, cfg.steps, "student steps (--steps)")
@@ -513,15 +570,15 @@ def main(argv=None):
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
     base = dict(teacher=T, config=ck["config"])
     os.makedirs(cfg.out, exist_ok=True)
-    name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.pairs_seed}.pt"
-    path = os.path.join(cfg.out, name)
-    shipped = os.path.join(cfg.shipped, name)  # the images only, float32
+    name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.pairs_seed}_u8"
+    path = os.path.join(cfg.out, name + ".pt")
+    shipped = os.path.join(cfg.shipped, name + ".png")  # the images only
     p = dit.main_first(make_pairs, T, cfg.pairs, cfg.sample_steps, cfg.cfg_scale, cfg.pairs_seed, path,
                        shipped=shipped)
     if cfg.ship and not os.path.exists(shipped) and dit.is_main():
-        dit.ship_weights(dict(kind="pairs", config=dict(n=cfg.pairs), x=p["x"], ema={}), shipped)
-    base.update(z=p["z"].to(device), x=p["x"].to(device), y=p["y"].to(device), data_tag=name,
-                data=(dit.to_uint8(p["x"]), torch.arange(len(p["y"]))))
+        write_tiles(p["x"], shipped)
+    base.update(z=p["z"].to(device), x=dit.to_float(p["x"]).to(device), y=p["y"].to(device), data_tag=name,
+                data=(p["x"], torch.arange(len(p["y"]))))
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, base, device)
@@ -533,7 +590,7 @@ def main(argv=None):
         return dit.dist_finish()
     grid = os.path.join(cfg.out, f"onestep_{cfg.method}_grid.png")
     dit.save_rows([T] + [m for _, m, _ in stages], grid, cfg.seed, cfg.sample_steps, cfg.cfg_scale)
-    rows = measure(cfg, [("teacher", T, None)] + stages, device)
+    rows = measure(cfg, [("teacher", T, None)] + stages, device, base)
     names = ", ".join(n for n, _, _ in stages)
     print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (rows: teacher, {names}; same noise): {grid}"
           f"\nstudent checkpoint: {stages[-1][2]['path']}")

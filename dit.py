@@ -509,20 +509,36 @@ def run_sampler(model, z, y, steps=50, cfg_scale=1.0, method="ddim", eta=0.0, ge
     return sample(model, z, y, steps, method, eta, cfg_scale, generator)
 
 
+# A CPU generator keeps only the low 32 bits of its seed. Evaluation owns the seeds with bit 31 set, every
+# training stream the others, so no model is scored on noise it trained on, whatever the seeds say [ours].
+EVAL_BIT = 2 ** 31
+
+
+def seed_of(seed, stream="train"):
+    """The generator seed of `seed` in one stream: "eval" (scores, grids, PSNR references, sampler FLOPs) or
+    "train" (data order, flips, diffusion noise, pairs, pruner, calibration): disjoint 32-bit ranges."""
+    return seed % EVAL_BIT + (EVAL_BIT if stream == "eval" else 0)
+
+
+def rng(seed, stream="train"):
+    """A CPU torch.Generator seeded with seed_of(seed, stream)."""
+    return torch.Generator().manual_seed(seed_of(seed, stream))
+
+
 @torch.no_grad()
 def generate(model, labels, seed=0, steps=50, method="ddim", eta=0.0, cfg_scale=4.0, batch_size=64,
-             dtype="float32", progress=False):
-    """uint8 images (N, 3, H, W) for `labels`. The initial noise comes from torch.Generator(seed) on the
-    CPU for the whole set at once, so any two models given the same seed start from the same noise,
-    whatever the batch size or device."""
+             dtype="float32", progress=False, stream="eval"):
+    """uint8 images (N, 3, H, W) for `labels`. The initial noise comes from rng(seed, stream) on the CPU
+    for the whole set at once, so any two models given the same seed start from the same noise, whatever
+    the batch size or device. stream "eval" (scores, grids) is never drawn by training."""
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long)
     C, S = model.in_channels, model.input_size
-    z_all = torch.randn(len(labels), C, S, S, generator=torch.Generator().manual_seed(seed))
+    z_all = torch.randn(len(labels), C, S, S, generator=rng(seed, stream))
     out = []
     for k in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="sampling"):
         z, y = z_all[k:k + batch_size].to(device), labels[k:k + batch_size].to(device)
-        g = torch.Generator().manual_seed(seed + 1 + k)
+        g = rng(seed + 1 + k, stream)
         with autocast(device, dtype):
             x = run_sampler(model, z, y, steps, cfg_scale, method, eta, g)
         out.append(to_uint8(x.float()).cpu())
@@ -983,11 +999,11 @@ def batches(x, y, batch_size, seed, start_step=0, rank=0, world=1, flip=False):
     per_epoch, reps = max(n // batch_size, 1), -(-batch_size // n)
     while True:
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * STRIDE + epoch)).repeat(reps)
+        perm = torch.randperm(n, generator=rng(seed * STRIDE + epoch)).repeat(reps)
         idx = perm[k * batch_size:(k + 1) * batch_size][rank::world]
         xb = to_float(x[idx])
         if flip:  # random horizontal flip, the only DiT augmentation; deterministic per step
-            f = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed + FLIP_STRIDE * step)) < 0.5
+            f = torch.rand(len(idx), generator=rng(seed + FLIP_STRIDE * step)) < 0.5
             xb = torch.where(f[:, None, None, None], xb.flip(-1), xb)
         yield xb, y[idx]
         step += 1
@@ -1007,11 +1023,7 @@ def load_checkpoint(path, kinds=None):
     expected kind."""
     if not os.path.exists(path):
         sys.exit(f"error: checkpoint {path} not found (train one with `python dit.py --out {path}`)")
-    sums = read_sums(os.path.dirname(path))
-    name = os.path.basename(path)
-    if name in sums and sha256(path) != sums[name][0]:
-        sys.exit(f"error: {path} is damaged (its sha256 differs from {os.path.dirname(path)}/SHA256SUMS); "
-                 f"rebuild it with `{sums[name][1]}` or restore it with `git checkout -- {path}`")
+    check_sum(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1059,6 +1071,15 @@ def read_sums(folder):
     return {n: (h, cmds.get(n, "?")) for h, n in (line.split() for line in lines if line[:1] not in "#")}
 
 
+def check_sum(path):
+    """One error line when a shipped file's sha256 differs from its folder's SHA256SUMS."""
+    sums = read_sums(os.path.dirname(path))
+    name = os.path.basename(path)
+    if name in sums and sha256(path) != sums[name][0]:
+        sys.exit(f"error: {path} is damaged (its sha256 differs from {os.path.dirname(path)}/SHA256SUMS); "
+                 f"rebuild it with `{sums[name][1]}` or restore it with `git checkout -- {path}`")
+
+
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -1070,6 +1091,11 @@ def ship_weights(ck, path):
     and this command go into SHA256SUMS beside it, checked by every load_checkpoint."""
     keep = {k: v for k, v in ck.items() if k not in ("model", "ema", "opt", "scaler", "rng")}
     save_checkpoint(dict(keep, ema={k: v.half() for k, v in ck["ema"].items()}), path)
+    record_sum(path)
+
+
+def record_sum(path):
+    """Put path's sha256 and the command that made it into SHA256SUMS beside it."""
     folder = os.path.dirname(path) or "."
     cmd = " ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:])
     sums = dict(read_sums(folder), **{os.path.basename(path): (sha256(path), cmd)})
@@ -1203,7 +1229,7 @@ class Session:
         self.rank, self.world = rank, world = dist_setup(device)
         if cfg.batch_size % world:
             sys.exit(f"error: --batch-size {cfg.batch_size} is not divisible by the {world} processes")
-        torch.manual_seed(cfg.seed + rank)  # the noise / timestep / label-drop stream of this process
+        torch.manual_seed(seed_of(cfg.seed + rank))  # the noise / timestep / label-drop stream of this rank
         model.to(device)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA starts as a copy (official)
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -1251,7 +1277,7 @@ class Session:
             set_rng_state(ck["rng"][rank], self.device)
         else:  # another world size: the old per-rank streams cannot be split; re-seed, deterministically
             print(f"note: {cfg.out} was written by {len(ck['rng'])} processes, now {self.world}: new noise")
-            torch.manual_seed(cfg.seed + rank + RESEED_STRIDE * self.step)
+            torch.manual_seed(seed_of(cfg.seed + rank + RESEED_STRIDE * self.step))
         done, same = self.step >= cfg.steps, "settings (its key)" if meta.get("key") else "model config"
         if rank == 0 and not self.quiet:
             print(f"reusing {cfg.out}: finished ({self.step} steps) with the same {same}" if done
@@ -1386,7 +1412,7 @@ def train_base(cfg, quiet=False):
         shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     x, y, nc = load_data(cfg.data, cfg.data_dir, cfg.image_size, shard=shard)
     diffusion = Diffusion()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed_of(cfg.seed))
     model = DiT(**dit_config(cfg, nc))
     meta = dict(kind="dit", config=dit_config(cfg, nc))
     loss_fn = lambda m, xb, yb, step: diffusion.loss(m, xb, yb)  # noqa: E731

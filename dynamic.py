@@ -371,7 +371,7 @@ def finetune(cfg, teacher, quiet=False):
     x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
     key = run_key(cfg, teacher, (x, y))  # hashed once, from the arrays this run trains on
     diffusion, out = dit.Diffusion(), cfg.out or default_out("out/dydit", cfg, teacher, key)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(dit.seed_of(cfg.seed))
     net = dit.build_dit(teacher).train()
     if cfg.reorder or cfg.mode == "halfwidth":
         reorder_(net)
@@ -452,7 +452,7 @@ def save_pictures(model, prefix, cfg, n=4, cols=5):
 @torch.no_grad()
 def sliced_vs_masked(model, batch=16, seed=0):
     """max |sliced - masked| over a batch of noise at a few timesteps (the deployment check, fp32)."""
-    g = torch.Generator().manual_seed(seed)
+    g = dit.rng(seed, "eval")
     dev, worst = model.fixed.device, 0.0
     for tv in (999, 500, 100):
         x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(dev)

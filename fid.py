@@ -310,7 +310,7 @@ def train_classifier(images, labels, num_classes, steps=None, batch_size=CLF_BAT
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(dit.seed_of(seed))
             model = Classifier(num_classes)
             opt = torch.optim.Adam(model.parameters(), lr=lr)
             it = dit.batches(images, labels, batch_size, seed)
@@ -442,7 +442,7 @@ def load_images(source, data, data_dir, image_size, seed):
         size = image_size or (64 if data == "imagenet64" else 32)
         x, _, _ = dit.load_data(data, data_dir, size, train=parts[1] == "train")
         if len(parts) > 2:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:int(parts[2])]]
+            x = x[torch.randperm(len(x), generator=dit.rng(seed))[:int(parts[2])]]
         return x
     if os.path.isdir(source):
         files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS))
@@ -511,7 +511,7 @@ def time_sampling(models, batch, steps, cfg_scale=1.5, reps=3, warmup=1, seed=0,
         for name, m in models.items():
             device, k = next(m.parameters()).device, steps[name] if isinstance(steps, dict) else steps
             z = torch.randn(batch, m.in_channels, m.input_size, m.input_size,
-                            generator=torch.Generator().manual_seed(seed)).to(device)
+                            generator=dit.rng(seed, "eval")).to(device)
             y = (torch.arange(batch) % m.num_classes).to(device)
             with dit.autocast(device, dtype):
                 s = timeit(lambda: dit.run_sampler(m, z, y, k, cfg_scale), device, 1, 0)
@@ -525,7 +525,7 @@ def sampler_gflops(model, steps, cfg_scale=1.5, seed=0):
     cache hits and slices included; one call for a one-step model), from seeded noise (SDT masks see it)."""
     device = next(model.parameters()).device
     z = torch.randn(1, model.in_channels, model.input_size, model.input_size,
-                    generator=torch.Generator().manual_seed(seed)).to(device)
+                    generator=dit.rng(seed, "eval")).to(device)
     y = torch.zeros(1, dtype=torch.long, device=device)
     return dit.count_flops(lambda: dit.run_sampler(model, z, y, steps, cfg_scale)) / 1e9
 

@@ -18,8 +18,9 @@ DiT is rebuilt from the original weights and fine-tuned (optionally with Masked 
     baselines (Tables 1, 3): first/last/uniform, ShortGPT,
       sensitivity, magnitude, Taylor, min-loss random      -> baseline_kept, block_influence, calib_loss
     recovery: fine-tune / KD / Masked KD (Table 5)         -> recovery_loss, masked_rep_loss, recover
-[inferred], for CPU minutes: lrs LoRA 1e-3 / gates 1e-2 (paper 1e-4 / 1e-3, same ratio), recovery 1e-3
-cosine to 5e-4 (paper 2e-4 -> 1e-4), a few hundred steps (paper 10K / 100K+); Masked-KD pairs student j <->
+[inferred], for CPU minutes: LoRA lr 1e-3 (paper 1e-4), gates the paper's 1e-3 for 2000 steps (the mask
+settles: the same at every seed), recovery 1e-3 cosine to 5e-4 (paper 2e-4 -> 1e-4), a few hundred steps
+(paper 100K+, 1.4% of pre-training: ~170 of the shipped base's 12000); Masked-KD pairs student j <->
 the last teacher block of its group; the KD variance term is KL(teacher || student) of the two reverse
 Gaussians; magnitude / Taylor / sensitivity scores; ShortGPT's Block Influence measured along the base
 model's own DDIM trajectories (the official prune_by_score.py: 128 real images at a random t, no CFG).
@@ -206,7 +207,7 @@ CALIB_OFFSET = 12345  # [ours] the calibration batch's stream: apart from the --
 
 def calib_batch(data, n, seed, device):
     """A fixed calibration batch (x0, y, i, noise): the same images, timesteps and noise for every mask."""
-    g = torch.Generator().manual_seed(seed + CALIB_OFFSET)
+    g = dit.rng(seed + CALIB_OFFSET)
     idx = torch.randperm(len(data[0]), generator=g)[:n]
     x0 = dit.to_float(data[0][idx])
     i, noise = torch.randint(0, 1000, (n,), generator=g), torch.randn(x0.shape, generator=g)
@@ -239,7 +240,8 @@ def block_influence(model, n, steps, cfg_scale):
         calls[j] += 1
     hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out))
              for j, b in enumerate(model.blocks)]
-    dit.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale)
+    dit.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale,
+                 stream="train")  # a mask choice draws training noise
     for h in hooks:
         h.remove()
     return 1 - sims / calls
@@ -339,7 +341,7 @@ def train_config(cfg, out, steps, lr, ema_decay, grad_clip, lr_end=1.0):
 def learn_mask(cfg, teacher_ckpt, data, path):
     """TinyFusion mask learning, Sec. 3: the masked DiT + dW trained jointly with the logits on the
     diffusion loss (AdamW, wd 0, clip 1, LoRA lr / gate lr as param groups). Returns (kept, info)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(dit.seed_of(cfg.seed))
     model = dit.build_dit(teacher_ckpt).train()
     options, groups = parse_pattern(cfg.pattern, len(model.blocks))
     if cfg.deltaw == "lora":
@@ -378,7 +380,7 @@ def learn_mask(cfg, teacher_ckpt, data, path):
 def recover(cfg, pruned_ckpt, teacher, data, path):
     """Recovery fine-tuning of the exported shallow DiT, TinyFusion Table 5: plain diffusion loss, logits
     KD or Masked KD. Returns the checkpoint (kind "dit")."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(dit.seed_of(cfg.seed))
     student, diffusion = dit.build_dit(pruned_ckpt).train(), dit.Diffusion()
     if cfg.recover == "finetune":
         def loss_fn(m, xb, yb, step):
@@ -739,7 +741,7 @@ def uniform_plan(steps, depth, ratio):
 def random_plan(steps, depth, ratio, seed=0):
     """Baseline (b): a random plan with DiP-GO's budget (round(r (K-1) N) reused slots)."""
     S = steps - 1
-    idx = torch.randperm(S * depth, generator=torch.Generator().manual_seed(seed))[:round(ratio * S * depth)]
+    idx = torch.randperm(S * depth, generator=dit.rng(seed))[:round(ratio * S * depth)]
     reuse = torch.zeros(S * depth, dtype=torch.bool)
     reuse[idx] = True
     return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse.view(S, depth)])
@@ -787,13 +789,13 @@ def learn_scores(base, cfg, log=print, on_step=None):
     on_step(step, pruner, rows), if given, runs after each step (--curve), outside its clock."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(dit.seed_of(cfg.seed))
     pruner = Pruner(K, N, cfg.dipgo_dim).to(device)
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)  # ours (official: SGD 0.2, cosine, 500)
     net = CachedDiT(base, K)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
-        g = torch.Generator().manual_seed(cfg.seed * dit.STRIDE + it)
+        g = dit.rng(cfg.seed * dit.STRIDE + it)
         y = torch.randint(0, base.num_classes, (B,), generator=g).to(device)
         z = torch.randn(B, C, S, S, generator=g).to(device)
         t0 = time.time()
@@ -951,7 +953,7 @@ def compare_variants(cfg, base, variants, device):
                             cfg.cfg_scale)
     fb, frest = block_flops(base)
     z = torch.randn(cfg.speed_batch, base.in_channels, base.input_size, base.input_size,
-                    generator=torch.Generator().manual_seed(1)).to(device)
+                    generator=dit.rng(1, "eval")).to(device)
     yz = torch.arange(cfg.speed_batch, device=device) % base.num_classes
     with torch.no_grad():
         ref = dit.sample(base, z, yz, K, "ddim", cfg_scale=cfg.cfg_scale).clamp(-1, 1)
@@ -1009,12 +1011,12 @@ class PruneConfig:
     pattern: str = "1:2"         # N:M: keep N of every M consecutive blocks (1:2 paper default; 3:6 = global)
     kept: str = ""               # --method index: the kept block indices, e.g. 0,2,5
     batch_size: int = 64         # >=1: batch for mask learning and recovery (paper: 128 / 256)
-    learn_steps: int = 200       # >=1: mask-learning steps (paper ~10K = 1 ImageNet epoch; shapes: 156)
+    learn_steps: int = 2000      # >=1: mask-learning steps (paper ~10K = 1 ImageNet epoch); 2000: settled
     deltaw: str = "lora"         # recoverability update during learning: lora | full | frozen (paper Table 4)
     lora_rank: int = 8           # >=1: LoRA rank r (paper 8)
     lora_alpha: float = 16.0     # >0: LoRA alpha (paper 2r)
     lora_lr: float = 1e-3        # >0: lr of LoRA (all weights for --deltaw full); paper 1e-4 [inferred 1e-3]
-    gate_lr: float = 1e-2        # >0: lr of the pattern logits; paper 1e-3 = 10x the LoRA lr
+    gate_lr: float = 1e-3        # >0: lr of the pattern logits (paper 1e-3)
     tau_start: float = 4.0       # >0: Gumbel-softmax temperature at step 0 (paper 4) ...
     tau_end: float = 0.1         # >0: ... annealed linearly to this (paper 0.1)
     scaling: float = 100.0       # >0: logit multiplier s (paper 100, constant)

@@ -568,6 +568,37 @@ def test_ddim_eta0_is_deterministic_and_batch_independent(tiny_teacher):
     assert_images_close(a, b)
 
 
+def test_no_evaluation_noise_equals_any_training_noise(tiny_teacher, tmp_path, monkeypatch):
+    """Trust rule: the noise a model is scored on (fid.evaluate and grids via dit.generate, the DiP-GO PSNR
+    reference, sampler FLOPs: the "eval" stream) never appears in what a training stage draws (distillation
+    pairs, fine-tuning, DiP-GO's pruner, calibration), at any seed, equal seeds included: no run of 7
+    values of any evaluation draw occurs in any training draw (one generator's draws overlap in long runs)."""
+    drawn, phase = {"train": [], "eval": []}, ["train"]
+    real_randn, real_like = torch.randn, torch.randn_like
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn[phase[0]].append(real_randn(*a, **k)) or
+                        drawn[phase[0]][-1])
+    monkeypatch.setattr(torch, "randn_like", lambda *a, **k: drawn[phase[0]].append(real_like(*a, **k)) or
+                        drawn[phase[0]][-1])
+    T = dit.build_dit(dit.load_checkpoint(tiny_teacher))
+    data = dit.load_data("shapes", image_size=16)
+    seeds = (0, 1, 2, dit.EVAL_BIT + 1)
+    for s in seeds:
+        distill.make_pairs(T, 12, 2, 1.5, s, str(tmp_path / f"pairs{s}.pt"))
+        train_tiny(tiny_cfg(tmp_path / f"ft{s}", steps=2, seed=s))
+        prune.learn_scores(T, prune.PruneConfig(eval_steps=3, dipgo_steps=2, dipgo_batch=2, seed=s), log=None)
+        prune.calib_batch(data, 8, s, "cpu")
+    phase[0] = "eval"
+    for s in seeds:
+        dit.generate(T, torch.arange(12) % 10, seed=s, steps=2)
+    fid.sampler_gflops(T, 2)
+    evals = [x.flatten().tolist() for x in drawn["eval"]]
+    windows = {tuple(v[i:i + 4]) for v in evals for i in range(len(v) - 3)}
+    assert len(drawn["train"]) > 20 and len(windows) > 20000
+    for x in drawn["train"]:
+        v = x.detach().flatten().tolist()
+        assert not any(tuple(v[i:i + 4]) in windows for i in range(0, len(v) - 3, 4))  # a run of 7 holds one
+
+
 def assert_images_close(a, b, levels=1, frac=0.01):
     """uint8 images made by the same computation on other batch shapes: matrix kernels pick other blockings
     for other shapes (and CPUs), so a pixel near a rounding boundary may land one grey level away. Allowed:
@@ -904,8 +935,9 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
 
 
 def test_pairs_cache_round_trips(tmp_path, monkeypatch):
-    """make_pairs writes (z, x, y) with x = the teacher's DDIM eta=0 sample of z; a second call loads the
-    file (the sampler is not called) and returns identical tensors; so does a shipped file of x alone."""
+    """make_pairs writes (z, x, y) with x = the teacher's DDIM eta=0 sample of z as uint8; a second call loads
+    the file (the sampler is not called) and returns identical tensors; so does a shipped PNG of x alone (a
+    row of 100 padded; a PNG of other images, or a damaged one, is refused in one line)."""
     torch.manual_seed(0)
     teacher = nontrivial(dit.DiT(**TINY))
     path = str(tmp_path / "pairs.pt")
@@ -914,14 +946,21 @@ def test_pairs_cache_round_trips(tmp_path, monkeypatch):
     assert p["y"].tolist() == [i % 10 for i in range(12)]
     with torch.no_grad():
         ref = dit.sample(teacher, p["z"][:2], p["y"][:2], 3, "ddim", 0.0, 1.5).clamp(-1, 1)
-    assert torch.allclose(ref, p["x"][:2], atol=1e-5)
+    assert p["x"].dtype == torch.uint8 and torch.equal(dit.to_uint8(ref), p["x"][:2])
     monkeypatch.setattr(dit, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
     q = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=path)
     assert all(torch.equal(p[k], q[k]) for k in ("z", "x", "y"))
-    shipped = str(tmp_path / "x.pt")  # a shipped file holds x only: z and y are remade from the seed
-    dit.save_checkpoint(dict(kind="pairs", config={}, x=p["x"], ema={}), shipped)  # as ship_weights writes it
+    shipped = str(tmp_path / "x.png")  # a shipped file holds x only: z and y are remade from the seed
+    distill.write_tiles(p["x"], shipped)
     r = distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=str(tmp_path / "b.pt"), shipped=shipped)
     assert all(torch.equal(p[k], r[k]) for k in ("z", "x", "y"))
+    with pytest.raises(SystemExit, match="not 101 images"):
+        distill.make_pairs(teacher, 101, 3, 1.5, seed=5, path=str(tmp_path / "c.pt"), shipped=shipped)
+    raw = bytearray(open(shipped, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF  # its sha256 went into SHA256SUMS beside it
+    open(shipped, "wb").write(bytes(raw))
+    with pytest.raises(SystemExit, match="damaged"):
+        distill.make_pairs(teacher, 12, 3, 1.5, seed=5, path=str(tmp_path / "d.pt"), shipped=shipped)
 
 
 @pytest.mark.parametrize("args", [["--method", "kd"], ["--method", "fkd", "--mapping", "first"],
