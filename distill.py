@@ -189,6 +189,7 @@ def write_tiles(x, path):
     n, C, S, _ = x.shape
     x = torch.cat([x, x.new_zeros(-n % TILES, C, S, S)])
     grid = x.view(-1, TILES, C, S, S).permute(0, 3, 1, 4, 2).reshape(-1, TILES * S, C)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(grid.squeeze(-1).numpy()).save(path + ".tmp.png", optimize=True)
     os.replace(path + ".tmp.png", path)
     dit.record_sum(path)
@@ -423,7 +424,7 @@ def run_method(cfg, base, shape):
 
 @torch.no_grad()
 def held_out(teacher, cfg):
-    """(z, y, x): --eval-n new noises (the evaluation stream, never a pair) and the teacher's images of them."""
+    """(z, y, x): --eval-n new noises (the evaluation stream, never a pair) and the teacher's images."""
     C, S, n = teacher.in_channels, teacher.input_size, cfg.eval_n
     z, y = torch.randn(n, C, S, S, generator=dit.rng(cfg.seed, "eval")), torch.arange(n) % teacher.num_classes
     z, y = z.to(next(teacher.parameters()).device), y.to(next(teacher.parameters()).device)

@@ -46,7 +46,7 @@ reused, the sparsity term off while the hard plan keeps < 1 - r; Adam, query wid
 noise at every pruner step (the official training reuses fixed noise).
 
 Run:
-    python prune.py --method tinyfusion                  # 6 -> 3 blocks of the base, ~3-4 min, 2 CPU cores
+    python prune.py --method tinyfusion                  # 6 -> 3 blocks of the base, ~15 min, 2 CPU cores
     python prune.py --method all --recover finetune      # every method, same depth and recovery, one table
     python prune.py --method tinyfusion --recover maskedkd --pattern 2:4 --deltaw full
     python prune.py --method index --kept 0,2,5          # a fixed kept set (official: prune_by_index.py)

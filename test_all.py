@@ -1024,6 +1024,28 @@ def test_a_shipped_one_step_teacher_is_reused_only_with_equal_settings(tiny_teac
     assert glob.glob(str(tmp_path / "c" / "onestep-teacher_*.pt"))
 
 
+def test_the_untrained_ta_control_and_the_plain_feature_loss(tiny_teacher, tmp_path):
+    """--aux-steps 0 (the control): no TA is trained (0 steps) and the student is still cut from the cut
+    one-step teacher; --feat-loss mse: the feature term is the plain MSE of the projected student state and
+    the source's (not standardised), and the student's settings key differs."""
+    s = [torch.randn(2, 5, 4) * 3 + 1]
+    t = {2: torch.randn(2, 5, 4) * torch.tensor([1.0, 10.0, 0.1, 2.0]) + 0.5}
+    plain = distill.distill_loss(None, None, s, t, [(1, 2)], 1.0, plain=True)["feat"]
+    assert torch.allclose(plain, F.mse_loss(s[0], t[2]))
+    assert not torch.allclose(distill.distill_loss(None, None, s, t, [(1, 2)], 1.0)["feat"], plain)
+    common = ["--teacher", tiny_teacher, "--width", "32", "--heads", "1", "--steps", "2", "--pairs", "16",
+              "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0", "--bench-reps", "1",
+              "--teacher-steps", "2", "--out", str(tmp_path)]
+    rows = distill.main(common + ["--method", "ta", "--aux-steps", "0"])
+    assert [(r["model"], r["train steps"]) for r in rows[1:]] == [("onestep-teacher", 2), ("ta", 0),
+                                                                   ("student", 2)]
+    assert not glob.glob(str(tmp_path / "ta_*.pt"))
+    before = set(glob.glob(str(tmp_path / "student_*.pt")))
+    distill.main(common + ["--method", "fkd"])
+    distill.main(common + ["--method", "fkd", "--feat-loss", "mse"])
+    assert len(set(glob.glob(str(tmp_path / "student_*.pt"))) - before) == 2
+
+
 def test_one_step_teacher_starts_as_the_dits_first_step():
     """init_from gives the one-step model the DiT's eps rows of the learned-sigma output layer and
     c0 = t_emb(999): before any training it equals the DiT's eps prediction at t = 999."""
