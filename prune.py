@@ -664,15 +664,16 @@ class Pruner(nn.Module):
         return (torch.einsum("mr,mrk->mk", h, self.w3) + self.b3).view(S, N, 2)
 
 
-def ssim(a, b, data_range=2.0, size=11, sigma=1.5):
-    """Mean SSIM (Wang et al. 2004) with an 11x11 Gaussian window, per channel, images in [-1, 1]."""
+def ssim(a, b, data_range=1.0, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) with an 11x11 Gaussian window, per channel, images in [-1, 1]; the
+    official code's constants c1 = 1e-4, c2 = 9e-4 (data range 1, although the images span 2)."""
     g = torch.exp(-(torch.arange(size, dtype=a.dtype, device=a.device) - size // 2) ** 2 / (2 * sigma ** 2))
     w = (g[:, None] * g[None]) / g.sum() ** 2
     w = w.expand(a.shape[1], 1, size, size)
 
     def blur(x):
         return F.conv2d(x, w, padding=size // 2, groups=a.shape[1])
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2  # ours: range 2 (official: 1e-4, 9e-4)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2  # official: 1e-4, 9e-4 (until 22d64e8: 4x)
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
     # SSIM = (2 mu_a mu_b + c1)(2 cov + c2) / ((mu_a^2 + mu_b^2 + c1)(var_a + var_b + c2))
