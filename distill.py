@@ -425,9 +425,9 @@ def run_method(cfg, base, shape):
 @torch.no_grad()
 def held_out(teacher, cfg):
     """(z, y, x): --eval-n new noises (the evaluation stream, never a pair) and the teacher's images."""
-    C, S, n = teacher.in_channels, teacher.input_size, cfg.eval_n
-    z, y = torch.randn(n, C, S, S, generator=dit.rng(cfg.seed, "eval")), torch.arange(n) % teacher.num_classes
-    z, y = z.to(next(teacher.parameters()).device), y.to(next(teacher.parameters()).device)
+    C, S, n, dev = teacher.in_channels, teacher.input_size, cfg.eval_n, next(teacher.parameters()).device
+    z = torch.randn(n, C, S, S, generator=dit.rng(cfg.seed, "eval")).to(dev)
+    y = (torch.arange(n) % teacher.num_classes).to(dev)
     return z, y, dit.sample(teacher, z, y, cfg.sample_steps, "ddim", 0.0, cfg.cfg_scale).clamp(-1, 1)
 
 
