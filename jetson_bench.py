@@ -174,7 +174,7 @@ def stack_dipgo(path, cfg, device):
                              ratio=cfg.stack_ratio, dipgo_steps=cfg.stack_steps, seed=cfg.seed,
                              device=str(device), data=cfg.data)
     score, _ = prune.learn_scores(base, dcfg, log=None)
-    plan = prune.postprocess(score, cfg.stack_ratio)
+    plan = prune.postprocess(score, cfg.stack_ratio, dcfg.backup)
     name = os.path.splitext(os.path.basename(path))[0]
     out = os.path.join(cfg.out, "stack", f"{name}+dipgo_r{cfg.stack_ratio}.pt")
     prune.save_dipgo(ck, plan, score, dcfg, cfg.stack_ratio, out)

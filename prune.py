@@ -63,6 +63,7 @@ import os
 import sys
 import statistics
 import time
+import types
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -409,7 +410,7 @@ RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "rec
                 "seed", "dtype")
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
 DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr", "dipgo_alpha",
-              "dipgo_dim", "seed")
+              "dipgo_dim", "seed", "backup", "dipgo_optim")
 
 
 def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
@@ -584,41 +585,75 @@ def pool_recovery_curves(cfg, results, teacher_ckpt):
 
 # --- Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing -----------------
 
-def backup_connection(h, delta):
-    """DiP-GO's backup connection, Sec. 3: a skipped block passes its input on plus the update it made at the
-    last step it ran, h_out = h_in + D[b], D[b] = h_out - h_in then (a residual cache [inferred for DiT])."""
-    return h + delta
+def backup_connection(h, cached, backup="residual"):
+    """DiP-GO's backup connection, Sec. 3: what a skipped block returns at step t, from the cache its last
+    run filled (cache_entry). "output" (the official code, replicate_prv_feature): its previous output,
+    h_out = O[b]; "residual" (ours [inferred for DiT], as Learning-to-Cache / FORA): its previous update added
+    to today's input, h_out = h_in + D[b]."""
+    return cached if backup == "output" else h + cached
 
 
-def gated_blocks(blocks, h, c, cache, gate=None):
+def cache_entry(h_in, h_out, backup="residual"):
+    """What a computed block leaves in the cache for backup_connection: O[b] = h_out ("output") or
+    D[b] = h_out - h_in ("residual")."""
+    return h_out if backup == "output" else h_out - h_in
+
+
+def dead_blocks(b, backup="residual"):
+    """The blocks a reuse of block b skips at its step: b alone (residual rule), or 0..b (output rule: the
+    official cascade, cascade_nodes; in a chain, blocks before b only feed b, whose output is replaced)."""
+    return slice(0, b + 1) if backup == "output" else slice(b, b + 1)
+
+
+def cascade_gates(gates):
+    """The official cascade of the gates (update_query_status) for a chain under the output rule: walking
+    from the output side, a reusing block b pushes its reuse gate into block b-1 (one-hot [reuse, keep]):
+        g[b-1] <- g[b-1] * g[b] + g[b]  if b-1 keeps,   g[b-1] * g[b]  if it reuses already.
+    gates (S, N, 2) -> the effective gates, the same shape."""
+    g = list(gates.unbind(1))
+    for b in range(len(g) - 1, 0, -1):
+        reuse, prev_keeps = g[b][:, :1] > 0.5, g[b - 1][:, :1] < 0.5
+        g[b - 1] = torch.where(reuse, g[b - 1] * g[b] + g[b] * prev_keeps, g[b - 1])
+    return torch.stack(g, 1)
+
+
+def cascade_plan(plan):
+    """A plan (K, N) bool, True = compute, with the output rule's cascade: a step that reuses block b
+    reuses every block before it too."""
+    reuse = (~plan).int().flip(1).cummax(1).values.flip(1).bool()
+    return ~reuse
+
+
+def gated_blocks(blocks, h, c, cache, gate=None, backup="residual"):
     """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
-        h <- g_keep * Block_b(h, c) + g_reuse * (h + D[t-1, b]),   D[t, b] = h_out - h_in
-    gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values; None = step 0 (compute all).
-    Every block is computed so that g_keep gets a gradient. Returns (h, new cache)."""
+        h <- g_keep * Block_b(h, c) + g_reuse * backup_connection(h, cache[b])
+    gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values (under the output rule already
+    cascaded); None = step 0 (compute all). Every block is computed so that g_keep gets a gradient.
+    Returns (h, new cache)."""
     new = []
     for b, block in enumerate(blocks):
         out = block(h, c)
         if gate is not None:
-            out = gate[b, 1] * out + gate[b, 0] * backup_connection(h, cache[b])
-        new.append(out - h)
+            out = gate[b, 1] * out + gate[b, 0] * backup_connection(h, cache[b], backup)
+        new.append(cache_entry(h, out, backup))
         h = out
     return h, new
 
 
-def cached_blocks(blocks, h, c, cache, plan, s):
+def cached_blocks(blocks, h, c, cache, plan, s, backup="residual"):
     """Step s of the plan (K, N) bool, True = compute, DiP-GO Sec. 3 (inference), the whole cache rule: a kept
-    block runs and, when the next step reuses it (plan[s + 1, b] False), saves D[b] = h_out - h_in; a skipped
-    block costs one add (backup_connection)."""
+    block runs and, when the next step reuses it (plan[s + 1, b] False), fills its cache entry; a skipped
+    block returns backup_connection (one add, or nothing: under the output rule its cascade is skipped too)."""
     keep = plan[s].tolist()
     store = (~plan[s + 1]).tolist() if s + 1 < len(plan) else [False] * len(keep)
     for b, block in enumerate(blocks):
         if keep[b]:
             out = block(h, c)
             if store[b]:
-                cache[b] = out - h
+                cache[b] = cache_entry(h, out, backup)
             h = out
         else:
-            h = backup_connection(h, cache[b])
+            h = backup_connection(h, cache[b], backup)
     return h
 
 
@@ -687,47 +722,51 @@ def consistency_loss(x, ref):
     return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
 
 
-def sparsity_loss(logits, gates, ratio):
-    """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]. Each block is 1/N
-    of the stack's FLOPs, so the compute is the mean keep probability; the term is off while the hard plan
-    (gates) already computes less than 1 - r (ours [inferred]; the official code stops at a fixed 0.2).
-    Returns (term, mean P_keep, kept_hard)."""
+def sparsity_loss(logits, gates, ratio, cascade=1):
+    """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]. Each
+    block is 1/N of the stack's FLOPs; cascade[b] = how many blocks its reuse skips (1; the output rule: b + 1,
+    the official sparse_lossv2's cascade ratios), so the term is the expected compute the pruner asks for; it
+    is off while the hard plan (gates, effective) already computes less than 1 - r (ours [inferred]; the
+    official code stops at a fixed 0.2). Returns (term, mean cascade * P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
     kept = gates[..., 1].detach().mean()
-    p_keep = logits.softmax(-1)[..., 1].mean()
+    p_keep = (logits.softmax(-1)[..., 1] * cascade).mean()
     return p_keep * (kept > 1 - ratio).float(), p_keep, kept
     # assignment 7 end
 
 
-def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0):
+def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
     """The pruner's objective, DiP-GO Sec. 3: L = L_cons(x, ref) + alpha * sparsity_loss.
     x: the gated SuperNet's images, ref: the full sampler's; logits (K-1, N, 2) = [reuse, keep]; gates: their
-    hard straight-through values. Returns (loss, L_cons, mean P_keep, kept_hard)."""
+    hard straight-through values (effective: cascaded); cascade as sparsity_loss. Returns (loss, L_cons,
+    mean P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
     cons = consistency_loss(x, ref)
-    sparse, p_keep, kept = sparsity_loss(logits, gates, ratio)
+    sparse, p_keep, kept = sparsity_loss(logits, gates, ratio, cascade)
     return cons + alpha * sparse, cons, p_keep, kept
     # assignment 7 end
 
 
+SGD_WARMUP = 10  # the official pruner's linear lr warm-up steps (train_sd15.sh --lr_warmup_steps)
 THETA_START, THETA_STEP = 0.95, 0.05  # DiP-GO post-processing: the reuse threshold falls from 0.95 by 0.05
 
 
-def postprocess(score, ratio):
+def postprocess(score, ratio, backup="residual"):
     """Scores -> static plan, DiP-GO Sec. 3 post-processing (code): every block kept, theta = 0.95; for
-    each block, steps by falling reuse score, mark reuse where score > theta until round(r S N) slots are
-    reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) = P(reuse). Returns plan (K, N) bool,
-    True = compute; row 0 (the first step) is always computed."""
+    each block, steps by falling reuse score, mark reuse (with its cascade, dead_blocks) where score > theta
+    while at most round(r S N) slots are reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) =
+    P(reuse). Returns plan (K, N) bool, True = compute; row 0 (the first step) is always computed."""
     S, N = score.shape
     target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
     for k in range(round(THETA_START / THETA_STEP), -1, -1):  # theta = 0.95, 0.90, ..., 0 (official prune())
         theta = THETA_STEP * k
         for b in reversed(range(N)):  # output side first, as both official prune() (block_names[::-1])
+            dead = dead_blocks(b, backup)
             for t in score[:, b].argsort(descending=True).tolist():
-                if int(reuse.sum()) >= target:
-                    break
                 if score[t, b] > theta:
-                    reuse[t, b] = True
+                    if int(reuse.sum()) + int((~reuse[t, dead]).sum()) > target:
+                        break  # ours: up to the target (official: strictly below it)
+                    reuse[t, dead] = True
     return torch.cat([torch.ones(1, N, dtype=torch.bool), ~reuse])
 
 
@@ -739,13 +778,16 @@ def uniform_plan(steps, depth, ratio):
     return torch.tensor(keep)[:, None].expand(steps, depth).clone()
 
 
-def random_plan(steps, depth, ratio, seed=0):
-    """Baseline (b): a random plan with DiP-GO's budget (round(r (K-1) N) reused slots)."""
+def random_plan(steps, depth, ratio, seed=0, backup="residual"):
+    """Baseline (b): a random plan with DiP-GO's budget (at most round(r (K-1) N) reused slots): slots in a
+    random order, each reused (with its cascade, dead_blocks) while the budget allows."""
     S = steps - 1
-    idx = torch.randperm(S * depth, generator=dit.rng(seed))[:round(ratio * S * depth)]
-    reuse = torch.zeros(S * depth, dtype=torch.bool)
-    reuse[idx] = True
-    return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse.view(S, depth)])
+    target, reuse = round(ratio * S * depth), torch.zeros(S, depth, dtype=torch.bool)
+    for i in torch.randperm(S * depth, generator=dit.rng(seed)).tolist():
+        t, dead = i // depth, dead_blocks(i % depth, backup)
+        if int(reuse.sum()) + int((~reuse[t, dead]).sum()) <= target:
+            reuse[t, dead] = True
+    return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse])
 
 
 # --- Section 2: DiP-GO. Apply: the SuperNet / cached model, pruner training, checkpoint -----------
@@ -753,16 +795,17 @@ def random_plan(steps, depth, ratio, seed=0):
 class CachedDiT(nn.Module):
     """A DiT that runs a DiP-GO plan inside any sampler (dit.sample / generate / fid.evaluate). It knows
     its step from t (the respaced schedule of `steps`, walked from its last entry down) and resets the cache
-    at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead."""
-    def __init__(self, model, steps, plan=None):
+    at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead. backup: the rule
+    a skipped block follows (backup_connection); under "output" the plan gets its cascade (cascade_plan)."""
+    def __init__(self, model, steps, plan=None, backup="residual"):
         super().__init__()
-        self.dit, self.steps = model, steps
+        self.dit, self.steps, self.backup = model, steps, backup
         dit.samples_like(self, model)
         tmap = dit.Diffusion().respace(steps).timestep_map
         self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
         N = len(model.blocks)
         plan = torch.ones(steps, N, dtype=torch.bool) if plan is None else plan.bool().cpu()
-        self.plan = plan
+        self.plan = cascade_plan(plan) if backup == "output" else plan
         self.gates, self.cache = None, None
 
     def forward(self, x, t, y):
@@ -775,25 +818,31 @@ class CachedDiT(nn.Module):
         h, c = self.dit.embed(x, t, y)
         if self.gates is not None:
             gate = None if s == 0 else self.gates[s - 1]
-            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate)
+            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.backup)
         else:
-            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s)
+            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s, self.backup)
         return self.dit.head(h, c)
 
 
 def learn_scores(base, cfg, log=print, on_step=None):
     """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
-        L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} P_keep[t, b]
-    (each block is 1/N of the stack's FLOPs, so the sparsity term is the mean keep probability; it is
-    dropped while the hard plan already computes less than 1 - r). Returns (P(reuse) (K-1, N), log rows);
-    on_step(step, pruner, rows), if given, runs after each step (--curve), outside its clock."""
+        L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
+    (sparsity_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
+    SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns (P(reuse)
+    (K-1, N), log rows); on_step(step, pruner, rows), if given, runs after each step (--curve), off its clock."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(dit.seed_of(cfg.seed))
     pruner = Pruner(K, N, cfg.dipgo_dim).to(device)
-    opt = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr)  # ours (official: SGD 0.2, cosine, 500)
-    net = CachedDiT(base, K)
+    if cfg.dipgo_optim == "sgd":  # the official optimiser (lr 0.2 = 0.1 x batch 1 x grad-accum 2)
+        opt = torch.optim.SGD(pruner.parameters(), lr=cfg.dipgo_lr, weight_decay=1e-4)
+        cosine = types.SimpleNamespace(warmup=SGD_WARMUP, lr_end=0.0, steps=cfg.dipgo_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: dit.lr_factor(i, cosine))
+    else:
+        opt, sched = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr), None  # ours
+    cascade = torch.arange(1.0, N + 1, device=device) if cfg.backup == "output" else 1
+    net = CachedDiT(base, K, backup=cfg.backup)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
         g = dit.rng(cfg.seed * dit.STRIDE + it)
@@ -803,13 +852,15 @@ def learn_scores(base, cfg, log=print, on_step=None):
         with torch.no_grad():
             ref = dit.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         logits = pruner()  # (K-1, N, 2)
-        net.gates = st_gate(logits)
+        net.gates = cascade_gates(st_gate(logits)) if cfg.backup == "output" else st_gate(logits)
         x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
-        loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha)
+        loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha, cascade)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
         opt.step()
+        if sched:
+            sched.step()
         hard, p = net.gates[..., 1].detach(), logits.detach().softmax(-1)[..., 1]
         flips, prev = 0 if prev is None else int((hard != prev).sum()), hard  # slots whose decision changed
         rows.append(dict(step=it + 1, cons=round(cons.item(), 4), sparse=round(sparse.item(), 4),
@@ -826,12 +877,13 @@ def learn_scores(base, cfg, log=print, on_step=None):
 
 def build_dipgo(ckpt):
     """A CachedDiT from a kind "dipgo" checkpoint (base DiT config, EMA weights, plan, steps), eval mode."""
-    return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"]).eval()
+    return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"], ckpt["backup"]).eval()
 
 
 def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None, key=None):
     dit.save_checkpoint(dict(kind="dipgo", config=base_ckpt["config"], model=base_ckpt["ema"],
                              ema=base_ckpt["ema"], plan=plan, score=score, steps=cfg.eval_steps, ratio=ratio,
+                             backup=cfg.backup,
                              dipgo_config=dataclasses.asdict(cfg), metrics=metrics or {}, key=key), path)
 
 
@@ -862,12 +914,17 @@ def save_heatmap(score, plan, path, cell=12):
 
 
 def dipgo_variants(base, score, ratio, cfg):
-    """DiP-GO's plan and the three matched-compute baselines for one ratio: [(name, model, steps, plan)]."""
-    K, N = cfg.eval_steps, len(base.blocks)
-    plans = {f"DiP-GO r={ratio}": postprocess(score, ratio), f"uniform r={ratio}": uniform_plan(K, N, ratio),
-             f"random r={ratio}": random_plan(K, N, ratio, cfg.seed)}
-    fewer = max(1, round(K * plans[f"DiP-GO r={ratio}"].float().mean().item()))  # (c) as many block calls
-    return ([(name, CachedDiT(base, K, p).eval(), K, p) for name, p in plans.items()]
+    """DiP-GO's plan and the matched-compute baselines for one ratio: [(name, model, steps, plan)]: uniform
+    caching and a random plan under DiP-GO's backup rule, uniform caching under the other rule, fewer-step
+    DDIM with as many block calls."""
+    K, N, rule = cfg.eval_steps, len(base.blocks), cfg.backup
+    other = "residual" if rule == "output" else "output"
+    plans = {f"DiP-GO r={ratio}": (postprocess(score, ratio, rule), rule),
+             f"uniform r={ratio}": (uniform_plan(K, N, ratio), rule),
+             f"random r={ratio}": (random_plan(K, N, ratio, cfg.seed, rule), rule),
+             f"uniform-{other} r={ratio}": (uniform_plan(K, N, ratio), other)}
+    fewer = max(1, round(K * plans[f"DiP-GO r={ratio}"][0].float().mean().item()))  # as many block calls
+    return ([(name, CachedDiT(base, K, p, b).eval(), K, p) for name, (p, b) in plans.items()]
             + [(f"DDIM-{fewer} r={ratio}", base, fewer, torch.ones(fewer, N, dtype=torch.bool))])
 
 
@@ -930,7 +987,7 @@ def pruner_scores(cfg, base, base_ckpt, r, points):
     hook = functools.partial(plan_curve_point, base=base, cfg=cfg, r=r, points=points, evals=evals)
     score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r), on_step=hook)
     metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals)
-    save_dipgo(base_ckpt, postprocess(score, r), score, cfg, r, path, metrics, key)
+    save_dipgo(base_ckpt, postprocess(score, r, cfg.backup), score, cfg, r, path, metrics, key)
     return score, evals
 
 
@@ -938,8 +995,8 @@ def plan_curve_point(step, pruner, log, base, cfg, r, points, evals):
     """--curve (learn_scores' on_step): score the plan the pruner gives at this step; appended to evals."""
     if step in points:
         with torch.no_grad():
-            plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r)
-        q = score_model(CachedDiT(base, cfg.eval_steps, plan).eval(), cfg)
+            plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r, cfg.backup)
+        q = score_model(CachedDiT(base, cfg.eval_steps, plan, cfg.backup).eval(), cfg)
         print(f"eval score {q['score']:.3f} acc {q['acc']} step {step}")
         evals.append(dict(step=step, score=q["score"], acc=q["acc"],
                           train_s=round(sum(e["s"] for e in log), 1)))
@@ -1047,7 +1104,11 @@ class PruneConfig:
     ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
     dipgo_steps: int = 30        # >=1: pruner optimisation steps (paper: 500)
     dipgo_batch: int = 4         # >=1: (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.005      # >0: Adam lr of the pruner [inferred; paper SGD 0.2, cosine; 0.02 flips all]
+    dipgo_lr: float = 0.005      # >0: pruner lr (Adam [inferred; 0.02 flips all]); --dipgo-optim sgd: 0.2 unless
+    #                              given (official: 0.1 x batch 1 x grad-accum 2)
+    dipgo_optim: str = "adam"    # adam (ours) | sgd (official: weight decay 1e-4, cosine, 10 warm-up steps)
+    backup: str = "residual"     # a skipped block returns: residual (ours, h + D[b]) | output (official: its
+    #                              cached output O[b], blocks before it skipped too: the cascade)
     dipgo_alpha: float = 1.0     # >=0: sparsity weight (paper 1.0, ablated 0.1-2.0)
     dipgo_dim: int = 128         # >=1: pruner query width d (paper 512)
     seed: int = 0                # >=0: seeds masks, LoRA, data order; scores and grids: noise seed 0
@@ -1063,7 +1124,9 @@ PAPER = dict(lora_lr=1e-4, gate_lr=1e-3, recover_lr=2e-4)
 def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
-                         dtype=dit.DTYPES))
+                         dtype=dit.DTYPES, dipgo_optim=("adam", "sgd"), backup=("residual", "output")))
+    if cfg.dipgo_optim == "sgd" and "dipgo_lr" not in dit.given_flags(argv):
+        cfg.dipgo_lr = 0.2  # the official SGD lr
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")

@@ -1312,12 +1312,13 @@ def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
 
 def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
     """dipgo main on the tiny teacher: learns a plan, saves a kind "dipgo" checkpoint whose plan hits the
-    ratio, build_dipgo rebuilds it, sample.generate runs it, and the table has DiP-GO + 3 baselines."""
+    ratio, build_dipgo rebuilds it, sample.generate runs it, and the table has DiP-GO + 4 baselines."""
     out = str(tmp_path)
     rows = prune.main(["--method", "dipgo", "--teacher", tiny_teacher, "--out", out, "--eval-steps", "5",
                        "--dipgo-steps", "2", "--dipgo-batch", "2", "--eval-n", "0", "--speed-batch", "2",
                        "--ratio", "0.5"])
-    assert [r["variant"].split()[0] for r in rows] == ["full", "DiP-GO", "uniform", "random", "DDIM-3"]
+    assert [r["variant"].split()[0] for r in rows] == ["full", "DiP-GO", "uniform", "random", "uniform-output",
+                                                       "DDIM-3"]
     ck = dit.load_checkpoint(os.path.join(out, "dipgo_r0.5.pt"), kinds=["dipgo"])
     assert ck["steps"] == 5 and ck["plan"].shape == (5, 4) and int((~ck["plan"][1:]).sum()) == 8
     model = prune.build_dipgo(ck)
@@ -1344,7 +1345,8 @@ def test_dipgo_curve_scores_the_plan_while_learning_without_changing_it(tiny_tea
         plain[1]["quality"].split()[0]
     folder, = glob.glob("out/dipgo_curves_*")
     assert sorted(os.listdir(folder)) == ["curves.png", "ddim-3-r0.5_seed0.json", "dipgo-r0.5_seed0.json",
-                                          "random-r0.5_seed0.json", "uniform-r0.5_seed0.json"]
+                                          "random-r0.5_seed0.json", "uniform-output-r0.5_seed0.json",
+                                          "uniform-r0.5_seed0.json"]
     flat = json.load(open(f"{folder}/uniform-r0.5_seed0.json"))
     assert [e["step"] for e in flat] == [1, 3] and flat[0]["score"] == flat[1]["score"]
     with pytest.raises(SystemExit):
@@ -1356,6 +1358,59 @@ def test_dipgo_postprocess_visits_blocks_output_side_first():
     slots, the last block is the one reused."""
     plan = prune.postprocess(torch.full((3, 2), 0.99), 0.5)  # 3 gated steps x 2 blocks, 3 slots to reuse
     assert plan[0].all() and (~plan[1:, 1]).all() and plan[1:, 0].all()
+
+
+def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher, monkeypatch):
+    """The official output rule: a skipped block returns its output of the last step it ran, so reusing the
+    last block reuses the whole step (the cascade: every earlier block is dead); the head then sees exactly
+    the previous step's features (under our residual rule it does not). The gated SuperNet with the
+    cascaded gates computes what the plan computes."""
+    base, K = tiny_base(tiny_teacher), 5
+    N = len(base.blocks)
+    plan = torch.ones(K, N, dtype=torch.bool)
+    plan[2, N - 1] = False  # reuse only the last block at step 2 ...
+    net = prune.CachedDiT(base, K, plan, backup="output")
+    assert (~net.plan[2]).all() and net.plan[[0, 1, 3, 4]].all()  # ... is the whole step under the cascade
+    seen = []
+    head = base.head
+    monkeypatch.setattr(base, "head", lambda h, c: seen.append(h.clone()) or head(h, c))
+    z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)), torch.tensor([5, 6])
+    x = dit.sample(net, z, y, K, cfg_scale=1.5)
+    assert torch.equal(seen[2], seen[1]) and not torch.equal(seen[3], seen[2])
+    seen.clear()
+    dit.sample(prune.CachedDiT(base, K, plan), z, y, K, cfg_scale=1.5)  # residual rule: h_in + D
+    assert not torch.allclose(seen[2], seen[1], atol=1e-4)
+    logits = torch.tensor([0.0, 1.0]).repeat(K - 1, N, 1)
+    logits[1, N - 1] = torch.tensor([1.0, 0.0])  # step 2 = gate row 1: the last block reuses
+    logits.requires_grad_(True)
+    gates = prune.cascade_gates(prune.st_gate(logits))
+    assert torch.equal(gates.detach()[..., 1] > 0.5, net.plan[1:])  # the cascade pushed reuse into 0..N-2
+    supernet = prune.CachedDiT(base, K, backup="output")
+    supernet.gates = gates
+    xs = dit.sample(supernet, z, y, K, cfg_scale=1.5)
+    assert torch.allclose(xs, x, atol=1e-5)
+    prune.consistency_loss(xs, x.flip(0)).backward()
+    assert logits.grad[1, :, 0].abs().sum() > 0  # the straight-through gradient reaches the reuse gates
+
+
+def test_dipgo_output_rule_plans_count_the_cascade():
+    """Under the output rule every plan's reuse is a prefix of each step's blocks (the cascade), the budget
+    round(r (K-1) N) counts the skipped blocks of the cascade and is never passed; the residual rule's random
+    plan is the first round(r (K-1) N) slots of one random permutation."""
+    g = torch.Generator().manual_seed(1)
+    for K, N, r in ((20, 6, 0.5), (20, 6, 0.7), (50, 6, 0.3), (11, 4, 0.5)):
+        target = round(r * (K - 1) * N)
+        for plan in (prune.postprocess(torch.rand(K - 1, N, generator=g), r, "output"),
+                     prune.random_plan(K, N, r, seed=3, backup="output")):
+            assert plan[0].all() and torch.equal(plan, prune.cascade_plan(plan))
+            assert target - N < int((~plan[1:]).sum()) <= target
+        idx = torch.randperm((K - 1) * N, generator=dit.rng(3))[:target]
+        want = torch.ones((K - 1) * N, dtype=torch.bool)
+        want[idx] = False
+        assert torch.equal(prune.random_plan(K, N, r, seed=3)[1:].flatten(), want)
+    # equal scores: the output side first, so the plan is whole steps (uniform caching's shape)
+    plan = prune.postprocess(torch.full((4, 3), 0.99), 0.5, "output")
+    assert sorted(int((~row).sum()) for row in plan[1:]) == [0, 0, 3, 3]
 
 
 # --- dynamic.py -----------------------------------------------------------------------------------

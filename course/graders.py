@@ -364,6 +364,10 @@ def grade_7():
     off, *_ = prune.dipgo_loss(x, x, logits, gates, ratio=1 - kept - 0.01, alpha=0.3)
     assert close(on, cons + 0.3 * p_keep) and close(off, cons), \
         "the sparsity term (weight alpha = 0.3) must count only while the hard plan keeps more than 1 - r"
+    w = torch.tensor([1.0, 2.0, 3.0])  # the output rule's cascade: a reuse of block b skips b + 1 blocks
+    on_w, *_ = prune.dipgo_loss(x, x, logits, gates, ratio=1 - kept + 0.01, alpha=0.3, cascade=w)
+    assert close(on_w, cons + 0.3 * (logits.softmax(-1)[..., 1] * w).mean()), \
+        "with cascade weights w[b] the sparsity term must be mean_{t, b} w[b] P_keep[t, b] (here w = 1, 2, 3)"
     half = torch.tensor([[2.0, -1.0], [-1.0, 2.0]]).repeat(6, 1).reshape(4, 3, 2).requires_grad_(True)
     hg = prune.st_gate(half)  # exactly half of the calls kept
     at, *_ = prune.dipgo_loss(x, x, half, hg, ratio=0.5, alpha=0.3)
@@ -531,18 +535,19 @@ def builtin_gumbel(logits, options, batch, tau, scale):  # a correct spelling: t
     return (onehot @ options).reshape(batch, -1), onehot
 
 
-def sparsity(cond=lambda kept, r: kept > 1 - r, which=1, hard=False):
-    def loss(logits, gates, ratio):
+def sparsity(cond=lambda kept, r: kept > 1 - r, which=1, hard=False, weighted=True):
+    def loss(logits, gates, ratio, cascade=1):
         kept = gates[..., 1].detach().mean()
-        p_keep = gates[..., 1].mean() if hard else logits.softmax(-1)[..., which].mean()
+        w = cascade if weighted else 1
+        p_keep = (gates[..., 1] * w).mean() if hard else (logits.softmax(-1)[..., which] * w).mean()
         return p_keep * float(cond(kept, ratio)), p_keep, kept
     return loss
 
 
 def dipgo(cons_fn):
-    def loss(x, ref, logits, gates, ratio, alpha=1.0):
+    def loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
         cons = cons_fn(x, ref)
-        sparse, p_keep, kept = prune.sparsity_loss(logits, gates, ratio)
+        sparse, p_keep, kept = prune.sparsity_loss(logits, gates, ratio, cascade)
         return cons + alpha * sparse, cons, p_keep, kept
     return loss
 
@@ -624,7 +629,8 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
         ("sparsity always on", prune, "sparsity_loss", sparsity(lambda kept, r: True)),
         ("sparsity on at the boundary (>= instead of >)", prune, "sparsity_loss",
          sparsity(lambda kept, r: kept >= 1 - r)),
-        ("sparsity on the hard gates", prune, "sparsity_loss", sparsity(hard=True))],
+        ("sparsity on the hard gates", prune, "sparsity_loss", sparsity(hard=True)),
+        ("the cascade weights ignored", prune, "sparsity_loss", sparsity(weighted=False))],
     8: [("no straight-through gradient", dynamic, "gumbel_sigmoid", router(st="none")),
         ("no logistic noise", dynamic, "gumbel_sigmoid", router(noise=False)),
         ("tau dropped from the soft path", dynamic, "gumbel_sigmoid", router(tau_in=False)),
@@ -659,11 +665,11 @@ CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
         ("hard - soft.detach() + soft", prune, "st_gumbel_masks", nm(st="minus")),
         ("F.gumbel_softmax(hard=True)", prune, "st_gumbel_masks", builtin_gumbel)],
     7: [("torch.where", prune, "sparsity_loss",
-         lambda lg, g, r: (lambda kept, p: (torch.where(kept > 1 - r, p, 0 * p), p, kept))(
-             g[..., 1].detach().mean(), lg.softmax(-1)[..., 1].mean())),
+         lambda lg, g, r, w=1: (lambda kept, p: (torch.where(kept > 1 - r, p, 0 * p), p, kept))(
+             g[..., 1].detach().mean(), (lg.softmax(-1)[..., 1] * w).mean())),
         ("a sigmoid of the logit difference", prune, "sparsity_loss",
-         lambda lg, g, r: (lambda kept, p: (p if kept > 1 - r else 0 * p, p, kept))(
-             g[..., 1].detach().mean(), torch.sigmoid(lg[..., 1] - lg[..., 0]).mean()))],
+         lambda lg, g, r, w=1: (lambda kept, p: (p if kept > 1 - r else 0 * p, p, kept))(
+             g[..., 1].detach().mean(), (torch.sigmoid(lg[..., 1] - lg[..., 0]) * w).mean()))],
     8: [("hard + soft - soft.detach()", dynamic, "gumbel_sigmoid", router(st="plus")),
         ("two Gumbels, threshold on the logit", dynamic, "gumbel_sigmoid", two_gumbels),
         ("(mean of r - lambda)^2", dynamic, "flops_loss", lambda r, lam, w: w * (r - lam).mean().pow(2))],
