@@ -383,41 +383,37 @@ def load_shipped(path, meta, tag, steps, device):
     return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=path)
 
 
-def teaching_assistant(cfg, source, shape, stage):
+def teaching_assistant(cfg, source, shape, base):
     """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` [inferred]: the student's
     depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output + feature
-    KD; the student then only shrinks the width (block i -> i)."""
+    KD; the student then only shrinks the width (block i -> i). Returns (model, checkpoint)."""
     L_T, D_T, H_T = shape_of(source)
     keep = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
-    return stage("ta", (shape[0], D_T, H_T), source, "uniform", init=source, keep=keep, steps=cfg.aux_steps,
-                 shared=True)  # one fixed TA for every --seed
+    return train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, keep=keep,
+                       steps=cfg.aux_steps, shared=True)  # one fixed TA for every --seed
 
 
 def run_method(cfg, base, shape):
-    """[(name, model, checkpoint)] of cfg.method's stages for a student of shape (depth, width, heads).
-    Networks: base_dit (the multi-step base, "teacher"), onestep_teacher (the base made one-step on the
-    pairs; the feature source), ta, student."""
-    base_dit = base["teacher"]
-    L_T, D_T, H_T = shape_of(base_dit)
-    stages = []
-
-    def stage(name, shp, source, how, **kw):
-        stages.append((name, *train_stage(cfg, name, shp, source, how, base, **kw)))
-        return stages[-1][1]
-
+    """The recipe (Sundaresha 2025, abstract; the pairs are made before, make_pairs): the multi-step base ->
+    a one-step teacher on the pairs (the feature source) -> a TA at the student's depth -> the student cut
+    from the TA to its width -> distilled with output + feature KD. --method kd stops at output KD alone, fkd
+    distils from the one-step teacher directly, mi1 packs its blocks (MI1). Returns [(name, model,
+    checkpoint)] of the stages trained, the student last."""
     if cfg.method == "kd":
-        stage("student", shape, None, None)
-        return stages
-    source = stage("onestep-teacher", (L_T, D_T, H_T), None, None, init=base_dit, keep=list(range(L_T)),
-                   steps=cfg.teacher_steps, shared=True)  # one fixed feature source for every --seed
+        return [("student", *train_stage(cfg, "student", shape, None, None, base))]
+    L_T, D_T, H_T = shape_of(base["teacher"])
+    onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, base, init=base["teacher"],
+                          keep=list(range(L_T)), steps=cfg.teacher_steps, shared=True)  # fixed across --seed
+    stages = [("onestep-teacher", *onestep)]
     if cfg.method == "fkd":
-        stage("student", shape, source, cfg.mapping)
+        student = train_stage(cfg, "student", shape, onestep[0], cfg.mapping, base)
     elif cfg.method == "mi1":
-        stage("student", shape, source, "uniform", mi1=True)
+        student = train_stage(cfg, "student", shape, onestep[0], "uniform", base, mi1=True)
     else:
-        ta = teaching_assistant(cfg, source, shape, stage)
-        stage("student", shape, ta, "first", init=ta, keep="slice")
-    return stages
+        ta = teaching_assistant(cfg, onestep[0], shape, base)
+        stages.append(("ta", *ta))
+        student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], keep="slice")
+    return stages + [("student", *student)]
 
 
 # --- Evaluate: params, GFLOPs and latency per generated image, quality, the Pareto plot ----------
