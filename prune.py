@@ -858,13 +858,14 @@ def learn_scores(base, cfg, log=print, on_step=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
+        lr = opt.param_groups[0]["lr"]  # this step's
         opt.step()
         if sched:
             sched.step()
         hard, p = net.gates[..., 1].detach(), logits.detach().softmax(-1)[..., 1]
         flips, prev = 0 if prev is None else int((hard != prev).sum()), hard  # slots whose decision changed
-        rows.append(dict(step=it + 1, cons=round(cons.item(), 4), sparse=round(sparse.item(), 4),
-                         kept=round(kept.item(), 3), flips=flips,
+        rows.append(dict(step=it + 1, lr=round(lr, 5), cons=round(cons.item(), 4),
+                         sparse=round(sparse.item(), 4), kept=round(kept.item(), 3), flips=flips,
                          saturated=round(((p < 0.01) | (p > 0.99)).float().mean().item(), 3),
                          s=round(time.time() - t0, 2)))
         if log and (it % 5 == 4 or it == cfg.dipgo_steps - 1):

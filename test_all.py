@@ -1393,6 +1393,27 @@ def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher,
     assert logits.grad[1, :, 0].abs().sum() > 0  # the straight-through gradient reaches the reuse gates
 
 
+def test_dipgo_official_optimiser_warms_up_then_anneals(tiny_teacher, tmp_path):
+    """--dipgo-optim sgd: the official pruner optimiser, lr 0.2 (unless --dipgo-lr is given), 10 linear
+    warm-up steps, then a cosine to 0 over --dipgo-steps; Adam keeps its constant lr."""
+    base = tiny_base(tiny_teacher)
+    cfg = prune.PruneConfig(eval_steps=3, dipgo_steps=14, dipgo_batch=1, dipgo_dim=8, dipgo_optim="sgd",
+                            dipgo_lr=0.2, backup="output")
+    lrs = [r["lr"] for r in prune.learn_scores(base, cfg, log=None)[1]]
+    assert lrs[0] == pytest.approx(0.02) and lrs[9] == pytest.approx(0.2) and lrs[-1] < 0.04
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    adam = prune.learn_scores(base, dataclasses.replace(cfg, dipgo_steps=3, dipgo_optim="adam",
+                                                        dipgo_lr=0.005), log=None)[1]
+    assert [r["lr"] for r in adam] == [0.005] * 3
+    common = ["--method", "dipgo", "--teacher", tiny_teacher, "--eval-steps", "3", "--dipgo-steps", "1",
+              "--dipgo-batch", "1", "--dipgo-dim", "8", "--eval-n", "0", "--speed-batch", "1",
+              "--dipgo-optim", "sgd"]
+    for extra, lr in (([], 0.2), (["--dipgo-lr", "0.05"], 0.05)):
+        prune.main(common + ["--out", str(tmp_path / str(lr))] + extra)
+        ck = dit.load_checkpoint(str(tmp_path / str(lr) / "dipgo_r0.5.pt"))
+        assert ck["dipgo_config"]["dipgo_lr"] == lr and ck["metrics"]["log"][0]["lr"] == pytest.approx(lr / 10)
+
+
 def test_dipgo_output_rule_plans_count_the_cascade():
     """Under the output rule every plan's reuse is a prefix of each step's blocks (the cascade), the budget
     round(r (K-1) N) counts the skipped blocks of the cascade and is never passed; the residual rule's random
