@@ -32,18 +32,21 @@ block) -> self-attention + FFN -> heads) gives straight-through keep/reuse gates
 on labels and noise only so the gated sampler's image matches the full one (SSIM) with few blocks on.
 A greedy falling threshold turns its scores into a static plan; inference runs the plan with a cache.
     paper (Sec. 3 method, Sec. 4 experiments) / code      -> here
-    SuperNet, backup connection to step t-1               -> backup_connection; gated_blocks (train),
-                                                             cached_blocks (infer: the cache rule)
+    SuperNet, backup connection to step t-1               -> backup_connection, cache_entry; gated_blocks
+                                                             (train), cached_blocks (infer: the cache rule)
+    the cascade (update_query_status, cascade_nodes)      -> dead_blocks, cascade_gates, cascade_plan
     pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
     consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, sparsity_loss,
                                                              dipgo_loss, learn_scores
     post-processing: falling threshold, blocks output-side
       first (both official prune() visit block_names[::-1]) -> postprocess
     inference with the cache; baselines                  -> CachedDiT, uniform_plan, random_plan
-[inferred] for a DiT (the code is SD-UNet only): a unit is one block and "reuse" adds its previous residual
-update h + D[t-1, b]; equal block FLOPs (no cascade); --ratio r = fraction of (step >= 1, block) slots
-reused, the sparsity term off while the hard plan keeps < 1 - r; Adam, query width 128; fresh labels and
-noise at every pruner step (the official training reuses fixed noise).
+For a DiT (the code is SD-UNet only) a unit is one block. --backup output is the code's rule (a skipped
+block returns its cached output, so the blocks before it are dead: the cascade); --backup residual [ours,
+inferred] adds its previous update, h + D[t-1, b]. --dipgo-optim sgd is the code's optimiser; adam [ours].
+[inferred]: --ratio r = fraction of (step >= 1, block) slots reused, the sparsity term off while the hard
+plan keeps < 1 - r; query width 128; fresh labels and noise at every pruner step (the official training
+reuses fixed noise).
 
 Run:
     python prune.py --method tinyfusion                  # 6 -> 3 blocks of the base, ~15 min, 2 CPU cores
