@@ -646,7 +646,8 @@ def gated_blocks(blocks, h, c, cache, gate=None, backup="residual"):
 def cached_blocks(blocks, h, c, cache, plan, s, backup="residual"):
     """Step s of the plan (K, N) bool, True = compute, DiP-GO Sec. 3 (inference), the whole cache rule: a kept
     block runs and, when the next step reuses it (plan[s + 1, b] False), fills its cache entry; a skipped
-    block returns backup_connection (one add, or nothing: under the output rule its cascade is skipped too)."""
+    block returns backup_connection (one add, or nothing: under the output rule its cascade is skipped
+    too)."""
     keep = plan[s].tolist()
     store = (~plan[s + 1]).tolist() if s + 1 < len(plan) else [False] * len(keep)
     for b, block in enumerate(blocks):
@@ -727,10 +728,10 @@ def consistency_loss(x, ref):
 
 def sparsity_loss(logits, gates, ratio, cascade=1):
     """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]. Each
-    block is 1/N of the stack's FLOPs; cascade[b] = how many blocks its reuse skips (1; the output rule: b + 1,
-    the official sparse_lossv2's cascade ratios), so the term is the expected compute the pruner asks for; it
-    is off while the hard plan (gates, effective) already computes less than 1 - r (ours [inferred]; the
-    official code stops at a fixed 0.2). Returns (term, mean cascade * P_keep, kept_hard)."""
+    block is 1/N of the stack's FLOPs; cascade[b] = how many blocks its reuse skips (1; the output rule:
+    b + 1, the official sparse_lossv2's cascade ratios). The term is off while the hard plan (gates,
+    effective) already computes less than 1 - r (ours [inferred]; the official code stops at a fixed 0.2).
+    Returns (term, mean cascade * P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
     kept = gates[..., 1].detach().mean()
     p_keep = (logits.softmax(-1)[..., 1] * cascade).mean()
@@ -833,7 +834,8 @@ def learn_scores(base, cfg, log=print, on_step=None):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
     (sparsity_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
     SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns (P(reuse)
-    (K-1, N), log rows); on_step(step, pruner, rows), if given, runs after each step (--curve), off its clock."""
+    (K-1, N), log rows); on_step(step, pruner, rows), if given, runs after each step (--curve), off its
+    clock."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(dit.seed_of(cfg.seed))
@@ -1106,13 +1108,13 @@ class PruneConfig:
     # schedule), cfg_scale, speed_batch and seed from above
     ratio: float = 0.5           # (0,1): fraction of (step >= 1, block) evaluations reused (paper 0.3-0.8)
     ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
-    dipgo_steps: int = 30        # >=1: pruner optimisation steps (paper: 500)
+    dipgo_steps: int = 500       # >=1: pruner optimisation steps (official: 500)
     dipgo_batch: int = 4         # >=1: (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.005      # >0: pruner lr (Adam [inferred; 0.02 flips all]); --dipgo-optim sgd: 0.2 unless
-    #                              given (official: 0.1 x batch 1 x grad-accum 2)
-    dipgo_optim: str = "adam"    # adam (ours) | sgd (official: weight decay 1e-4, cosine, 10 warm-up steps)
-    backup: str = "residual"     # a skipped block returns: residual (ours, h + D[b]) | output (official: its
-    #                              cached output O[b], blocks before it skipped too: the cascade)
+    dipgo_lr: float = 0.2        # >0: pruner lr (official SGD: 0.1 x batch 1 x grad-accum 2); --dipgo-optim
+    #                              adam: 0.005 unless given [inferred; 0.02 flips all]
+    dipgo_optim: str = "sgd"     # sgd (official: weight decay 1e-4, cosine, 10 warm-up steps) | adam (ours)
+    backup: str = "output"       # a skipped block returns: output (official: its cached output O[b], blocks
+    #                              before it skipped too: the cascade) | residual (ours, h + D[b])
     dipgo_alpha: float = 1.0     # >=0: sparsity weight (paper 1.0, ablated 0.1-2.0)
     dipgo_dim: int = 128         # >=1: pruner query width d (paper 512)
     seed: int = 0                # >=0: seeds masks, LoRA, data order; scores and grids: noise seed 0
@@ -1129,8 +1131,8 @@ def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
                          dtype=dit.DTYPES, dipgo_optim=("adam", "sgd"), backup=("residual", "output")))
-    if cfg.dipgo_optim == "sgd" and "dipgo_lr" not in dit.given_flags(argv):
-        cfg.dipgo_lr = 0.2  # the official SGD lr
+    if cfg.dipgo_optim == "adam" and "dipgo_lr" not in dit.given_flags(argv):
+        cfg.dipgo_lr = 0.005  # ours for Adam (the default 0.2 is the official SGD's)
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
