@@ -53,7 +53,7 @@ Run:
     python prune.py --method all --recover finetune      # every method, same depth and recovery, one table
     python prune.py --method tinyfusion --recover maskedkd --pattern 2:4 --deltaw full
     python prune.py --method index --kept 0,2,5          # a fixed kept set (official: prune_by_index.py)
-    python prune.py --method dipgo --ratios 0.3,0.5,0.7  # a DiP-GO plan per ratio vs three baselines
+    python prune.py --method dipgo --ratios 0.3,0.5,0.7  # a DiP-GO plan per ratio vs four baselines
 Each stage's checkpoint name carries a hash of every setting that made it; re-running reuses it only when all
 are equal (and says so). Pruned checkpoints are kind "dit"; DiP-GO plans kind "dipgo" (sample.py runs both).
 """
