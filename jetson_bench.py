@@ -75,7 +75,7 @@ class BenchConfig:
     seed: int = 0                 # >=0: noise of the timed inputs and of the quality samples
     stack: bool = False           # first build the stacked variants (TinyFusion + DiP-GO)
     stack_ratio: float = 0.5      # (0,1): DiP-GO reuse ratio for the stacked plan
-    stack_steps: int = 30         # >=1: DiP-GO pruner steps of the stack (prune.py's default recipe; it: 500)
+    stack_steps: int = 30         # >=1: DiP-GO pruner steps of the stack (prune.py's default recipe)
     peak: bool = False            # only time a fresh --preset DiT (train, forward, sampling) vs matmul peak
     preset: str = "cpu"           # model size for --peak (dit.PRESETS)
 

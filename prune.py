@@ -1108,13 +1108,13 @@ class PruneConfig:
     # schedule), cfg_scale, speed_batch and seed from above
     ratio: float = 0.5           # (0,1): fraction of (step >= 1, block) evaluations reused (paper 0.3-0.8)
     ratios: str = ""             # comma list ("0.3,0.5,0.7"): a plan per ratio, overrides --ratio
-    dipgo_steps: int = 500       # >=1: pruner optimisation steps (official: 500)
+    dipgo_steps: int = 30        # >=1: pruner optimisation steps (official: 500)
     dipgo_batch: int = 4         # >=1: (label, noise) pairs per pruner step (paper: 1, grad-accum 2)
-    dipgo_lr: float = 0.2        # >0: pruner lr (official SGD: 0.1 x batch 1 x grad-accum 2); --dipgo-optim
-    #                              adam: 0.005 unless given [inferred; 0.02 flips all]
-    dipgo_optim: str = "sgd"     # sgd (official: weight decay 1e-4, cosine, 10 warm-up steps) | adam (ours)
-    backup: str = "output"       # a skipped block returns: output (official: its cached output O[b], blocks
-    #                              before it skipped too: the cascade) | residual (ours, h + D[b])
+    dipgo_lr: float = 0.005      # >0: pruner lr (Adam [inferred; 0.02 flips all]); --dipgo-optim sgd: 0.2
+    #                              unless given (official: 0.1 x batch 1 x grad-accum 2)
+    dipgo_optim: str = "adam"    # adam (ours) | sgd (official: weight decay 1e-4, cosine, 10 warm-up steps)
+    backup: str = "residual"     # a skipped block returns: residual (ours, h + D[b]) | output (official: its
+    #                              cached output O[b], blocks before it skipped too: the cascade)
     dipgo_alpha: float = 1.0     # >=0: sparsity weight (paper 1.0, ablated 0.1-2.0)
     dipgo_dim: int = 128         # >=1: pruner query width d (paper 512)
     seed: int = 0                # >=0: seeds masks, LoRA, data order; scores and grids: noise seed 0
@@ -1131,8 +1131,8 @@ def main(argv=None):
     cfg = dit.check(dit.parse_args(PruneConfig, argv),
                     dict(deltaw=("lora", "full", "frozen"), recover=("none", "finetune", "kd", "maskedkd"),
                          dtype=dit.DTYPES, dipgo_optim=("adam", "sgd"), backup=("residual", "output")))
-    if cfg.dipgo_optim == "adam" and "dipgo_lr" not in dit.given_flags(argv):
-        cfg.dipgo_lr = 0.005  # ours for Adam (the default 0.2 is the official SGD's)
+    if cfg.dipgo_optim == "sgd" and "dipgo_lr" not in dit.given_flags(argv):
+        cfg.dipgo_lr = 0.2  # the official SGD lr (the default 0.005 is ours, for Adam)
     methods = [m for m in DEPTH_METHODS if m != "index"] if cfg.method == "all" else cfg.method.split(",")
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")

@@ -1317,8 +1317,8 @@ def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
     rows = prune.main(["--method", "dipgo", "--teacher", tiny_teacher, "--out", out, "--eval-steps", "5",
                        "--dipgo-steps", "2", "--dipgo-batch", "2", "--eval-n", "0", "--speed-batch", "2",
                        "--ratio", "0.5"])
-    assert [r["variant"].split()[0] for r in rows] == ["full", "DiP-GO", "uniform", "random",
-                                                       "uniform-residual", "DDIM-3"]
+    names = ["full", "DiP-GO", "uniform", "random", "uniform-output", "DDIM-3"]
+    assert [r["variant"].split()[0] for r in rows] == names
     ck = dit.load_checkpoint(os.path.join(out, "dipgo_r0.5.pt"), kinds=["dipgo"])
     assert ck["steps"] == 5 and ck["plan"].shape == (5, 4) and int((~ck["plan"][1:]).sum()) == 8
     model = prune.build_dipgo(ck)
@@ -1345,8 +1345,8 @@ def test_dipgo_curve_scores_the_plan_while_learning_without_changing_it(tiny_tea
         plain[1]["quality"].split()[0]
     folder, = glob.glob("out/dipgo_curves_*")
     assert sorted(os.listdir(folder)) == ["curves.png", "ddim-3-r0.5_seed0.json", "dipgo-r0.5_seed0.json",
-                                          "random-r0.5_seed0.json", "uniform-r0.5_seed0.json",
-                                          "uniform-residual-r0.5_seed0.json"]
+                                          "random-r0.5_seed0.json", "uniform-output-r0.5_seed0.json",
+                                          "uniform-r0.5_seed0.json"]
     flat = json.load(open(f"{folder}/uniform-r0.5_seed0.json"))
     assert [e["step"] for e in flat] == [1, 3] and flat[0]["score"] == flat[1]["score"]
     with pytest.raises(SystemExit):
@@ -1394,8 +1394,8 @@ def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher,
 
 
 def test_dipgo_official_optimiser_warms_up_then_anneals(tiny_teacher, tmp_path):
-    """--dipgo-optim sgd (the default): the official pruner optimiser, lr 0.2, 10 linear warm-up steps, then
-    a cosine to 0 over --dipgo-steps; Adam keeps its constant lr (0.005 unless --dipgo-lr is given)."""
+    """--dipgo-optim sgd: the official pruner optimiser, lr 0.2 unless --dipgo-lr is given, 10 linear warm-up
+    steps, then a cosine to 0 over --dipgo-steps; Adam (the default) keeps its constant lr 0.005."""
     base = tiny_base(tiny_teacher)
     cfg = prune.PruneConfig(eval_steps=3, dipgo_steps=14, dipgo_batch=1, dipgo_dim=8, dipgo_optim="sgd",
                             dipgo_lr=0.2, backup="output")
@@ -1407,8 +1407,8 @@ def test_dipgo_official_optimiser_warms_up_then_anneals(tiny_teacher, tmp_path):
     assert [r["lr"] for r in adam] == [0.005] * 3
     common = ["--method", "dipgo", "--teacher", tiny_teacher, "--eval-steps", "3", "--dipgo-steps", "1",
               "--dipgo-batch", "1", "--dipgo-dim", "8", "--eval-n", "0", "--speed-batch", "1"]
-    for extra, lr, first in (([], 0.2, 0.02), (["--dipgo-optim", "adam"], 0.005, 0.005),
-                             (["--dipgo-optim", "adam", "--dipgo-lr", "0.05"], 0.05, 0.05)):
+    for extra, lr, first in ((["--dipgo-optim", "sgd"], 0.2, 0.02), ([], 0.005, 0.005),
+                             (["--dipgo-optim", "sgd", "--dipgo-lr", "0.05"], 0.05, 0.005)):
         prune.main(common + ["--out", str(tmp_path / str(lr))] + extra)
         ck = dit.load_checkpoint(str(tmp_path / str(lr) / "dipgo_r0.5.pt"))
         assert ck["dipgo_config"]["dipgo_lr"] == lr and ck["metrics"]["log"][0]["lr"] == pytest.approx(first)
