@@ -883,7 +883,8 @@ def learn_scores(base, cfg, log=print, on_step=None):
 
 def build_dipgo(ckpt):
     """A CachedDiT from a kind "dipgo" checkpoint (base DiT config, EMA weights, plan, steps), eval mode."""
-    return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"], ckpt["backup"]).eval()
+    backup = ckpt.get("backup", "residual")  # plans saved before commit cc7cf8e all used the residual rule
+    return CachedDiT(dit.build_dit(ckpt), ckpt["steps"], ckpt["plan"], backup).eval()
 
 
 def save_dipgo(base_ckpt, plan, score, cfg, ratio, path, metrics=None, key=None):
