@@ -846,7 +846,8 @@ def learn_scores(base, cfg, log=print, on_step=None):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: dit.lr_factor(i, cosine))
     else:
         opt, sched = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr), None  # ours
-    cascade = torch.arange(1.0, N + 1, device=device) if cfg.backup == "output" else 1
+    sizes = [len(range(N)[dead_blocks(b, cfg.backup)]) for b in range(N)]  # blocks each reuse skips
+    cascade = torch.tensor(sizes, dtype=torch.float32, device=device)
     net = CachedDiT(base, K, backup=cfg.backup)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
@@ -924,11 +925,11 @@ def dipgo_variants(base, score, ratio, cfg):
     """DiP-GO's plan and the matched-compute baselines for one ratio: [(name, model, steps, plan)]: uniform
     caching and a random plan under DiP-GO's backup rule, uniform caching under the other rule, fewer-step
     DDIM with as many block calls."""
-    K, N, rule = cfg.eval_steps, len(base.blocks), cfg.backup
-    other = "residual" if rule == "output" else "output"
-    plans = {f"DiP-GO r={ratio}": (postprocess(score, ratio, rule), rule),
-             f"uniform r={ratio}": (uniform_plan(K, N, ratio), rule),
-             f"random r={ratio}": (random_plan(K, N, ratio, cfg.seed, rule), rule),
+    K, N, backup = cfg.eval_steps, len(base.blocks), cfg.backup
+    other = "residual" if backup == "output" else "output"
+    plans = {f"DiP-GO r={ratio}": (postprocess(score, ratio, backup), backup),
+             f"uniform r={ratio}": (uniform_plan(K, N, ratio), backup),
+             f"random r={ratio}": (random_plan(K, N, ratio, cfg.seed, backup), backup),
              f"uniform-{other} r={ratio}": (uniform_plan(K, N, ratio), other)}
     fewer = max(1, round(K * plans[f"DiP-GO r={ratio}"][0].float().mean().item()))  # as many block calls
     return ([(name, CachedDiT(base, K, p, b).eval(), K, p) for name, (p, b) in plans.items()]
