@@ -20,6 +20,7 @@ Paper / reference code -> this file
     importance ordering (paper; commented out in the code)    -> reorder_
     inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.slices, sliced_forward
     batched token gather / scatter (DyFLUX code)              -> sliced_forward
+    the algorithm: routers -> fine-tune -> slice              -> finetune (then build_dydit)
 
 [inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); the
 half-width baseline (magnitude pruning of half the heads and groups); TDW router weights starting at 0
@@ -39,6 +40,7 @@ Settled options that left the code (--token-bias, --router-init, --ema-warmup, t
 their numbers in docs/dynamic.md.
 """
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -52,6 +54,33 @@ import torch.nn.functional as F
 import dit
 import fid
 from dit import modulate
+
+# --- The algorithm: routers -> fine-tune with the FLOPs loss -> slice -----------------------------
+
+def finetune(cfg, teacher, quiet=False):
+    """DyDiT's algorithm (Sec. 3) as one box: routers -> fine-tune with the FLOPs loss -> slice; the static
+    and half-width baselines take the same steps. Returns the checkpoint dict (kind "dydit", or "dit" for
+    mode static); build_dydit(ckpt) is step 3."""
+    data = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
+    diffusion = dit.Diffusion()
+    torch.manual_seed(dit.seed_of(cfg.seed))
+    net = dit.build_dit(teacher).train()
+    if cfg.reorder or cfg.mode == "halfwidth":
+        reorder_(net)  # importance order: the heads / groups a router switches off first sit last
+    if cfg.mode == "static":  # the control: the same steps and t strata, no routers
+        return train_run(cfg, teacher, net, functools.partial(static_loss, diffusion=diffusion), data, quiet)
+    # 1. routers: TDW on E_t (heads, MLP channel groups; Sec. 3.1), SDT on each token (MLP skip; Sec. 3.2)
+    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
+    if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
+        model.fixed[:, :, net.num_heads // 2:] = 0
+    # 2. fine-tune: L_diff + w (mean_b r_b - lambda)^2 (Sec. 3.3), the routers at their own lr [ours]
+    groups = [dict(params=list(net.parameters())),
+              dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
+    loss = functools.partial(dydit_loss, diffusion=diffusion, cfg=cfg)
+    ck = train_run(cfg, teacher, model, loss, data, quiet, [g for g in groups if g["params"]])
+    # 3. slice: at load, build_dydit turns each timestep's masks into weight slices (DyDiT.slices)
+    return ck
+
 
 # --- Method: routers, masks, the masked (training) graph and the sliced (inference) graph ---------
 
@@ -365,17 +394,17 @@ def default_out(prefix, cfg, teacher, key=None):
     return f"{prefix}_{cfg.mode}_{cfg.lam}_{key or run_key(cfg, teacher)}.pt"
 
 
-def finetune(cfg, teacher, quiet=False):
-    """Full fine-tuning of the base DiT into a DyDiT (or a static / half-width baseline) with dit.train.
-    Returns the checkpoint dict (kind "dydit", or "dit" for mode static)."""
-    x, y, _ = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])
-    key = run_key(cfg, teacher, (x, y))  # hashed once, from the arrays this run trains on
-    diffusion, out = dit.Diffusion(), cfg.out or default_out("out/dydit", cfg, teacher, key)
-    torch.manual_seed(dit.seed_of(cfg.seed))
-    net = dit.build_dit(teacher).train()
-    if cfg.reorder or cfg.mode == "halfwidth":
-        reorder_(net)
-    tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, out=out,
+def static_loss(net, xb, yb, step, diffusion):
+    """The static control's loss: L_diff on the same stratified timesteps as dydit_loss."""
+    return diffusion.loss(net, xb, yb, i=stratified_steps(len(xb), xb.device))
+
+
+def train_run(cfg, teacher, model, loss, data, quiet, param_groups=None):
+    """Plumbing of a fine-tuning run: dit.train under this run's key (reused when every setting is equal),
+    with --curve's hook scoring the EMA model, rebuilt as inference builds it, at the listed steps."""
+    key = run_key(cfg, teacher, data)  # hashed once, from the arrays this run trains on
+    tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir,
+                         out=cfg.out or default_out("out/dydit", cfg, teacher, key),
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
                          ema_decay=cfg.ema_decay, ema_warmup=0, grad_skip=cfg.grad_skip,
                          log_every=max(cfg.steps // 8, 1),
@@ -392,19 +421,8 @@ def finetune(cfg, teacher, quiet=False):
             q, ratio, keep = quality(model, cfg, device)
             return dict(score=round(q["score"], 4), acc=q["acc"], ratio=round(ratio, 4), keep=keep or 1)
     hook = dict(on_step=curve_point) if points else {}
-    if cfg.mode == "static":  # the control: the same steps and t strata, no routers
-        def loss(m, xb, yb, step):
-            return diffusion.loss(m, xb, yb, i=stratified_steps(len(xb), xb.device))
-        return dit.train(net, loss, (x, y), tc, meta, quiet=quiet, **hook)[2]
-    model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
-    if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
-        model.fixed[:, :, net.num_heads // 2:] = 0
-    groups = [dict(params=list(net.parameters())),
-              dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
-    loss = lambda m, xb, yb, step: dydit_loss(m, xb, yb, step, diffusion, cfg)  # noqa: E731
-    _, _, ck = dit.train(model, loss, (x, y), tc, meta, param_groups=[g for g in groups if g["params"]],
-                         quiet=quiet, find_unused=True, **hook)
-    return ck
+    extra = dict(param_groups=param_groups, find_unused=True) if param_groups else {}
+    return dit.train(model, loss, data, tc, meta, quiet=quiet, **hook, **extra)[2]
 
 
 def build_dydit(ckpt, ema=True):

@@ -18,6 +18,7 @@ DiT is rebuilt from the original weights and fine-tuned (optionally with Masked 
     baselines (Tables 1, 3): first/last/uniform, ShortGPT,
       sensitivity, magnitude, Taylor, min-loss random      -> baseline_kept, block_influence, calib_loss
     recovery: fine-tune / KD / Masked KD (Table 5)         -> recovery_loss, masked_rep_loss, recover
+    the algorithm: search -> export -> recover            -> tinyfusion
 [inferred], for CPU minutes: LoRA lr 1e-3 (paper 1e-4), gates the paper's 1e-3 for 2000 steps (the mask
 settles: the same at every seed), recovery 1e-3 cosine to 5e-4 (paper 2e-4 -> 1e-4), a few hundred steps
 (paper 100K+, 1.4% of pre-training: ~170 of the shipped base's 12000); Masked-KD pairs student j <->
@@ -82,6 +83,31 @@ import fid
 # ==================================================================================================
 # Section 1: TinyFusion
 # ==================================================================================================
+
+# --- The algorithm: search -> export -> recover ---------------------------------------------------
+
+def tinyfusion(cfg, method, teacher_ckpt, teacher, data, batch):
+    """TinyFusion's algorithm (Sec. 3) as one box: search -> export -> recover. Method "tinyfusion"
+    learns which blocks stay; a baseline (Tables 1, 3) picks them by its rule. Returns a dict."""
+    L = len(teacher.blocks)
+    # 1. search: the argmax of the EMA pattern logits (Sec. 3.2), or a baseline's rule
+    if method == "tinyfusion":
+        kept, info = learn_mask(cfg, teacher_ckpt, data, stage_path(cfg, "search", teacher_ckpt, data))
+    else:
+        options, groups = parse_pattern(cfg.pattern, L)
+        kept, info = baseline_kept(method, teacher, groups * int(options[0].sum()), batch, cfg), {}
+    # 2. export: the kept blocks with their ORIGINAL weights (the LoRA that judged the mask is dropped)
+    loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
+    pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
+    name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
+    if dit.is_main():
+        dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
+    print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
+    # 3. recover: fine-tune the shallow DiT (plain, KD or Masked KD: Table 5)
+    recovered = None if cfg.recover == "none" else \
+        recover(cfg, pruned, teacher, data, stage_path(cfg, name, teacher_ckpt, data))
+    return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
+
 
 # --- Method: search space, mask sampler, masked model, LoRA, export -------------------------------
 
@@ -416,31 +442,16 @@ DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", 
               "dipgo_dim", "seed", "backup", "dipgo_optim")
 
 
-def prune_method(cfg, method, teacher_ckpt, teacher, data, batch):
-    """One method end to end: choose the kept blocks, export the shallow DiT, recover it. Returns a dict."""
-    L = len(teacher.blocks)
-    options, groups = parse_pattern(cfg.pattern, L)
-    k, info = groups * int(options[0].sum()), {}
+def stage_path(cfg, stage, teacher_ckpt, data):
+    """A TinyFusion stage's checkpoint ("search", or the pruned model's name for its recovery): the name
+    carries a hash of every setting the stage depends on (dit.run_key), so a re-run reuses it only then."""
     data_tag = dit.data_tag(*data)  # a result made from other data is not reused
-    if method == "tinyfusion":
+    if stage == "search":
         key = dit.run_key(cfg, SEARCH_KEYS, teacher_ckpt, data_tag)
         tag = f"{cfg.pattern.replace(':', 'of')}_{cfg.deltaw}_{key}"
-        kept, info = learn_mask(cfg, teacher_ckpt, data, os.path.join(cfg.out, f"tinyfusion_{tag}_search.pt"))
-    else:
-        kept = baseline_kept(method, teacher, k, batch, cfg)
-    loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
-    pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)  # ORIGINAL weights, no LoRA
-    name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
-    if dit.is_main():
-        dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
-    print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
-    recovered = None
-    if cfg.recover != "none":
-        keys = RECOVER_KEYS + KD_KEYS * (cfg.recover != "finetune") + dit.CURVE_KEYS * bool(cfg.curve)
-        key = dit.run_key(cfg, keys, teacher_ckpt, data_tag)
-        path = os.path.join(cfg.out, f"{name}_{cfg.recover}_{key}.pt")
-        recovered = recover(cfg, pruned, teacher, data, path)
-    return dict(method=method, kept=kept, calib_loss=loss, pruned=pruned, recovered=recovered, info=info)
+        return os.path.join(cfg.out, f"tinyfusion_{tag}_search.pt")
+    keys = RECOVER_KEYS + KD_KEYS * (cfg.recover != "finetune") + dit.CURVE_KEYS * bool(cfg.curve)
+    return os.path.join(cfg.out, f"{stage}_{cfg.recover}_{dit.run_key(cfg, keys, teacher_ckpt, data_tag)}.pt")
 
 
 # ==================================================================================================
@@ -509,7 +520,7 @@ def run_depth_pruning(cfg, methods, device):
     teacher = dit.build_dit(teacher_ckpt).to(device)
     data = dit.load_data(cfg.data, cfg.data_dir, teacher.input_size)[:2]
     batch = calib_batch(data, cfg.calib_n, cfg.seed, device)
-    results = [prune_method(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
+    results = [tinyfusion(cfg, m, teacher_ckpt, teacher, data, batch) for m in methods]
     if not dit.is_main():  # under torchrun: rank 0 scores, times and writes; the others wait in dist_finish
         return results
 
