@@ -37,8 +37,7 @@ A greedy falling threshold turns its scores into a static plan; inference runs t
                                                              (train), cached_blocks (infer: the cache rule)
     the cascade (update_query_status, cascade_nodes)      -> dead_blocks, cascade_gates, cascade_plan
     pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
-    consistency (SSIM) + sparsity loss, few steps         -> consistency_loss, ssim, sparsity_loss,
-                                                             dipgo_loss, learn_scores
+    consistency (SSIM) + sparsity loss, few steps         -> dipgo_loss (ssim), learn_scores
     post-processing: falling threshold, blocks output-side
       first (both official prune() visit block_names[::-1]) -> postprocess
     inference with the cache; baselines                  -> CachedDiT, uniform_plan, random_plan
@@ -731,33 +730,18 @@ def ssim(a, b, data_range=1.0, size=11, sigma=1.5):
     return s.mean()
 
 
-def consistency_loss(x, ref):
-    """Consistency between the gated and the full sampler's final images, DiP-GO Sec. 3: 1 - SSIM (the
-    paper's default; the code's MSE and L1 options were never measured here)."""
-    return 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
-
-
-def sparsity_loss(logits, gates, ratio, cascade=1):
-    """DiP-GO's sparsity term, Sec. 3: [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]. Each
-    block is 1/N of the stack's FLOPs; cascade[b] = how many blocks its reuse skips (1; the output rule:
-    b + 1, the official sparse_lossv2's cascade ratios). The term is off while the hard plan (gates,
-    effective) already computes less than 1 - r (ours [inferred]; the official code stops at a fixed 0.2).
-    Returns (term, mean cascade * P_keep, kept_hard)."""
+def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
+    """The pruner's objective, DiP-GO Sec. 3: L = L_cons + alpha L_sparse, where
+        L_cons   = 1 - SSIM(x, ref)       x: the gated SuperNet's images, ref: the full sampler's
+        L_sparse = [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
+    logits (K-1, N, 2) = [reuse, keep]; gates: their hard straight-through values (effective: cascaded).
+    Each block is 1/N of the stack's FLOPs; cascade[b] = how many blocks its reuse skips (1; the output rule:
+    b + 1, the official sparse_lossv2's cascade ratios). Returns (loss, L_cons, mean P_keep, kept_hard)."""
     # assignment 7 begin: DiP-GO's consistency + sparsity loss
+    cons = 1 - ssim(x.clamp(-1, 1), ref.clamp(-1, 1))  # the paper's default (the code also has MSE, L1)
     kept = gates[..., 1].detach().mean()
     p_keep = (logits.softmax(-1)[..., 1] * cascade).mean()
-    return p_keep * (kept > 1 - ratio).float(), p_keep, kept
-    # assignment 7 end
-
-
-def dipgo_loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
-    """The pruner's objective, DiP-GO Sec. 3: L = L_cons(x, ref) + alpha * sparsity_loss.
-    x: the gated SuperNet's images, ref: the full sampler's; logits (K-1, N, 2) = [reuse, keep]; gates: their
-    hard straight-through values (effective: cascaded); cascade as sparsity_loss. Returns (loss, L_cons,
-    mean P_keep, kept_hard)."""
-    # assignment 7 begin: DiP-GO's consistency + sparsity loss
-    cons = consistency_loss(x, ref)
-    sparse, p_keep, kept = sparsity_loss(logits, gates, ratio, cascade)
+    sparse = p_keep * (kept > 1 - ratio).float()  # ours: off once kept <= 1 - r (code: stops at a fixed 0.2)
     return cons + alpha * sparse, cons, p_keep, kept
     # assignment 7 end
 
@@ -843,7 +827,7 @@ def learn_scores(base, cfg, log=print, on_step=None):
     """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
-    (sparsity_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
+    (dipgo_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
     SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns (P(reuse)
     (K-1, N), log rows); on_step(step, pruner, rows), if given, runs after each step (--curve), off its
     clock."""

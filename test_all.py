@@ -1300,7 +1300,7 @@ def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
     z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
     with torch.no_grad():
         ref = dit.sample(base, z, y, K, cfg_scale=1.5)
-    loss = prune.consistency_loss(dit.sample(net, z, y, K, cfg_scale=1.5), ref)
+    loss = prune.dipgo_loss(dit.sample(net, z, y, K, cfg_scale=1.5), ref, logits, net.gates, 0.5, 0.0)[0]
     assert loss.item() > 0
     loss.backward()
     assert (logits.grad.abs().sum(-1) > 0).all()
@@ -1389,7 +1389,7 @@ def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher,
     supernet.gates = gates
     xs = dit.sample(supernet, z, y, K, cfg_scale=1.5)
     assert torch.allclose(xs, x, atol=1e-5)
-    prune.consistency_loss(xs, x.flip(0)).backward()
+    prune.dipgo_loss(xs, x.flip(0), logits, gates, 0.5, 0.0)[0].backward()  # L_cons alone (alpha 0)
     assert logits.grad[1, :, 0].abs().sum() > 0  # the straight-through gradient reaches the reuse gates
 
 

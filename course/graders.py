@@ -535,21 +535,28 @@ def builtin_gumbel(logits, options, batch, tau, scale):  # a correct spelling: t
     return (onehot @ options).reshape(batch, -1), onehot
 
 
-def sparsity(cond=lambda kept, r: kept > 1 - r, which=1, hard=False, weighted=True):
-    def loss(logits, gates, ratio, cascade=1):
+def dipgo(cons=lambda x, r: 1 - prune.ssim(x.clamp(-1, 1), r.clamp(-1, 1)), cond=lambda kept, r: kept > 1 - r,
+          which=1, hard=False, weighted=True):
+    def loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
         kept = gates[..., 1].detach().mean()
         w = cascade if weighted else 1
         p_keep = (gates[..., 1] * w).mean() if hard else (logits.softmax(-1)[..., which] * w).mean()
-        return p_keep * float(cond(kept, ratio)), p_keep, kept
+        c = cons(x, ref)
+        return c + alpha * p_keep * float(cond(kept, ratio)), c, p_keep, kept
     return loss
 
 
-def dipgo(cons_fn):
-    def loss(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):
-        cons = cons_fn(x, ref)
-        sparse, p_keep, kept = prune.sparsity_loss(logits, gates, ratio, cascade)
-        return cons + alpha * sparse, cons, p_keep, kept
-    return loss
+def where_dipgo(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):  # correct: torch.where, no float cast
+    c = 1 - prune.ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
+    kept, p = gates[..., 1].detach().mean(), (logits.softmax(-1)[..., 1] * cascade).mean()
+    return c + alpha * torch.where(kept > 1 - ratio, p, 0 * p), c, p, kept
+
+
+def sigmoid_dipgo(x, ref, logits, gates, ratio, alpha=1.0, cascade=1):  # correct: P_keep as a sigmoid
+    c = 1 - prune.ssim(x.clamp(-1, 1), ref.clamp(-1, 1))
+    kept = gates[..., 1].detach().mean()
+    p = (torch.sigmoid(logits[..., 1] - logits[..., 0]) * cascade).mean()
+    return c + alpha * (p if kept > 1 - ratio else 0 * p), c, p, kept
 
 
 def router(noise=True, tau_in=True, st="minus", threshold=0.5):
@@ -623,14 +630,13 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
         ("the straight-through sign flipped", prune, "st_gumbel_masks", nm(st="flipped")),
         ("one noise draw shared by the batch", prune, "st_gumbel_masks", nm(shared=True))],
     7: [("1 + SSIM", prune, "dipgo_loss", dipgo(lambda x, r: 1 + prune.ssim(x, r))),
-        ("the consistency detached", prune, "dipgo_loss",
-         dipgo(lambda x, r: prune.consistency_loss(x.detach(), r))),
-        ("sparsity on the reuse probability", prune, "sparsity_loss", sparsity(which=0)),
-        ("sparsity always on", prune, "sparsity_loss", sparsity(lambda kept, r: True)),
-        ("sparsity on at the boundary (>= instead of >)", prune, "sparsity_loss",
-         sparsity(lambda kept, r: kept >= 1 - r)),
-        ("sparsity on the hard gates", prune, "sparsity_loss", sparsity(hard=True)),
-        ("the cascade weights ignored", prune, "sparsity_loss", sparsity(weighted=False))],
+        ("the consistency detached", prune, "dipgo_loss", dipgo(lambda x, r: 1 - prune.ssim(x.detach(), r))),
+        ("sparsity on the reuse probability", prune, "dipgo_loss", dipgo(which=0)),
+        ("sparsity always on", prune, "dipgo_loss", dipgo(cond=lambda kept, r: True)),
+        ("sparsity on at the boundary (>= instead of >)", prune, "dipgo_loss",
+         dipgo(cond=lambda kept, r: kept >= 1 - r)),
+        ("sparsity on the hard gates", prune, "dipgo_loss", dipgo(hard=True)),
+        ("the cascade weights ignored", prune, "dipgo_loss", dipgo(weighted=False))],
     8: [("no straight-through gradient", dynamic, "gumbel_sigmoid", router(st="none")),
         ("no logistic noise", dynamic, "gumbel_sigmoid", router(noise=False)),
         ("tau dropped from the soft path", dynamic, "gumbel_sigmoid", router(tau_in=False)),
@@ -664,12 +670,8 @@ CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
     6: [("hard + soft - soft.detach()", prune, "st_gumbel_masks", nm(st="plus")),
         ("hard - soft.detach() + soft", prune, "st_gumbel_masks", nm(st="minus")),
         ("F.gumbel_softmax(hard=True)", prune, "st_gumbel_masks", builtin_gumbel)],
-    7: [("torch.where", prune, "sparsity_loss",
-         lambda lg, g, r, w=1: (lambda kept, p: (torch.where(kept > 1 - r, p, 0 * p), p, kept))(
-             g[..., 1].detach().mean(), (lg.softmax(-1)[..., 1] * w).mean())),
-        ("a sigmoid of the logit difference", prune, "sparsity_loss",
-         lambda lg, g, r, w=1: (lambda kept, p: (p if kept > 1 - r else 0 * p, p, kept))(
-             g[..., 1].detach().mean(), (torch.sigmoid(lg[..., 1] - lg[..., 0]) * w).mean()))],
+    7: [("torch.where", prune, "dipgo_loss", where_dipgo),
+        ("a sigmoid of the logit difference", prune, "dipgo_loss", sigmoid_dipgo)],
     8: [("hard + soft - soft.detach()", dynamic, "gumbel_sigmoid", router(st="plus")),
         ("two Gumbels, threshold on the logit", dynamic, "gumbel_sigmoid", two_gumbels),
         ("(mean of r - lambda)^2", dynamic, "flops_loss", lambda r, lam, w: w * (r - lam).mean().pow(2))],
