@@ -108,20 +108,19 @@ def standardise(h, ref):
     return (h - mu) / sd
 
 
-def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0, plain=False):
+def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = links[k]
-    std() = `standardise` with the teacher state's per-channel statistics [inferred]; plain: std() = identity
-    (BK-SDM's plain MSE). s_feats[k] is already projected by W_k. out None: no output term (MI1 stage A);
-    no links: output only."""
+    std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected by
+    W_k. out None: no output term (MI1 stage A); no links: output only."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target)
         loss = terms["out"]
     if t_feats is not None and links:
         # assignment 5 begin: feature KD with its projector
-        mse = [F.mse_loss(s, t_feats[j]) if plain else
-               F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
+        # ours: both sides standardised per channel (BK-SDM: plain MSE, far worse here: docs/distill.md)
+        mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
                for s, (_, j) in zip(s_feats, links)]
         terms["feat"] = sum(mse) / len(links)
         # assignment 5 end
@@ -297,8 +296,7 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
     used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
     cache = source_states(source, base, used) if source is not None else None
-    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight,
-                                plain=cfg.feat_loss == "mse")
+    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight)
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
@@ -331,13 +329,13 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
-def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight, plain):
+def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight):
     """dit.train's loss on a batch of offline pairs: yb indexes them (xb, the same images as uint8, is
     unused); the frozen source's states come from `cache` (computed once per stage; None: output KD only)."""
     z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
     t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
     out, s_feats = net(z, y, t_feats)
-    return distill_loss(out, target, s_feats, t_feats, links, feat_weight, plain)
+    return distill_loss(out, target, s_feats, t_feats, links, feat_weight)
 
 
 def curve_point(step, ema, cfg, points, device):
@@ -356,7 +354,7 @@ def stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps):
                out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
                **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
     if links:  # the feature weight and MI1's split only matter to the stages that use them
-        key.update(feat_weight=cfg.feat_weight, feat_norm="channel" if cfg.feat_loss == "std" else "none")
+        key.update(feat_weight=cfg.feat_weight, feat_norm="channel")  # a literal of the removed --feat-loss
     if mi1:
         key.update(local_frac=cfg.local_frac, local_on_top=True)
     if cfg.curve and name == "student":  # a curve run keeps its scores in the checkpoint: its own file
@@ -512,7 +510,6 @@ class DistillConfig:
     width: int = 64              # >=1: student hidden size D (multiple of 4 * heads; teacher: 128)
     heads: int = 2               # >=1: student attention heads
     feat_weight: float = 0.1     # >=0: lambda_f on the feature loss (BK-SDM: 1; 0.1 here) [inferred]
-    feat_loss: str = "std"       # std: each channel standardised by the source's statistics [inferred] | mse
     local_frac: float = 0.3      # (0,1): mi1: block-local stage A steps = local_frac * steps, first
     steps: int = 2400            # >=1: student training steps (equal for every method; end-to-end for MI1)
     teacher_steps: int = 1500    # >=1: steps of the one-step teacher (the feature source of fkd / ta / mi1)
@@ -549,8 +546,7 @@ PAPER = dict(lr=1e-4, ema_decay=0.9999)
 
 def main(argv=None):
     cfg = dit.check(dit.parse_args(DistillConfig, argv),
-                    dict(method=("kd", "fkd", "ta", "mi1"), mapping=("uniform", "first"),
-                         feat_loss=("std", "mse"), dtype=dit.DTYPES))
+                    dict(method=("kd", "fkd", "ta", "mi1"), mapping=("uniform", "first"), dtype=dit.DTYPES))
     if cfg.width % (4 * cfg.heads):
         sys.exit("error: --width must be a multiple of 4 * --heads")
     dit.curve_steps(cfg.curve, cfg.steps, "student steps (--steps)")
