@@ -108,20 +108,22 @@ def standardise(h, ref):
     return (h - mu) / sd
 
 
-def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
+def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0, up=None):
     """Output + feature distillation (GET; BK-SDM Sec. 3.2, Eq. "L_FeatKD"):
         L = d(out, target) + lambda_f * mean_k MSE(std(W_k h_S,i_k), std(h_T,j_k)),  (i_k, j_k) = links[k]
-    std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] is already projected by
-    W_k. out None: no output term (MI1 stage A); no links: output only."""
+    std() = `standardise` with the teacher state's per-channel statistics. s_feats[k] = h_S,i_k (B, T, D_S),
+    the output of student block i_k; up[k] = the projector W_k: D_S -> D_T (None: the identity). out None:
+    no output term (MI1 stage A); no links: output only."""
     terms, loss = {}, 0.0
     if out is not None:
         terms["out"] = output_distance(out, target)
         loss = terms["out"]
     if t_feats is not None and links:
+        up = up or [nn.Identity()] * len(links)
         # assignment 5 begin: feature KD with its projector
         # ours: both sides standardised per channel (BK-SDM: plain MSE, far worse here: docs/distill.md)
-        mse = [F.mse_loss(standardise(s, t_feats[j]), standardise(t_feats[j], t_feats[j]))
-               for s, (_, j) in zip(s_feats, links)]
+        mse = [F.mse_loss(standardise(w(s), t_feats[j]), standardise(t_feats[j], t_feats[j]))
+               for w, s, (_, j) in zip(up, s_feats, links)]
         terms["feat"] = sum(mse) / len(links)
         # assignment 5 end
         loss = loss + feat_weight * terms["feat"]
@@ -130,7 +132,8 @@ def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
 
 
 class Distiller(nn.Module):
-    """The student plus its projectors W_k: Linear(D_S -> D_T) (dropped after training). With `groups` (MI1
+    """The student plus its projectors W_k: Linear(D_S -> D_T) (applied in distill_loss, dropped after
+    training). forward returns (output, the outputs of student blocks i_k of the links). With `groups` (MI1
     stage A) each block runs alone on the teacher state at the start of its group (through `down`)."""
     def __init__(self, student, d_teacher, links, groups=None):
         super().__init__()
@@ -143,14 +146,12 @@ class Distiller(nn.Module):
     def forward(self, x, y, t_feats=None):
         if self.groups is None:
             out, feats = features(self.student, x, y)
-            # assignment 5 begin: feature KD with its projector
-            return out, [w(feats[i]) for w, (i, _) in zip(self.up, self.links)]
-            # assignment 5 end
+            return out, [feats[i] for i, _ in self.links]
         h, c, net = embed(self.student, x, y)
         outs = []
         for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
             h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
-            outs.append(self.up[j](block(h_in, c)))
+            outs.append(block(h_in, c))
         return None, outs
 
 
@@ -335,7 +336,7 @@ def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight):
     z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
     t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
     out, s_feats = net(z, y, t_feats)
-    return distill_loss(out, target, s_feats, t_feats, links, feat_weight)
+    return distill_loss(out, target, s_feats, t_feats, links, feat_weight, net.up)
 
 
 def curve_point(step, ema, cfg, points, device):

@@ -856,12 +856,12 @@ def test_distill_loss_is_zero_when_student_equals_teacher():
         pairs = dit.block_map(4, 4, how)
         net = distill.Distiller(copy.deepcopy(teacher), 64, pairs)
         out, s_feats = net(z, y, t_feats)
-        terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0)
+        terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0, net.up)
         assert terms["out"].item() < 1e-6 and terms["feat"].item() == 0 and terms["loss"].item() < 1e-6
     with torch.no_grad():
         net.student.dit.blocks[1].mlp.fc1.weight.add_(0.5)
     out, s_feats = net(z, y, t_feats)
-    terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0)
+    terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0, net.up)
     assert terms["out"].item() > 1e-4 and terms["feat"].item() > 1e-4
 
 
@@ -931,7 +931,7 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
     assert out is None and len(local) == 4
     for (a, b), h in zip(groups, local):
         assert torch.allclose(h, t_feats[b], atol=1e-5)
-    assert distill.distill_loss(None, None, local, t_feats, pairs)["loss"].item() < 1e-8
+    assert distill.distill_loss(None, None, local, t_feats, pairs, 1.0, net.up)["loss"].item() < 1e-8
 
 
 def test_pairs_cache_round_trips(tmp_path, monkeypatch):

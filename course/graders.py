@@ -267,7 +267,7 @@ def reference_feat(s_feats, t_feats, links):
     return out / len(links)
 
 
-def grade_5(monkeypatch):
+def grade_5():
     g = torch.Generator().manual_seed(4)
     scales = torch.rand(16, generator=g) * 9 + 0.05  # channels of very different size
     size = torch.arange(1.0, 5.0)[:, None, None]  # the 4 samples differ in scale: pooled != per-sample stats
@@ -291,18 +291,18 @@ def grade_5(monkeypatch):
     assert all(r.abs().sum() > 0 and rel_close(a_, r, 3e-2) for a_, r in zip(got, ref)), \
         "the gradient must reach every projected student feature and equal the standardised MSE's"
     student = dit.DiT(input_size=8, patch_size=4, hidden_size=8, depth=3, num_heads=2)
-    net = distill.Distiller(student, 16, links)
-    feats = [torch.randn(2, 4, 8, generator=g) for _ in range(3)]
-    monkeypatch.setattr(distill, "features", lambda *a: (None, feats))
-    _, proj = net(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
-    assert len(proj) == len(links) and all(p.shape == (2, 4, 16) for p in proj), \
-        "the student's mapped features must be projected to the teacher's width (8 -> 16)"
-    assert all(close(p, w(feats[i])) for p, w, (i, _) in zip(proj, net.up, links)), \
-        "feature k must be projector W_k applied to the output of student block i_k of pair k = (i_k, j_k)"
+    up = distill.Distiller(student, 16, links).up  # the projectors W_k: width 8 -> 16
+    raw = [torch.randn(4, 32, 8, generator=g) for _ in links]  # the outputs of student blocks i_k (width 8)
+    why = "feature k must be projector W_k (student width 8 -> teacher width 16) applied to h_S,i_k"
+    try:
+        got = distill.distill_loss(None, None, raw, t_feats, links, up=up)["feat"]
+    except RuntimeError as e:  # an unprojected feature does not match the teacher's width
+        raise AssertionError(f"{why}: {e}") from e
+    assert close(got, reference_feat([w(s) for w, s in zip(up, raw)], t_feats, links), 2e-2), why
 
 
-def test_assignment_5_feature_kd_with_projector(monkeypatch):
-    grade_5(monkeypatch)
+def test_assignment_5_feature_kd_with_projector():
+    grade_5()
 
 
 # --- assignment 6: TinyFusion's straight-through Gumbel-softmax N:M mask (TinyFusion Sec. 3) ---------
@@ -486,13 +486,14 @@ def sandwich(s1, s2):  # (S1^(1/2) S2 S1^(1/2))^(1/2) has the trace of (S1 S2)^(
     return linalg.sqrtm(r @ s2 @ r)
 
 
-def feat_loss(norm=None, reduce="mean", detach=False, target_index=1):
+def feat_loss(norm=None, reduce="mean", detach=False, target_index=1, project=True):
     """distill_loss's feature term with a mistake: norm(s, t) -> (s', t'); target_index 0 takes t_feats[i]."""
     norm = norm or (lambda s, t: (distill.standardise(s, t), distill.standardise(t, t)))
 
-    def loss(out, target, s_feats, t_feats, links, feat_weight=1.0):
-        mse = [F.mse_loss(*norm(s.detach() if detach else s, t_feats[p[target_index]]))
-               for s, p in zip(s_feats, links)]
+    def loss(out, target, s_feats, t_feats, links, feat_weight=1.0, up=None):
+        up = up if up is not None and project else [torch.nn.Identity()] * len(links)
+        mse = [F.mse_loss(*norm(w(s).detach() if detach else w(s), t_feats[p[target_index]]))
+               for w, s, p in zip(up, s_feats, links)]
         f = sum(mse) / (len(mse) if reduce == "mean" else 1)
         return dict(feat=f, loss=feat_weight * f)
     return loss
@@ -621,7 +622,8 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
         ("statistics per sample (over the tokens only)", distill, "distill_loss", feat_loss(per_sample)),
         ("the student feature detached", distill, "distill_loss", feat_loss(detach=True)),
         ("the target of pair (i, j) taken from teacher block i", distill, "distill_loss",
-         feat_loss(target_index=0))],
+         feat_loss(target_index=0)),
+        ("the projector forgotten", distill, "distill_loss", feat_loss(project=False))],
     6: [("no straight-through gradient", prune, "st_gumbel_masks", nm(st="none")),
         ("a soft mask in the forward pass", prune, "st_gumbel_masks", nm(st="soft")),
         ("no Gumbel noise", prune, "st_gumbel_masks", nm(noise="none")),
@@ -681,21 +683,17 @@ CASES = [(n, *case) for n, cases in PLANTED.items() for case in cases]
 GOOD = [(n, *case) for n, cases in CORRECT.items() for case in cases]
 
 
-def grade(n, monkeypatch):
-    return GRADERS[n](monkeypatch) if n == 5 else GRADERS[n]()
-
-
 @pytest.mark.parametrize("n,mistake,owner,name,wrong", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
 def test_graders_reject_planted_wrong_answers(monkeypatch, n, mistake, owner, name, wrong):
     monkeypatch.setattr(owner, name, wrong)
     with pytest.raises(AssertionError):
-        grade(n, monkeypatch)
+        GRADERS[n]()
 
 
 @pytest.mark.parametrize("n,spelling,owner,name,right", GOOD, ids=[f"{c[0]}: {c[1]}" for c in GOOD])
 def test_graders_accept_correct_alternatives(monkeypatch, n, spelling, owner, name, right):
     monkeypatch.setattr(owner, name, right)
-    grade(n, monkeypatch)
+    GRADERS[n]()
 
 
 def test_every_grader_has_four_planted_mistakes_and_two_correct_alternatives():
