@@ -971,9 +971,23 @@ def dipgo_main(cfg):
           f"{cfg.eval_n} samples (lower is better); speed-up = {K}-step sampling at batch {cfg.speed_batch} "
           f"vs full; blocks kept = block calls / ({K} x {N}); dipgo_samples.png: a row per variant")
     print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
+    for r in ratios if cfg.eval_n else []:
+        print(strongest_baseline(scores, r))
     if cfg.curve:
         dipgo_curves(cfg, base_ckpt, variants, scores, evals, points)
     return rows
+
+
+def strongest_baseline(scores, r):
+    """The verdict line of ratio r: DiP-GO's score against the best baseline of the same compute (caching
+    under either rule, a random plan, fewer-step DDIM), one seed."""
+    ours = f"DiP-GO r={r}"
+    rivals = {n: s["score"] for n, s in scores.items() if n.endswith(f" r={r}") and n != ours}
+    name = min(rivals, key=rivals.get)
+    s, best = scores[ours]["score"], rivals[name]
+    word = "better than" if s < best else "worse than" if s > best else "equal to"
+    return f"r = {r}: DiP-GO {s:.2f} is {word} the strongest equal-compute baseline, {name} {best:.2f}" \
+        " (one seed; lower is better)"
 
 
 def pruner_scores(cfg, base, base_ckpt, r, points):

@@ -1300,6 +1300,19 @@ def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
     assert all(p.grad is None for p in base.parameters())  # the DiT stays frozen
 
 
+def test_dipgo_verdict_names_the_strongest_equal_compute_baseline():
+    """The verdict line of each ratio compares DiP-GO with the best baseline of that ratio only."""
+    s = lambda v: {"score": v}  # noqa: E731
+    scores = {"full": s(0.5), "DiP-GO r=0.5": s(1.5), "uniform r=0.5": s(1.7), "random r=0.5": s(8.0),
+              "uniform-output r=0.5": s(1.4), "DDIM-10 r=0.5": s(1.45), "DiP-GO r=0.7": s(2.0),
+              "uniform r=0.7": s(2.2), "uniform-output r=0.7": s(1.3), "DDIM-7 r=0.7": s(2.5)}
+    assert "1.50 is worse than the strongest equal-compute baseline, uniform-output r=0.5 1.40" in \
+        prune.strongest_baseline(scores, 0.5)
+    scores["uniform-output r=0.7"] = s(3.0)
+    assert "2.00 is better than the strongest equal-compute baseline, uniform r=0.7 2.20" in \
+        prune.strongest_baseline(scores, 0.7)
+
+
 def test_dipgo_end_to_end_tiny(tiny_teacher, tmp_path):
     """dipgo main on the tiny teacher: learns a plan, saves a kind "dipgo" checkpoint whose plan hits the
     ratio, build_dipgo rebuilds it, sample.generate runs it, and the table has DiP-GO + 4 baselines."""
