@@ -269,6 +269,7 @@ def block_influence(model, n, steps, cfg_scale):
         calls[j] += 1
     hooks = [b.register_forward_hook(lambda mod, inp, out, j=j: record(j, inp, out))
              for j, b in enumerate(model.blocks)]
+    # ours [inferred]: the base's own DDIM trajectories (code: 128 real images at a random t, no CFG)
     dit.generate(model, torch.arange(n) % model.num_classes, seed=1, steps=steps, cfg_scale=cfg_scale,
                  stream="train")  # a mask choice draws training noise
     for h in hooks:
@@ -347,10 +348,10 @@ def recovery_loss(student, teacher, diffusion, x0, y, frac, cfg):
         frozen = torch.cat([out_s[:, :C].detach(), out_s[:, C:]], 1)
         mean_s, logvar_s, _, _ = diffusion.p_mean_variance(frozen, xt, i)
         mean_t, logvar_t, _, _ = diffusion.p_mean_variance(out_t, xt, i)
-        # KL(N_t || N_s) of the two reverse Gaussians, in bits/dim
+        # ours [inferred]: KL(N_t || N_s) of the two reverse Gaussians, bits/dim (paper: KD on the output)
         kd = kd + dit.normal_kl(mean_t, logvar_t, mean_s, logvar_s).mean() / math.log(2.0)
     k, L = len(feats_s), len(feats_t)
-    links = [(i - 1, m - 1) for i, m in dit.block_map(k, L)]  # student j <-> last teacher block of group j
+    links = [(i - 1, m - 1) for i, m in dit.block_map(k, L)]  # ours [inferred]: j <-> last block of group j
     rep = sum(masked_rep_loss(feats_s[j], feats_t[jt], cfg.kd_sigma) for j, jt in links) / k
     beta = cfg.beta_rep * (1 - frac) if cfg.recover == "maskedkd" else 0.0
     loss = cfg.alpha_kd * kd + cfg.alpha_gt * gt["loss"] + beta * rep
@@ -846,7 +847,7 @@ def learn_scores(base, cfg, log=print, on_step=None):
     net = CachedDiT(base, K, backup=cfg.backup)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
-        g = dit.rng(cfg.seed * dit.STRIDE + it)
+        g = dit.rng(cfg.seed * dit.STRIDE + it)  # ours: fresh labels and noise each step (code: fixed noise)
         y = torch.randint(0, base.num_classes, (B,), generator=g).to(device)
         z = torch.randn(B, C, S, S, generator=g).to(device)
         t0 = time.time()
