@@ -319,6 +319,7 @@ def reorder_(net):
     for block in net.blocks:
         D, H = block.attn.qkv.in_features, net.num_heads
         qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+        # ours [inferred]: importance = the L1 norm of a unit's weights (paper: importance, no formula given)
         hs = (qkv.weight.view(3, H, D // H, D).abs().sum((0, 2, 3))
               + proj.weight.view(D, H, D // H).abs().sum((0, 2)))
         hp = hs.argsort(descending=True)
