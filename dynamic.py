@@ -57,18 +57,19 @@ from dit import modulate
 
 # --- The algorithm: routers -> fine-tune with the FLOPs loss -> slice -----------------------------
 
-def finetune(cfg, teacher, quiet=False):
+def finetune(cfg, base_ckpt, quiet=False):
     """DyDiT's algorithm (Sec. 3) as one box: routers -> fine-tune with the FLOPs loss -> slice; the static
     and half-width baselines take the same steps. Returns the checkpoint dict (kind "dydit", or "dit" for
     mode static); build_dydit(ckpt) is step 3."""
-    data = dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
+    data = dit.load_data(cfg.data, cfg.data_dir, base_ckpt["config"]["input_size"])[:2]
     diffusion = dit.Diffusion()
     torch.manual_seed(dit.seed_of(cfg.seed))
-    net = dit.build_dit(teacher).train()
+    net = dit.build_dit(base_ckpt).train()
     if cfg.reorder or cfg.mode == "halfwidth":
         reorder_(net)  # importance order: the heads / groups a router switches off first sit last
     if cfg.mode == "static":  # the control: the same steps and t strata, no routers
-        return train_run(cfg, teacher, net, functools.partial(static_loss, diffusion=diffusion), data, quiet)
+        loss = functools.partial(static_loss, diffusion=diffusion)
+        return train_run(cfg, base_ckpt, net, loss, data, quiet)
     # 1. routers: TDW on E_t (heads, MLP channel groups; Sec. 3.1), SDT on each token (MLP skip; Sec. 3.2)
     model = DyDiT(net, cfg.mode, cfg.lam, cfg.tau)
     if cfg.mode == "halfwidth":  # magnitude pruning: after reorder_ the first H/2 heads / groups are largest
@@ -77,7 +78,7 @@ def finetune(cfg, teacher, quiet=False):
     groups = [dict(params=list(net.parameters())),
               dict(params=list(model.routers.parameters()), lr=cfg.router_lr)]
     loss = functools.partial(dydit_loss, diffusion=diffusion, cfg=cfg)
-    ck = train_run(cfg, teacher, model, loss, data, quiet, [g for g in groups if g["params"]])
+    ck = train_run(cfg, base_ckpt, model, loss, data, quiet, [g for g in groups if g["params"]])
     # 3. slice: at load, build_dydit turns each timestep's masks into weight slices (DyDiT.slices)
     return ck
 
@@ -363,7 +364,7 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
     return dict(loss=loss, mse=terms["mse"], flops=ratio.mean().detach(), lam=torch.tensor(lam))
 
 
-# every setting a fine-tuned checkpoint depends on, besides the teacher's weights
+# every setting a fine-tuned checkpoint depends on, besides the base's weights
 TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
               "complete_steps", "flops_weight", "grad_skip", "tau", "reorder", "seed", "data")
 # DiT-S's fine-tuning length (DyDiT Table 6): official_recipe scales the code's step counts by --steps / this
@@ -383,16 +384,16 @@ def official_recipe(cfg, given=()):
     return dataclasses.replace(cfg, **{k: v for k, v in official.items() if k not in given})
 
 
-def run_key(cfg, teacher, data=None):
-    """The key of a fine-tuning run: the teacher, every TRAIN_KEYS setting and the data (loaded if None)."""
-    x, y = data or dit.load_data(cfg.data, cfg.data_dir, teacher["config"]["input_size"])[:2]
+def run_key(cfg, base_ckpt, data=None):
+    """A fine-tuning run's key: the base's weights, every TRAIN_KEYS setting, the data (loaded if None)."""
+    x, y = data or dit.load_data(cfg.data, cfg.data_dir, base_ckpt["config"]["input_size"])[:2]
     keys = TRAIN_KEYS + dit.CURVE_KEYS * bool(cfg.curve)
-    return dit.run_key(cfg, keys, teacher, dit.data_tag(x, y))
+    return dit.run_key(cfg, keys, base_ckpt, dit.data_tag(x, y))
 
 
-def default_out(prefix, cfg, teacher, key=None):
+def default_out(prefix, cfg, base_ckpt, key=None):
     """<prefix>_<mode>_<lambda>_<key>.pt (run_key)."""
-    return f"{prefix}_{cfg.mode}_{cfg.lam}_{key or run_key(cfg, teacher)}.pt"
+    return f"{prefix}_{cfg.mode}_{cfg.lam}_{key or run_key(cfg, base_ckpt)}.pt"
 
 
 def static_loss(net, xb, yb, step, diffusion):
@@ -400,18 +401,18 @@ def static_loss(net, xb, yb, step, diffusion):
     return diffusion.loss(net, xb, yb, i=stratified_steps(len(xb), xb.device))
 
 
-def train_run(cfg, teacher, model, loss, data, quiet, param_groups=None):
+def train_run(cfg, base_ckpt, model, loss, data, quiet, param_groups=None):
     """Plumbing of a fine-tuning run: dit.train under this run's key (reused when every setting is equal),
     with --curve's hook scoring the EMA model, rebuilt as inference builds it, at the listed steps."""
-    key = run_key(cfg, teacher, data)  # hashed once, from the arrays this run trains on
+    key = run_key(cfg, base_ckpt, data)  # hashed once, from the arrays this run trains on
     tc = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir,
-                         out=cfg.out or default_out("out/dydit", cfg, teacher, key),
+                         out=cfg.out or default_out("out/dydit", cfg, base_ckpt, key),
                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=0,
                          ema_decay=cfg.ema_decay, ema_warmup=0, grad_skip=cfg.grad_skip,
                          log_every=max(cfg.steps // 8, 1),
                          ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device)
-    meta = dict(kind="dit", config=teacher["config"], key=key) if cfg.mode == "static" else \
-        dict(kind="dydit", config=teacher["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
+    meta = dict(kind="dit", config=base_ckpt["config"], key=key) if cfg.mode == "static" else \
+        dict(kind="dydit", config=base_ckpt["config"], mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, key=key)
     points = dit.curve_steps(cfg.curve, cfg.steps)
     device = dit.pick_device(cfg.device)
 
@@ -583,11 +584,11 @@ def main(argv=None):
     dit.check_writable(cfg.out or "out/dydit")
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
-    teacher = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device,
+    base_ckpt = dit.get_teacher(cfg.teacher, data=cfg.data, data_dir=cfg.data_dir, device=cfg.device,
                               seed=cfg.seed)
-    dit.method_preset(cfg, teacher, PAPER)
+    dit.method_preset(cfg, base_ckpt, PAPER)
     print(json.dumps(dataclasses.asdict(cfg)))
-    base = dit.build_dit(teacher).to(device)
+    base = dit.build_dit(base_ckpt).to(device)
     static, rows, pictures, dirs, grid = base, [], [], {}, {"base": base}
     lead = dit.is_main()  # under torchrun every rank fine-tunes; rank 0 evaluates and writes
     half = max(1, cfg.eval_steps // 2)  # the equal-FLOPs sampler baseline: lambda 0.5's compute
@@ -599,10 +600,10 @@ def main(argv=None):
         rows.append(evaluate(f"static (base), {half} steps", base, base, cfg, device, steps=half))
     for mode, lam in runs:
         run = dataclasses.replace(cfg, mode=mode, lam=lam)
-        out = cfg.out if cfg.out and not cfg.sweep else default_out(cfg.out or "out/dydit", run, teacher)
+        out = cfg.out if cfg.out and not cfg.sweep else default_out(cfg.out or "out/dydit", run, base_ckpt)
         run = dataclasses.replace(run, out=out)
         t0 = time.time()
-        ck = finetune(run, teacher)
+        ck = finetune(run, base_ckpt)
         print(f"fine-tuned {mode} lambda {lam} in {time.time() - t0:.0f} s")
         if not lead:
             continue
