@@ -17,12 +17,13 @@ are swept for the quality / size / latency trade-off.
     the student starts as the TA cut to its width       -> slice_width (Minitron-style)
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
     depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
+    the recipe: one-step teacher -> TA -> student       -> run_method
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
 Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --sweep). Settled options
-that left the code (a multi-step student, a mid-size TA, a random-init student, the token-LayerNorm feature
-loss, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
+that left the code (a multi-step student, a mid-size TA, a random-init student, the token-LayerNorm and the
+plain-MSE feature losses, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
 It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
 out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
