@@ -41,6 +41,7 @@ A greedy falling threshold turns its scores into a static plan; inference runs t
     post-processing: falling threshold, blocks output-side
       first (both official prune() visit block_names[::-1]) -> postprocess
     inference with the cache; baselines                  -> CachedDiT, uniform_plan, random_plan
+    the algorithm: pruner -> post-process -> sampler      -> dipgo
 For a DiT (the code is SD-UNet only) a unit is one block. --backup output is the code's rule (a skipped
 block returns its cached output, so the blocks before it are dead: the cascade); --backup residual [ours,
 inferred] adds its previous update, h + D[t-1, b]. --dipgo-optim sgd is the code's optimiser; adam [ours].
@@ -597,6 +598,20 @@ def pool_recovery_curves(cfg, results, teacher_ckpt):
 # Section 2: DiP-GO
 # ==================================================================================================
 
+# --- Section 2: DiP-GO. The algorithm: SuperNet -> pruner -> post-process -> cached sampler --------
+
+def dipgo(base, cfg, on_step=None):
+    """DiP-GO's algorithm (Sec. 3) as one box, for the reuse ratio cfg.ratio of a cfg.eval_steps-step sampler.
+    Returns (the cached sampler, P(reuse) (K-1, N), the pruner's log rows)."""
+    # 1. SuperNet: the K-step sampler, a keep / reuse gate on every (step >= 1, block) slot (CachedDiT.gates)
+    # 2. pruner: a few steps of gradient descent on consistency + sparsity through all K steps (dipgo_loss)
+    score, log = learn_scores(base, cfg, on_step=on_step)
+    # 3. post-process: a falling threshold on P(reuse), output-side blocks first, up to the ratio's budget
+    plan = postprocess(score, cfg.ratio, cfg.backup)
+    # 4. the cached sampler: the static plan, every skipped block answered by its backup connection
+    return CachedDiT(base, cfg.eval_steps, plan, cfg.backup).eval(), score, log
+
+
 # --- Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing -----------------
 
 def backup_connection(h, cached, backup="residual"):
@@ -1003,7 +1018,7 @@ def pruner_scores(cfg, base, base_ckpt, r, points):
         return old["score"], old["metrics"].get("evals", [])
     evals = []
     hook = functools.partial(plan_curve_point, base=base, cfg=cfg, r=r, points=points, evals=evals)
-    score, log = learn_scores(base, dataclasses.replace(cfg, ratio=r), on_step=hook)
+    _, score, log = dipgo(base, dataclasses.replace(cfg, ratio=r), on_step=hook)
     metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals)
     save_dipgo(base_ckpt, postprocess(score, r, cfg.backup), score, cfg, r, path, metrics, key)
     return score, evals
