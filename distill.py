@@ -134,8 +134,9 @@ def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0, up=None)
 
 class Distiller(nn.Module):
     """The student plus its projectors W_k: Linear(D_S -> D_T) (applied in distill_loss, dropped after
-    training). forward returns (output, the outputs of student blocks i_k of the links). With `groups` (MI1
-    stage A) each block runs alone on the teacher state at the start of its group (through `down`)."""
+    training). forward returns (output, the outputs of student blocks i_k of the links), or with `target` the
+    distill_loss terms. With `groups` (MI1 stage A) each block runs alone on the teacher state at the start
+    of its group (through `down`)."""
     def __init__(self, student, d_teacher, links, groups=None):
         super().__init__()
         d = shape_of(student)[1]
@@ -144,16 +145,20 @@ class Distiller(nn.Module):
         self.up = nn.ModuleList(make(d, d_teacher) for _ in links)
         self.down = nn.ModuleList(make(d_teacher, d) for _ in (groups or []))
 
-    def forward(self, x, y, t_feats=None):
+    def forward(self, x, y, t_feats=None, target=None, feat_weight=1.0):
         if self.groups is None:
             out, feats = features(self.student, x, y)
-            return out, [feats[i] for i, _ in self.links]
-        h, c, net = embed(self.student, x, y)
-        outs = []
-        for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
-            h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
-            outs.append(block(h_in, c))
-        return None, outs
+            feats = [feats[i] for i, _ in self.links]
+        else:
+            h, c, net = embed(self.student, x, y)
+            out, feats = None, []
+            for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
+                h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
+                feats.append(block(h_in, c))
+        if target is None:
+            return out, feats
+        # the loss inside forward: under DDP the projectors must be used in the wrapped call
+        return distill_loss(out, target, feats, t_feats, self.links, feat_weight, self.up)
 
 
 # --- Train: offline pairs, initialisation, the stages of each method ------------------------------
@@ -298,7 +303,7 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
     used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
     cache = source_states(source, base, used) if source is not None else None
-    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, links=links, feat_weight=cfg.feat_weight)
+    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, feat_weight=cfg.feat_weight)
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
@@ -331,13 +336,12 @@ def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=F
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
-def pairs_loss(net, xb, yb, step, base, cache, links, feat_weight):
+def pairs_loss(net, xb, yb, step, base, cache, feat_weight):
     """dit.train's loss on a batch of offline pairs: yb indexes them (xb, the same images as uint8, is
     unused); the frozen source's states come from `cache` (computed once per stage; None: output KD only)."""
     z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
     t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
-    out, s_feats = net(z, y, t_feats)
-    return distill_loss(out, target, s_feats, t_feats, links, feat_weight, net.up)
+    return net(z, y, t_feats, target, feat_weight)  # Distiller: distill_loss with its projectors
 
 
 def curve_point(step, ema, cfg, points, device):
