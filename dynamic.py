@@ -423,7 +423,7 @@ def train_run(cfg, base_ckpt, model, loss, data, quiet, param_groups=None):
             q, ratio, keep = quality(model, cfg, device)
             return dict(score=round(q["score"], 4), acc=q["acc"], ratio=round(ratio, 4), keep=keep or 1)
     hook = dict(on_step=curve_point) if points else {}
-    extra = dict(param_groups=param_groups, find_unused=True) if param_groups else {}
+    extra = {} if param_groups is None else dict(param_groups=param_groups, find_unused=True)  # DyDiT
     return dit.train(model, loss, data, tc, meta, quiet=quiet, **hook, **extra)[2]
 
 

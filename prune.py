@@ -99,10 +99,7 @@ def tinyfusion(cfg, method, teacher_ckpt, teacher, data, batch):
     # 2. export: the kept blocks with their ORIGINAL weights (the LoRA that judged the mask is dropped)
     loss = calib_loss(teacher, batch, keep_mask(kept, L, batch[0].device))
     pruned = export_pruned(teacher_ckpt, kept, method=method, calib_loss=loss)
-    name = f"d{L}_k{'-'.join(map(str, kept))}"  # methods that agree share (and reuse) files
-    if dit.is_main():
-        dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
-    print(f"{method}: kept {kept}, calibration loss {loss:.4f}" + (f", {info}" if info else ""))
+    name = save_pruned(cfg, pruned, kept, L, f"{method}: kept {kept}, calibration loss {loss:.4f}", info)
     # 3. recover: fine-tune the shallow DiT (plain, KD or Masked KD: Table 5)
     recovered = None if cfg.recover == "none" else \
         recover(cfg, pruned, teacher, data, stage_path(cfg, name, teacher_ckpt, data))
@@ -441,6 +438,16 @@ RECOVER_KEYS = ("preset", "data", "batch_size", "recover", "recover_steps", "rec
 KD_KEYS = ("kd_sigma", "alpha_kd", "alpha_gt", "beta_rep")  # only for --recover kd / maskedkd
 DIPGO_KEYS = ("ratio", "eval_steps", "cfg_scale", "dipgo_steps", "dipgo_batch", "dipgo_lr", "dipgo_alpha",
               "dipgo_dim", "seed", "backup", "dipgo_optim")
+
+
+def save_pruned(cfg, pruned, kept, L, line, info):
+    """Writes out/<d L_k kept>_pruned.pt (methods that agree share, and reuse, its files), prints the line.
+    Returns the name."""
+    name = f"d{L}_k{'-'.join(map(str, kept))}"
+    if dit.is_main():
+        dit.save_checkpoint(pruned, os.path.join(cfg.out, name + "_pruned.pt"))
+    print(line + (f", {info}" if info else ""))
+    return name
 
 
 def stage_path(cfg, stage, teacher_ckpt, data):
