@@ -10,7 +10,7 @@ identity), and predicts the noise and a variance for a Gaussian diffusion (Ho et
 Paper -> this file
     Sec. 3.2 patchify (Fig. 4), 2-D sin-cos positions   -> PatchEmbed, sincos_pos_embed
     Sec. 3.2 timestep / class embeddings                -> TimestepEmbedder, LabelEmbedder
-    Sec. 3.2 adaLN-Zero block (Fig. 3)                  -> DiTBlock (modulation, attn_branch, mlp_branch)
+    Sec. 3.2 adaLN-Zero block (Fig. 3)                  -> modulate, DiTBlock
     Sec. 3.2 transformer decoder, unpatchify            -> FinalLayer, DiT.head
     Sec. 3.1 / 4 linear betas, L_simple + L_vb          -> Diffusion.loss (IDDPM Eq. 16)
     Sec. 3.1 classifier-free guidance                   -> forward_with_cfg
@@ -68,16 +68,11 @@ Modulation = namedtuple("Modulation", "shift_msa scale_msa gate_msa shift_mlp sc
 
 def modulate(x, shift, scale):
     """adaLN modulation, DiT Sec. 3.2: x * (1 + scale) + shift, broadcast over the tokens."""
-    # assignment 1 begin: adaLN-Zero modulation in the DiT block
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-    # assignment 1 end
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3). The two residual halves are callable on their own so that
-    the method scripts (pruning, caching, dynamic width) reuse them without copying this code:
-        x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))      attn_branch
-        x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))       mlp_branch"""
+    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3): six vectors regressed from c modulate, and gate, both halves."""
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -96,20 +91,14 @@ class DiTBlock(nn.Module):
         """The six (B, D) vectors of adaLN-Zero, by name (as DiT's models.py unpacks them)."""
         return Modulation(*self.adaLN_modulation(c).chunk(6, dim=1))
 
-    def attn_branch(self, x, mod):
-        # assignment 1 begin: adaLN-Zero modulation in the DiT block
-        return mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
-        # assignment 1 end
-
-    def mlp_branch(self, x, mod):
-        # assignment 1 begin: adaLN-Zero modulation in the DiT block
-        return mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
-        # assignment 1 end
-
     def forward(self, x, c):
+        # assignment 1 begin: adaLN-Zero modulation in the DiT block
         mod = self.modulation(c)
-        x = x + self.attn_branch(x, mod)
-        return x + self.mlp_branch(x, mod)
+        # x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
+        x = x + mod.gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), mod.shift_msa, mod.scale_msa))
+        # x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+        return x + mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
+        # assignment 1 end
 
 
 class PatchEmbed(nn.Module):

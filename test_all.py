@@ -162,9 +162,9 @@ def test_return_features_gives_each_block_output():
     out, feats = model(x, t, y, return_features=True)
     h, c = model.embed(x, t, y)
     for b, f in zip(model.blocks, feats):
-        mod = b.modulation(c)
-        h = h + b.attn_branch(h, mod)
-        h = h + b.mlp_branch(h, mod)
+        m = b.modulation(c)
+        h = h + m.gate_msa[:, None] * b.attn(dit.modulate(b.norm1(h), m.shift_msa, m.scale_msa))
+        h = h + m.gate_mlp[:, None] * b.mlp(dit.modulate(b.norm2(h), m.shift_mlp, m.scale_mlp))
         assert torch.allclose(h, f, atol=1e-6)
     assert len(feats) == 4 and torch.allclose(model.head(h, c), out, atol=1e-6)
 
@@ -1716,7 +1716,8 @@ def test_token_routers_started_off_skip_every_mlp_and_leave_the_attention_share(
         out, ratio = dynamic.masked_forward(model, x, t, y)
         h, c = net.embed(x, t, y)
         for block in net.blocks:  # the DiT with every MLP skipped: attention halves only
-            h = h + block.attn_branch(h, block.modulation(c))
+            m = block.modulation(c)
+            h = h + m.gate_msa[:, None] * block.attn(dit.modulate(block.norm1(h), m.shift_msa, m.scale_msa))
         plain = net.head(h, c)
     fa, fm = dynamic.block_macs(net.blocks[0], net.pos_embed.shape[1])
     assert torch.allclose(ratio, torch.full((2,), fa / (fa + fm)), atol=1e-6)

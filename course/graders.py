@@ -95,11 +95,8 @@ def grade_1():
                                              + m.shift_msa[:, None])
     mlp = m.gate_mlp[:, None] * block.mlp(block.norm2(h) * (1 + m.scale_mlp[:, None]) + m.shift_mlp[:, None])
     with torch.no_grad():
-        assert close(block.attn_branch(x, m), h - x), \
-            "attn_branch must be gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa)) (random modulation)"
-        assert close(block.mlp_branch(h, m), mlp), \
-            "mlp_branch must be gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp)) (random modulation)"
-        assert close(block(x, c), h + mlp), "DiTBlock.forward differs from DiT Fig. 3 (gated residuals)"
+        assert close(block(x, c), h + mlp), "DiTBlock.forward must be x + gate_msa * Attn(modulate(LN(x), " \
+            "shift_msa, scale_msa)), then + gate_mlp * MLP(modulate(LN(.), shift_mlp, scale_mlp)) (DiT Fig. 3)"
     w = block.adaLN_modulation[-1].weight
     gw = torch.autograd.grad(block(x, c).sum(), w)[0].reshape(6, 8, 8).abs().sum((1, 2))
     assert (gw > 0).all(), "each of the six modulation vectors (shift, scale, gate of attention and MLP) " \
@@ -423,16 +420,27 @@ def test_assignment_8_dydit_router_and_flops_loss():
 
 # --- the graders themselves: each refuses plausible wrong answers and accepts other correct ones -------
 
-def block_branch(gate, which, modulation=None):
-    """attn_branch / mlp_branch variants: gate(mod) -> the gate (None: none); modulation(mod) -> (shift,
-    scale)."""
-    def branch(self, x, mod):
-        shift, scale = modulation(mod) if modulation else ((mod.shift_msa, mod.scale_msa) if which == "attn"
-                                                           else (mod.shift_mlp, mod.scale_mlp))
-        norm, net = (self.norm1, self.attn) if which == "attn" else (self.norm2, self.mlp)
-        h = net(dit.modulate(norm(x), shift, scale))
-        return h if gate is None else gate(mod)[:, None] * h
-    return branch
+def block_forward(gate, which, modulation=None):
+    """DiTBlock.forward with one half (`which`) changed: gate(mod) -> its gate (None: none); modulation(mod)
+    -> its (shift, scale)."""
+    def forward(self, x, c):
+        mod = self.modulation(c)
+        for half, norm, net in (("attn", self.norm1, self.attn), ("mlp", self.norm2, self.mlp)):
+            own = (mod.shift_msa, mod.scale_msa, mod.gate_msa) if half == "attn" else \
+                (mod.shift_mlp, mod.scale_mlp, mod.gate_mlp)
+            shift, scale = modulation(mod) if modulation and half == which else own[:2]
+            h = net(dit.modulate(norm(x), shift, scale))
+            g = (gate(mod) if gate else None) if half == which else own[2]
+            x = x + (h if g is None else g[:, None] * h)
+        return x
+    return forward
+
+
+def forward_unpacked(self, x, c):
+    """A correct DiTBlock.forward spelled as DiT's models.py: six chunks unpacked by position."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    x = x + self.attn(dit.modulate(self.norm1(x), shift_msa, scale_msa)) * gate_msa.unsqueeze(1)
+    return x + self.mlp(dit.modulate(self.norm2(x), shift_mlp, scale_mlp)) * gate_mlp.unsqueeze(1)
 
 
 def ddim(sigma_fn, eps_coef=None, noise_coef=None):
@@ -585,13 +593,12 @@ def two_gumbels(logits, tau, training):  # a correct spelling: logistic noise as
 PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
     1: [("modulate without the 1 + scale", dit, "modulate", lambda x, sh, sc: x * sc[:, None] + sh[:, None]),
         ("shift and scale swapped", dit, "modulate", lambda x, sh, sc: x * (1 + sh[:, None]) + sc[:, None]),
-        ("attention branch without its gate", dit.DiTBlock, "attn_branch", block_branch(None, "attn")),
-        ("MLP branch gated by the attention's gate", dit.DiTBlock, "mlp_branch",
-         block_branch(lambda m: m.gate_msa, "mlp")),
-        ("MLP branch modulated with the attention's shift and scale", dit.DiTBlock, "mlp_branch",
-         block_branch(lambda m: m.gate_mlp, "mlp", lambda m: (m.shift_msa, m.scale_msa))),
-        ("the gate detached", dit.DiTBlock, "attn_branch",
-         block_branch(lambda m: m.gate_msa.detach(), "attn"))],
+        ("attention branch without its gate", dit.DiTBlock, "forward", block_forward(None, "attn")),
+        ("MLP branch gated by the attention's gate", dit.DiTBlock, "forward",
+         block_forward(lambda m: m.gate_msa, "mlp")),
+        ("MLP branch modulated with the attention's shift and scale", dit.DiTBlock, "forward",
+         block_forward(lambda m: m.gate_mlp, "mlp", lambda m: (m.shift_msa, m.scale_msa))),
+        ("the gate detached", dit.DiTBlock, "forward", block_forward(lambda m: m.gate_msa.detach(), "attn"))],
     2: [("a sign error on eps", dit, "ddim_step", ddim(sigma, lambda abp, s: -(1 - abp - s ** 2) ** 0.5)),
         ("missing square roots", dit, "ddim_step",
          lambda x0, e, ab, abp, eta=0.0, n=0: abp * x0 + (1 - abp) * e + eta * n),
@@ -652,9 +659,7 @@ CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
     1: [("addcmul", dit, "modulate",
          lambda x, sh, sc: torch.addcmul(sh.unsqueeze(1), x, 1 + sc.unsqueeze(1))),
         ("einsum", dit, "modulate", lambda x, sh, sc: x + torch.einsum("btd,bd->btd", x, sc) + sh[:, None]),
-        ("gate on the right", dit.DiTBlock, "attn_branch",
-         lambda self, x, m: self.attn(dit.modulate(self.norm1(x), m.shift_msa, m.scale_msa))
-         * m.gate_msa[:, None])],
+        ("the six vectors unpacked by position, gate on the right", dit.DiTBlock, "forward", forward_unpacked)],
     2: [("the variance form", dit, "ddim_step",
          lambda x0, e, ab, abp, eta=0.0, n=0: abp ** 0.5 * x0
          + (1 - abp - sigma(eta, ab, abp) ** 2) ** 0.5 * e
