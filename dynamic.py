@@ -15,7 +15,7 @@ Paper / reference code -> this file
     Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers, DyDiT.width_masks (H groups, H heads)
     Sec. 3.1 Gumbel-sigmoid, tau 5, straight-through          -> gumbel_sigmoid
     Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers, DyDiT.token_mask
-    Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> masked_forward (r_b), dydit_loss
+    Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> flops_ratio, flops_loss, dydit_loss
     Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
     importance ordering (paper; commented out in the code)    -> reorder_
     inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.slices, sliced_forward
@@ -85,19 +85,12 @@ def finetune(cfg, base_ckpt, quiet=False):
 
 # --- Method: routers, masks, the masked (training) graph and the sliced (inference) graph ---------
 
-def block_macs(block, T):
-    """Static MACs of one block, DyDiT Sec. 3.3 (code loss.py): attention 4 N D^2 + 2 N^2 D, MLP
-    2 N D hidden."""
-    D, hidden = block.attn.qkv.in_features, block.mlp.fc1.out_features
-    return 4 * T * D * D + 2 * T * T * D, 2 * T * D * hidden
-
-
 def gumbel_sigmoid(logits, tau, training):
     """Binary mask from router logits, DyDiT Sec. 3.1: Gumbel-sigmoid with a straight-through estimator
     in training, deterministic 1[sigmoid(l) > 0.5] = 1[l > 0] at inference."""
     if not training:
         return (logits > 0).float()
-    # assignment 8 begin: DyDiT's Gumbel-sigmoid router and FLOPs-ratio loss
+    # assignment 8 begin: DyDiT's Gumbel-sigmoid router
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     # y_soft = sigmoid((l + log u - log(1 - u)) / tau); logistic noise = a difference of two Gumbels
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
@@ -106,12 +99,26 @@ def gumbel_sigmoid(logits, tau, training):
     # assignment 8 end
 
 
+def flops_ratio(blocks, T, used):
+    """Per-sample FLOPs ratio r_b, DyDiT Sec. 3.3 (code loss.py), from the share of each block l that ran:
+    used[l] = (heads on / H, MLP groups on / H, tokens through the MLP / N), each (B,) or a number.
+        r_b = sum_l [A_l heads_l + M_l groups_l tokens_l] / sum_l (A_l + M_l),
+        A_l = 4 N D^2 + 2 N^2 D (attention MACs), M_l = 2 N D hidden (MLP MACs)."""
+    cost, total = blocks[0].attn.qkv.weight.new_zeros(()), 0.0
+    for block, (heads, groups, tokens) in zip(blocks, used):
+        D, hidden = block.attn.qkv.in_features, block.mlp.fc1.out_features
+        A, M = 4 * T * D * D + 2 * T * T * D, 2 * T * D * hidden
+        cost = cost + A * heads + M * groups * tokens
+        total += A + M
+    return cost / total
+
+
 def flops_loss(ratio, lam, weight):
     """FLOPs-constrained loss, DyDiT Sec. 3.3: w (mean_b r_b - lambda)^2, the squared error of the
-    batch-mean FLOPs ratio r_b (per sample, from masked_forward) to the target lambda."""
-    # assignment 8 begin: DyDiT's Gumbel-sigmoid router and FLOPs-ratio loss
+    batch-mean FLOPs ratio r_b (flops_ratio) to the target lambda."""
+    # assignment 9 begin: DyDiT's FLOPs-ratio loss
     return weight * (ratio.mean() - lam) ** 2
-    # assignment 8 end
+    # assignment 9 end
 
 
 WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0  # the routers' last biases at init (DyDiT code): every unit starts on
@@ -229,7 +236,7 @@ def masked_forward(model, x, t, y, complete=False):
     B, T, D = h.shape
     H = net.num_heads
     frac = lambda m: 1.0 if m is None else m.mean(1)  # noqa: E731  (B,) fraction of ones
-    cost, total = h.new_zeros(B), 0.0
+    used = []
     for l, block in enumerate(net.blocks):
         mod = block.modulation(c)
         hm, gm = (None, None) if complete else model.width_masks(l, e)
@@ -246,11 +253,8 @@ def masked_forward(model, x, t, y, complete=False):
             z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]
         z = mod.gate_mlp.unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
         h = h + (z if tm is None else tm.unsqueeze(-1) * z)
-        fa, fm = block_macs(block, T)
-        # r_b = sum_l [F_attn sum(m_head)/H + F_mlp sum(m_group)/H * sum(m_token)/N] / (L (F_attn + F_mlp))
-        cost = cost + fa * frac(hm) + fm * frac(gm) * frac(tm)
-        total += fa + fm
-    return net.head(h, c), cost / total
+        used.append((frac(hm), frac(gm), frac(tm)))
+    return net.head(h, c), flops_ratio(net.blocks, T, used).expand(B)
 
 
 @torch.no_grad()
@@ -280,7 +284,7 @@ def sliced_forward(model, x, t, y):
     h, c = net.embed(x, t, y)
     B, T, D = h.shape
     tv, H = int(t[0]), net.num_heads
-    cost, total, keeps = h.new_zeros(B), 0.0, []
+    used, keeps = [], []
     for l, (block, w) in enumerate(zip(net.blocks, model.slices(tv))):
         mod = block.modulation(c)
         a = modulate(block.norm1(h), mod.shift_msa, mod.scale_msa)
@@ -304,12 +308,11 @@ def sliced_forward(model, x, t, y):
             v = block.norm2(hf[idx]) * (1 + mod.scale_mlp[b]) + mod.shift_mlp[b]  # modulate per kept token
             h = hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D)
             kept = tm.mean(1)
-        fa, fm = block_macs(block, T)
-        cost = cost + fa * w["k"] / H + fm * w["g"] / H * kept
-        total += fa + fm
+        used.append((w["k"] / H, w["g"] / H, kept))
+    ratio = flops_ratio(net.blocks, T, used).expand(B)
     if model.trace is not None:
-        model.trace.append(dict(t=tv, ratio=(cost / total).cpu(), keep=torch.stack(keeps) if keeps else None))
-    return net.head(h, c), cost / total
+        model.trace.append(dict(t=tv, ratio=ratio.cpu(), keep=torch.stack(keeps) if keeps else None))
+    return net.head(h, c), ratio
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ from course import handout
 __all__ = ["test_assignment_1_adaln_zero_modulation", "test_assignment_2_ddim_step",
            "test_assignment_3_iddpm_vb_term", "test_assignment_4_frechet_distance",
            "test_assignment_5_feature_kd_with_projector", "test_assignment_6_st_gumbel_nm_mask",
-           "test_assignment_7_dipgo_loss", "test_assignment_8_dydit_router_and_flops_loss",
+           "test_assignment_7_dipgo_loss", "test_assignment_8_dydit_router",
+           "test_assignment_9_dydit_flops_loss",
            "test_graders_reject_planted_wrong_answers", "test_graders_accept_correct_alternatives",
            "test_every_grader_has_four_planted_mistakes_and_two_correct_alternatives",
            "test_handout_blanks_every_region_and_only_one_grader_fails_with_only"]
@@ -385,7 +386,7 @@ def test_assignment_7_dipgo_loss():
     grade_7()
 
 
-# --- assignment 8: DyDiT's Gumbel-sigmoid router and FLOPs-ratio loss (DyDiT Sec. 3.1 and 3.3) -------
+# --- assignment 8: DyDiT's Gumbel-sigmoid router (DyDiT Sec. 3.1) ---------------------------------------
 
 def grade_8():
     torch.manual_seed(7)
@@ -406,16 +407,29 @@ def grade_8():
                 f"tau {tau}, logit {l}, d mask / d l averages {want:.4f}, got {got[k]:.4f}"
     infer = dynamic.gumbel_sigmoid(torch.tensor([-0.1, 0.1]), 5.0, False)
     assert torch.equal(infer, torch.tensor([0.0, 1.0])), "at inference the mask must be 1[logit > 0]"
-    r = torch.tensor([0.2, 0.65, 1.0], requires_grad=True)
-    loss = dynamic.flops_loss(r, 0.45, 2.5)
-    assert close(loss, 2.5 * (r.mean() - 0.45) ** 2), "the FLOPs loss must be w (mean_b r_b - lambda)^2"
-    loss.backward()
-    assert close(r.grad, torch.full((3,), 2.5 * 2 * (r.mean().item() - 0.45) / 3)), \
-        "the FLOPs loss must act on the batch mean (each sample's gradient 2 w (mean - lambda) / B)"
 
 
-def test_assignment_8_dydit_router_and_flops_loss():
+def test_assignment_8_dydit_router():
     grade_8()
+
+# --- assignment 9: DyDiT's FLOPs-ratio loss (DyDiT Sec. 3.3) --------------------------------------------
+
+def grade_9():
+    r = torch.tensor([0.2, 0.65, 1.0, 0.31], requires_grad=True)
+    loss = dynamic.flops_loss(r, 0.45, 2.5)
+    assert loss.dim() == 0, "the FLOPs loss must be one number for the batch"
+    assert close(loss, 2.5 * (r.mean() - 0.45) ** 2), "the FLOPs loss must be w (mean_b r_b - lambda)^2 " \
+        "(at w 2.5, lambda 0.45, four samples)"
+    assert loss.requires_grad, "the FLOPs loss must carry a gradient to the ratios (the routers learn by it)"
+    loss.backward()
+    assert close(r.grad, torch.full((4,), 2.5 * 2 * (r.mean().item() - 0.45) / 4)), \
+        "the FLOPs loss must act on the batch mean (each sample's gradient 2 w (mean - lambda) / B)"
+    at = torch.tensor([0.3, 0.7])
+    assert close(dynamic.flops_loss(at, 0.5, 3.0), torch.tensor(0.0)), "a batch mean at lambda must cost 0"
+
+
+def test_assignment_9_dydit_flops_loss():
+    grade_9()
 
 
 # --- the graders themselves: each refuses plausible wrong answers and accepts other correct ones -------
@@ -651,9 +665,12 @@ PLANTED = {  # assignment -> [(mistake, module, attribute, wrong value)]
         ("tau dropped from the soft path", dynamic, "gumbel_sigmoid", router(tau_in=False)),
         ("the straight-through sign flipped", dynamic, "gumbel_sigmoid", router(st="flipped")),
         ("the threshold at 0 instead of 0.5 on the sigmoid", dynamic, "gumbel_sigmoid",
-         router(threshold=0.0)),
-        ("the mean of squared errors", dynamic, "flops_loss", lambda r, lam, w: w * ((r - lam) ** 2).mean()),
-        ("the weight forgotten", dynamic, "flops_loss", lambda r, lam, w: (r.mean() - lam) ** 2)],
+         router(threshold=0.0))],
+    9: [("the mean of squared errors", dynamic, "flops_loss", lambda r, lam, w: w * ((r - lam) ** 2).mean()),
+        ("the weight forgotten", dynamic, "flops_loss", lambda r, lam, w: (r.mean() - lam) ** 2),
+        ("the absolute error", dynamic, "flops_loss", lambda r, lam, w: w * (r.mean() - lam).abs()),
+        ("the sum over the batch", dynamic, "flops_loss", lambda r, lam, w: w * (r.sum() - lam) ** 2),
+        ("the ratio detached", dynamic, "flops_loss", lambda r, lam, w: w * (r.detach().mean() - lam) ** 2)],
 }
 CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
     1: [("addcmul", dit, "modulate",
@@ -680,10 +697,13 @@ CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
     7: [("torch.where", prune, "dipgo_loss", where_dipgo),
         ("a sigmoid of the logit difference", prune, "dipgo_loss", sigmoid_dipgo)],
     8: [("hard + soft - soft.detach()", dynamic, "gumbel_sigmoid", router(st="plus")),
-        ("two Gumbels, threshold on the logit", dynamic, "gumbel_sigmoid", two_gumbels),
-        ("(mean of r - lambda)^2", dynamic, "flops_loss", lambda r, lam, w: w * (r - lam).mean().pow(2))],
+        ("two Gumbels, threshold on the logit", dynamic, "gumbel_sigmoid", two_gumbels)],
+    9: [("(mean of r - lambda)^2", dynamic, "flops_loss", lambda r, lam, w: w * (r - lam).mean().pow(2)),
+        ("F.mse_loss of the mean", dynamic, "flops_loss",
+         lambda r, lam, w: w * torch.nn.functional.mse_loss(r.mean(), torch.tensor(lam)))],
 }
-GRADERS = {1: grade_1, 2: grade_2, 3: grade_3, 4: grade_4, 5: grade_5, 6: grade_6, 7: grade_7, 8: grade_8}
+GRADERS = {1: grade_1, 2: grade_2, 3: grade_3, 4: grade_4, 5: grade_5, 6: grade_6, 7: grade_7, 8: grade_8,
+           9: grade_9}
 CASES = [(n, *case) for n, cases in PLANTED.items() for case in cases]
 GOOD = [(n, *case) for n, cases in CORRECT.items() for case in cases]
 
@@ -719,13 +739,13 @@ def test_handout_blanks_every_region_and_only_one_grader_fails_with_only(tmp_pat
     --only 3, assignment 3 alone fails. Outside the blanked regions every byte is the repository's own."""
     root = handout.ROOT
     found = handout.regions()
-    assert sorted(found) == list(range(1, 9))
+    assert sorted(found) == list(range(1, 10))
     handout.make_handout(str(tmp_path / "all"), None)
     failed, out = grade_tree(tmp_path / "all")
-    assert failed == set(range(1, 9)), out[-3000:]
+    assert failed == set(range(1, 10)), out[-3000:]
     handout.make_handout(str(tmp_path / "only3"), [3])
     failed, out = grade_tree(tmp_path / "only3")
-    assert failed == {3} and "1 failed, 7 passed" in out, out[-3000:]
+    assert failed == {3} and "1 failed, 8 passed" in out, out[-3000:]
     for name in ("dit.py", "fid.py", "prune.py", "weights/dit_shapes.pt", "course/README.md"):
         a, b = open(os.path.join(root, name), "rb").read(), open(tmp_path / "all" / name, "rb").read()
         if name.endswith(".py"):
