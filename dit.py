@@ -269,17 +269,17 @@ class DiT(nn.Module):
         return (out, feats) if return_features else out
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
-    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y): the batch is [cond;
-    uncond] halves with the same x; eps = eps_u + s (eps_c - eps_u) on all C_in eps channels (the official
-    code guides the first 3 of its 4 latent channels; for RGB pixels that is all of them). The variance
-    channels are taken from the conditional half."""
-    half = x[: len(x) // 2]
-    out = model(torch.cat([half, half]), t, y)
-    C = x.shape[1]
-    cond, uncond = out[: len(half), :C], out[len(half):, :C]
+    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y) and a "null" label (index
+    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x] with labels [y; null],
+        eps = eps_u + s (eps_c - eps_u)
+    on all C_in eps channels (the official code guides the first 3 of its 4 latent channels; for RGB pixels
+    that is all of them); the variance channels are the conditional half's. Returns (B, C_out)."""
+    # ours: takes the plain batch and doubles it here (official: the caller passes [x; x], [y; null])
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)]))
+    C, B = x.shape[1], len(x)
+    cond, uncond = out[:B, :C], out[B:, :C]
     eps = uncond + cfg_scale * (cond - uncond)
-    rest = out[: len(half), C:]
-    return torch.cat([torch.cat([eps, rest], 1)] * 2)
+    return torch.cat([eps, out[:B, C:]], 1)
 
 
 def param_count(model):
@@ -458,15 +458,10 @@ def sample(model, z, y, steps=50, method="ddim", eta=0.0, cfg_scale=1.0, generat
     if cfg_scale != 1.0 and not getattr(model, "has_null", True):
         cfg_scale = 1.0
     diffusion, x, B = Diffusion().respace(steps), z, z.shape[0]
-    null = torch.full_like(y, model.num_classes)
     for i in reversed(range(steps)):
         idx = torch.full((B,), i, device=z.device, dtype=torch.long)
         t = diffusion.model_t(idx)
-        if cfg_scale != 1.0:
-            xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-            out = forward_with_cfg(model, xx, tt, yy, cfg_scale)[:B]
-        else:
-            out = model(x, t, y)
+        out = forward_with_cfg(model, x, t, y, cfg_scale) if cfg_scale != 1.0 else model(x, t, y)
         # ours: x0 clipped to [-1, 1], pixel space (DiT samples latents, unclipped)
         mean, logvar, x0, eps = diffusion.p_mean_variance(out.float(), x, idx, clip)
         noise = 0

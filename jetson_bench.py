@@ -250,8 +250,7 @@ def peak_table(preset, device, B=64):
     fwd_flops = dit.count_flops(model.eval(), x, t, y)
     with torch.no_grad():
         fwd_s = fid.timeit(lambda: model(x, t, y), device, reps=10) / 10
-        xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y])
-        cfg_s = fid.timeit(lambda: dit.forward_with_cfg(model, xx, tt, yy, 4.0), device, reps=5) / 5
+        cfg_s = fid.timeit(lambda: dit.forward_with_cfg(model, x, t, y, 4.0), device, reps=5) / 5
     model.train()
     train_s = fid.timeit(train_step, device, reps=5) / 5
     a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
