@@ -12,9 +12,9 @@ slices the weights per sampling step (the masks depend on t alone) and runs each
 tokens of the whole batch. It equals the masked training graph to fp32 rounding (test_all.py).
 
 Paper / reference code -> this file
-    Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers, DyDiT.width_masks (H groups, H heads)
+    Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers.width (H groups, H heads)
     Sec. 3.1 Gumbel-sigmoid, tau 5, straight-through          -> gumbel_sigmoid
-    Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers, DyDiT.token_mask
+    Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers.tokens; masked_forward
     Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> flops_ratio, flops_loss, dydit_loss
     Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
     importance ordering (paper; commented out in the code)    -> reorder_
@@ -145,6 +145,19 @@ class Routers(nn.Module):
         for r in self.token:
             nn.init.constant_(r[-1].bias, TOKEN_BIAS)
 
+    def width(self, l, e, tau, training):
+        """TDW masks of block l, Sec. 3.1: (B, H) heads and (B, H) MLP groups on from E_t (B, D); entry 0 is a
+        constant 1 (the always-on head / group)."""
+        one = e.new_ones(e.shape[0], 1)
+        heads = gumbel_sigmoid(self.attn[l](e), tau, training)
+        groups = gumbel_sigmoid(self.mlp[l](e), tau, training)
+        return torch.cat([one, heads], 1), torch.cat([one, groups], 1)
+
+    def tokens(self, l, h, tau, training):
+        """SDT mask of block l, Sec. 3.2: (B, T) from each token h (B, T, D) after the attention residual;
+        1 = the token goes through the MLP, 0 = it bypasses it."""
+        return gumbel_sigmoid(self.token[l](h).squeeze(-1), tau, training)
+
 
 class DyDiT(nn.Module):
     """A dit.DiT plus routers. Training: the masked graph (masked_forward), masks multiply activations.
@@ -173,23 +186,20 @@ class DyDiT(nn.Module):
         return super()._load_from_state_dict(*args, **kw)
 
     def width_masks(self, l, e):
-        """TDW masks of block l, DyDiT Sec. 3.1: (B, H) head mask and (B, H) MLP-group mask from E_t (B, D);
-        entry 0 is a constant 1 (the always-on head / group)."""
+        """(B, H) head and MLP-group masks of block l for this mode: the TDW routers' (Routers.width), all on
+        (sdt), or the fixed half-width ones."""
         B, H = e.shape[0], self.dit.num_heads
         if self.mode == "sdt":
             return e.new_ones(B, H), e.new_ones(B, H)
         if self.mode == "halfwidth":
             return self.fixed[0, l].expand(B, H), self.fixed[1, l].expand(B, H)
-        ma = gumbel_sigmoid(self.routers.attn[l](e), self.tau, self.training)
-        mm = gumbel_sigmoid(self.routers.mlp[l](e), self.tau, self.training)
-        one = e.new_ones(B, 1)
-        return torch.cat([one, ma], 1), torch.cat([one, mm], 1)
+        return self.routers.width(l, e, self.tau, self.training)
 
     def token_mask(self, l, h):
-        """SDT mask of block l, DyDiT Sec. 3.2: (B, T), 1 = the token goes through the MLP; None = all do."""
+        """(B, T) SDT mask of block l (Routers.tokens); None = every token runs the MLP (tdw, halfwidth)."""
         if self.mode in ("tdw", "halfwidth"):
             return None
-        return gumbel_sigmoid(self.routers.token[l](h).squeeze(-1), self.tau, self.training)
+        return self.routers.tokens(l, h, self.tau, self.training)
 
     @torch.no_grad()
     def slices(self, t):
