@@ -13,8 +13,7 @@ are swept for the quality / size / latency trade-off.
     one-step DiT, no timestep input (GET)               -> OneStepDiT; the large one, "onestep-teacher"
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
     block mapping knob                                  -> dit.block_map (uniform | first)
-    Teaching Assistant: depth hop, then width hop       -> teaching_assistant
-    the student starts as the TA cut to its width       -> slice_width (Minitron-style)
+    Teaching Assistant: depth hop, then width hop       -> teaching_assistant (the width cut: slice_width)
     Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
     depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
     the recipe: one-step teacher -> TA -> student       -> run_method
@@ -388,13 +387,17 @@ def load_shipped(path, meta, tag, steps, device):
 
 
 def teaching_assistant(cfg, source, shape, base):
-    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape` [inferred]: the student's
-    depth at the source's width, from source blocks m(i) (block removal, BK-SDM Sec. 3.1), output + feature
-    KD; the student then only shrinks the width (block i -> i). Returns (model, checkpoint)."""
+    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape`, two hops [inferred]:
+    1. depth: the TA has the student's depth at the source's width, starts from source blocks m(i) (block
+       removal, BK-SDM Sec. 3.1) and learns output + feature KD from the source (one fixed TA for every seed);
+    2. width: the student starts as the TA cut to its width (slice_width) and learns from the TA, block i -> i.
+    Returns [(name, model, checkpoint)] of the TA and the student."""
     L_T, D_T, H_T = shape_of(source)
     keep = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
-    return train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, keep=keep,
-                       steps=cfg.aux_steps, shared=True)  # one fixed TA for every --seed
+    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, keep=keep,
+                     steps=cfg.aux_steps, shared=True)
+    student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], keep="slice")
+    return [("ta", *ta), ("student", *student)]
 
 
 def run_method(cfg, base, shape):
@@ -409,14 +412,10 @@ def run_method(cfg, base, shape):
     onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, base, init=base["teacher"],
                           keep=list(range(L_T)), steps=cfg.teacher_steps, shared=True)  # fixed across --seed
     stages = [("onestep-teacher", *onestep)]
-    if cfg.method == "fkd":
-        student = train_stage(cfg, "student", shape, onestep[0], cfg.mapping, base)
-    elif cfg.method == "mi1":
-        student = train_stage(cfg, "student", shape, onestep[0], "uniform", base, mi1=True)
-    else:
-        ta = teaching_assistant(cfg, onestep[0], shape, base)
-        stages.append(("ta", *ta))
-        student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], keep="slice")
+    if cfg.method == "ta":
+        return stages + teaching_assistant(cfg, onestep[0], shape, base)
+    how = cfg.mapping if cfg.method == "fkd" else "uniform"  # mi1: groups of the uniform map
+    student = train_stage(cfg, "student", shape, onestep[0], how, base, mi1=cfg.method == "mi1")
     return stages + [("student", *student)]
 
 
