@@ -111,6 +111,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, T, D)
 
 
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos positions (MAE): half of D encodes each grid axis as [sin, cos]. (g*g, D)"""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (g*g, d/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with qkv bias (timm layout: qkv, proj), through F.sdpa."""
     def __init__(self, dim, num_heads):
@@ -193,16 +203,6 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos positions (MAE): half of D encodes each grid axis as [sin, cos]. (g*g, D)"""
-    def one_axis(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (g*g, d/2)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    return np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
 
 
 class DiT(nn.Module):
