@@ -666,37 +666,8 @@ def no_inception(monkeypatch, tmp_path):
 
 # --- Frechet distance -----------------------------------------------------------------------------
 
-def random_spd(rng, d):
-    a = rng.normal(size=(d, d))
-    return a @ a.T / d + 0.1 * np.eye(d)
-
-
-def closed_form_fd(mu1, s1, mu2, s2):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions only."""
-    def sqrt_psd(m):
-        w, v = np.linalg.eigh(m)
-        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    r1 = sqrt_psd(s1)
-    cross = np.trace(sqrt_psd(r1 @ s2 @ r1))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def test_fd_of_a_set_with_itself_is_zero():
-    feats = np.random.default_rng(0).normal(size=(400, 32)) * 3 + 1
-    mu, sigma = fid.gaussian_stats(feats)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-
-
-def test_fd_between_gaussians_matches_closed_form():
-    rng = np.random.default_rng(1)
-    for d in (1, 8, 64):
-        mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), random_spd(rng, d), random_spd(rng, d)
-        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - closed_form_fd(mu1, s1, mu2, s2)) < 1e-6
-    # diagonal: sum (mu diff)^2 + sum (sqrt a - sqrt b)^2
-    a, b = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
-    want = 4 * 5 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert abs(fid.frechet_distance(np.zeros(5), np.diag(a), 2 * np.ones(5), np.diag(b)) - want) < 1e-6
-
+# the distance itself (zero for one Gaussian, non-commuting and rank-deficient covariances, pytorch-fid's
+# safeguards) is graded by course/graders.py grade_4, collected here
 
 def test_fd_is_symmetric_and_handles_rank_deficient_covariances():
     rng = np.random.default_rng(2)
