@@ -390,7 +390,7 @@ def teaching_assistant(cfg, source, shape, base):
     """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape`, two hops [inferred]:
     1. depth: the TA has the student's depth at the source's width, starts from source blocks m(i) (block
        removal, BK-SDM Sec. 3.1) and learns output + feature KD from the source (one fixed TA for every seed);
-    2. width: the student starts as the TA cut to its width (slice_width) and learns from the TA, block i -> i.
+    2. width: the student starts as the TA cut to its width (slice_width), learns from the TA, block i -> i.
     Returns [(name, model, checkpoint)] of the TA and the student."""
     L_T, D_T, H_T = shape_of(source)
     keep = [j - 1 for _, j in dit.block_map(shape[0], L_T)]

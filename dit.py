@@ -72,7 +72,7 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3): six vectors regressed from c modulate, and gate, both halves."""
+    """adaLN-Zero block, DiT Sec. 3.2 (Fig. 3): six vectors regressed from c modulate and gate both halves."""
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -270,12 +270,13 @@ class DiT(nn.Module):
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y) and a "null" label (index
-    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x] with labels [y; null],
+    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x], labels [y; null],
         eps = eps_u + s (eps_c - eps_u)
     on all C_in eps channels (the official code guides the first 3 of its 4 latent channels; for RGB pixels
     that is all of them); the variance channels are the conditional half's. Returns (B, C_out)."""
     # ours: takes the plain batch and doubles it here (official: the caller passes [x; x], [y; null])
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)]))
+    null = torch.full_like(y, model.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     C, B = x.shape[1], len(x)
     cond, uncond = out[:B, :C], out[B:, :C]
     eps = uncond + cfg_scale * (cond - uncond)

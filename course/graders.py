@@ -97,7 +97,7 @@ def grade_1():
     mlp = m.gate_mlp[:, None] * block.mlp(block.norm2(h) * (1 + m.scale_mlp[:, None]) + m.shift_mlp[:, None])
     with torch.no_grad():
         assert close(block(x, c), h + mlp), "DiTBlock.forward must be x + gate_msa * Attn(modulate(LN(x), " \
-            "shift_msa, scale_msa)), then + gate_mlp * MLP(modulate(LN(.), shift_mlp, scale_mlp)) (DiT Fig. 3)"
+            "shift_msa, scale_msa)), then + gate_mlp * MLP(modulate(LN(.), shift_mlp, scale_mlp)) (Fig. 3)"
     w = block.adaLN_modulation[-1].weight
     gw = torch.autograd.grad(block(x, c).sum(), w)[0].reshape(6, 8, 8).abs().sum((1, 2))
     assert (gw > 0).all(), "each of the six modulation vectors (shift, scale, gate of attention and MLP) " \
@@ -676,7 +676,7 @@ CORRECT = {  # assignment -> [(spelling, module, attribute, correct value)]
     1: [("addcmul", dit, "modulate",
          lambda x, sh, sc: torch.addcmul(sh.unsqueeze(1), x, 1 + sc.unsqueeze(1))),
         ("einsum", dit, "modulate", lambda x, sh, sc: x + torch.einsum("btd,bd->btd", x, sc) + sh[:, None]),
-        ("the six vectors unpacked by position, gate on the right", dit.DiTBlock, "forward", forward_unpacked)],
+        ("six vectors unpacked by position, gate on the right", dit.DiTBlock, "forward", forward_unpacked)],
     2: [("the variance form", dit, "ddim_step",
          lambda x0, e, ab, abp, eta=0.0, n=0: abp ** 0.5 * x0
          + (1 - abp - sigma(eta, ab, abp) ** 2) ** 0.5 * e
