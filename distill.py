@@ -210,8 +210,8 @@ def read_tiles(path, n, C, S):
 
 
 @torch.no_grad()
-def init_from(dst, src, keep):
-    """Copy src's weights into dst wherever names and shapes match, src block keep[i] -> dst block i
+def init_from(dst, src, blocks):
+    """Copy src's weights into dst wherever names and shapes match, src block blocks[i] -> dst block i
     (BK-SDM Sec. 3.1 block removal, TA hop 1). The label table keeps its first rows (a one-step
     model has no "null" class); a learned-sigma output layer gives its eps rows; a one-step dst of a
     multi-step src gets c0 = t_emb(999), its first step."""
@@ -221,7 +221,7 @@ def init_from(dst, src, keep):
         name = k.removeprefix("dit.")
         if name.startswith("blocks."):
             i, rest = name[len("blocks."):].split(".", 1)
-            name = f"blocks.{keep[int(i)]}.{rest}"
+            name = f"blocks.{blocks[int(i)]}.{rest}"
         w = src_sd.get(name)
         if w is not None and name.startswith("final_layer.linear") and len(w) == 2 * len(v):
             # learned-sigma head (p*p*2C rows) -> eps-only head (p*p*C): keep the eps rows of every pixel
@@ -246,7 +246,7 @@ def slice_width(dst, src, states):
     ch = sum((s ** 2).mean((0, 1)) for s in states).topk(d).indices.sort().values
     top = lambda score, k: score.topk(k).indices.sort().values
     chunks = lambda n: torch.cat([p * D + ch for p in range(n)])  # the kept channels of each (n D) chunk
-    keep = {"c0": [ch], "x_embedder": [ch], "pos_embed": [None, None, ch], "embedding_table": [None, ch],
+    picks = {"c0": [ch], "x_embedder": [ch], "pos_embed": [None, None, ch], "embedding_table": [None, ch],
             "final_layer.linear": [None, ch], "final_layer.adaLN": [chunks(2), ch]}  # per dim, None: all
     for b, (block, small) in enumerate(zip(src.dit.blocks, dst.dit.blocks)):
         a, m = block.attn, block.mlp
@@ -254,13 +254,13 @@ def slice_width(dst, src, states):
         heads = top(a.proj.weight.view(D, H, -1).norm(dim=(0, 2)) * v_rows.norm(dim=1), h)
         dims = (heads[:, None] * (D // H) + torch.arange(D // H)).flatten()  # the kept heads' channels
         units = top(m.fc1.weight.norm(dim=1) * m.fc2.weight.norm(dim=0), small.mlp.fc1.out_features)
-        keep.update({f"blocks.{b}.attn.qkv": [torch.cat([dims + p * D for p in range(3)]), ch],
+        picks.update({f"blocks.{b}.attn.qkv": [torch.cat([dims + p * D for p in range(3)]), ch],
                      f"blocks.{b}.attn.proj": [ch, dims], f"blocks.{b}.mlp.fc1": [units, ch],
                      f"blocks.{b}.mlp.fc2": [ch, units], f"blocks.{b}.adaLN": [chunks(6), ch]})
     new, src_sd = {}, src.state_dict()
     for k in dst.state_dict():
         w = src_sd[k]
-        index = next(i for name, i in keep.items() if name in k)
+        index = next(i for name, i in picks.items() if name in k)
         for dim, i in enumerate(index[:w.dim()]):
             w = w if i is None else w.index_select(dim, i)
         new[k] = w
@@ -278,24 +278,26 @@ def build_student(ckpt, ema=True):
     return model.eval()
 
 
-def train_stage(cfg, name, shape, source, how, base, init=None, keep=None, mi1=False, steps=None,
-                shared=False):
+def train_stage(cfg, name, shape, source, how, base, init=None, blocks=None, cut=False, mi1=False,
+                steps=None, shared=False):
     """Train one network with dit.train -> (EMA model, checkpoint). source: the frozen feature source (None:
-    the pairs only); how: block mapping (None: output only); init/keep: copy init's blocks keep; mi1: stage A
-    then B. The file name hashes everything the stage depends on, so equal stages are shared across runs.
+    the pairs only); how: block mapping (None: output only); init: start from init's `blocks`, or (cut) from
+    init cut to this width; mi1: stage A then B. The file name hashes everything the stage depends on, so
+    equal stages are shared across runs.
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
     device = dit.pick_device(cfg.device)
     steps, cfg = cfg.steps if steps is None else steps, replace(cfg, seed=0) if shared else cfg
     config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(dit.seed_of(cfg.seed))
     student = OneStepDiT(**config)
-    if keep == "slice":  # the TA cut to the student's width
+    if cut:  # the TA cut to the student's width
         slice_width(student, init, source_states(init, base, range(shape[0] + 1)).values())
     elif init is not None:
-        init_from(student, init, keep)
+        init_from(student, init, blocks)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     links = dit.block_map(shape[0], L_T, how) if how else []
-    tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps))
+    start = "slice" if cut else blocks  # the key's literal for a cut start (saved stages' keys still match)
+    tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, start, steps))
     if steps == 0:  # --aux-steps 0, the control: the network cut from init, untrained
         student.tag, student.name = tag, name
         return student.eval().requires_grad_(False).to(device), dict(steps=0, wall_s=0.0, path="-")
@@ -351,11 +353,11 @@ def curve_point(step, ema, cfg, points, device):
         return dict(score=round(q["score"], 4), acc=q["acc"])
 
 
-def stage_key(cfg, name, config, links, mi1, base, source, init, keep, steps):
+def stage_key(cfg, name, config, links, mi1, base, source, init, start, steps):
     """Every setting a stage's result depends on (its checkpoint's name hashes it)."""
     # "pairs" is the key's old name for the block links, kept so that the shipped files' keys still match
     key = dict(name=name, config=config, setup="onestep", pairs=links, mi1=mi1, data=base["data_tag"],
-               teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=keep, steps=steps,
+               teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=start, steps=steps,
                out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
                **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
     if links:  # the feature weight and MI1's split only matter to the stages that use them
@@ -393,10 +395,10 @@ def teaching_assistant(cfg, source, shape, base):
     2. width: the student starts as the TA cut to its width (slice_width), learns from the TA, block i -> i.
     Returns [(name, model, checkpoint)] of the TA and the student."""
     L_T, D_T, H_T = shape_of(source)
-    keep = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
-    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, keep=keep,
+    blocks = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
+    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, blocks=blocks,
                      steps=cfg.aux_steps, shared=True)
-    student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], keep="slice")
+    student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], cut=True)
     return [("ta", *ta), ("student", *student)]
 
 
@@ -410,7 +412,7 @@ def run_method(cfg, base, shape):
         return [("student", *train_stage(cfg, "student", shape, None, None, base))]
     L_T, D_T, H_T = shape_of(base["teacher"])
     onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, base, init=base["teacher"],
-                          keep=list(range(L_T)), steps=cfg.teacher_steps, shared=True)  # fixed across --seed
+                          blocks=list(range(L_T)), steps=cfg.teacher_steps, shared=True)  # one for every seed
     stages = [("onestep-teacher", *onestep)]
     if cfg.method == "ta":
         return stages + teaching_assistant(cfg, onestep[0], shape, base)
