@@ -278,7 +278,7 @@ def build_student(ckpt, ema=True):
     return model.eval()
 
 
-def train_stage(cfg, name, shape, source, how, base, init=None, blocks=None, cut=False, mi1=False,
+def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, cut=False, mi1=False,
                 steps=None, shared=False):
     """Train one network with dit.train -> (EMA model, checkpoint). source: the frozen feature source (None:
     the pairs only); how: block mapping (None: output only); init: start from init's `blocks`, or (cut) from
@@ -287,24 +287,25 @@ def train_stage(cfg, name, shape, source, how, base, init=None, blocks=None, cut
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
     device = dit.pick_device(cfg.device)
     steps, cfg = cfg.steps if steps is None else steps, replace(cfg, seed=0) if shared else cfg
-    config = dict(base["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
+    config = dict(offline["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(dit.seed_of(cfg.seed))
     student = OneStepDiT(**config)
     if cut:  # the TA cut to the student's width
-        slice_width(student, init, source_states(init, base, range(shape[0] + 1)).values())
+        slice_width(student, init, source_states(init, offline, range(shape[0] + 1)).values())
     elif init is not None:
         init_from(student, init, blocks)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     links = dit.block_map(shape[0], L_T, how) if how else []
     start = "slice" if cut else blocks  # the key's literal for a cut start (saved stages' keys still match)
-    tag = dit.settings_tag(key := stage_key(cfg, name, config, links, mi1, base, source, init, start, steps))
+    key = stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps)
+    tag = dit.settings_tag(key)
     if steps == 0:  # --aux-steps 0, the control: the network cut from init, untrained
         student.tag, student.name = tag, name
         return student.eval().requires_grad_(False).to(device), dict(steps=0, wall_s=0.0, path="-")
     net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
     used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
-    cache = source_states(source, base, used) if source is not None else None
-    loss_fn = functools.partial(pairs_loss, base=base, cache=cache, feat_weight=cfg.feat_weight)
+    cache = source_states(source, offline, used) if source is not None else None
+    loss_fn = functools.partial(pairs_loss, offline=offline, cache=cache, feat_weight=cfg.feat_weight)
 
     phases = [(f"{name}_{tag}", steps)]
     if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
@@ -326,7 +327,7 @@ def train_stage(cfg, name, shape, source, how, base, init=None, blocks=None, cut
               f"mapping {links}{' (MI1 block-local)' if net.groups else ''}")
         last = k == len(phases) - 1 and points
         on_step = functools.partial(curve_point, cfg=cfg, points=points, device=device) if last else None
-        _, ema, ck = dit.train(net, loss_fn, base["data"], tcfg, meta, find_unused=True, on_step=on_step)
+        _, ema, ck = dit.train(net, loss_fn, offline["data"], tcfg, meta, find_unused=True, on_step=on_step)
         net = ema.train().requires_grad_(True)
         wall += ck.get("metrics", {}).get("wall_s") or 0.0
     if shared and cfg.ship and dit.is_main():
@@ -337,10 +338,10 @@ def train_stage(cfg, name, shape, source, how, base, init=None, blocks=None, cut
     return model, dict(ck, wall_s=wall, steps=steps, path=tcfg.out)
 
 
-def pairs_loss(net, xb, yb, step, base, cache, feat_weight):
+def pairs_loss(net, xb, yb, step, offline, cache, feat_weight):
     """dit.train's loss on a batch of offline pairs: yb indexes them (xb, the same images as uint8, is
     unused); the frozen source's states come from `cache` (computed once per stage; None: output KD only)."""
-    z, target, y = base["z"][yb], base["x"][yb], base["y"][yb]
+    z, target, y = offline["z"][yb], offline["x"][yb], offline["y"][yb]
     t_feats = None if cache is None else {j: h[yb] for j, h in cache.items()}
     return net(z, y, t_feats, target, feat_weight)  # Distiller: distill_loss with its projectors
 
@@ -353,10 +354,10 @@ def curve_point(step, ema, cfg, points, device):
         return dict(score=round(q["score"], 4), acc=q["acc"])
 
 
-def stage_key(cfg, name, config, links, mi1, base, source, init, start, steps):
+def stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps):
     """Every setting a stage's result depends on (its checkpoint's name hashes it)."""
     # "pairs" is the key's old name for the block links, kept so that the shipped files' keys still match
-    key = dict(name=name, config=config, setup="onestep", pairs=links, mi1=mi1, data=base["data_tag"],
+    key = dict(name=name, config=config, setup="onestep", pairs=links, mi1=mi1, data=offline["data_tag"],
                teacher=getattr(source, "tag", None), init=getattr(init, "tag", None), keep=start, steps=steps,
                out_loss="huber",  # setup, out_loss: literals of removed options (shipped keys still match)
                **{k: getattr(cfg, k) for k in ("batch_size", "lr", "ema_decay", "seed", "dtype")})
@@ -370,10 +371,10 @@ def stage_key(cfg, name, config, links, mi1, base, source, init, start, steps):
 
 
 @torch.no_grad()
-def source_states(source, base, used, chunk=250):
+def source_states(source, offline, used, chunk=250):
     """{j: h_j (N, T, D)}: the frozen feature source's states j on every pair, computed once."""
-    chunks = [features(source, base["z"][k:k + chunk], base["y"][k:k + chunk])[1]
-              for k in range(0, len(base["z"]), chunk)]
+    chunks = [features(source, offline["z"][k:k + chunk], offline["y"][k:k + chunk])[1]
+              for k in range(0, len(offline["z"]), chunk)]
     return {j: torch.cat([f[j] for f in chunks]) for j in sorted(used)}
 
 
@@ -388,7 +389,7 @@ def load_shipped(path, meta, tag, steps, device):
     return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=path)
 
 
-def teaching_assistant(cfg, source, shape, base):
+def teaching_assistant(cfg, source, shape, offline):
     """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape`, two hops [inferred]:
     1. depth: the TA has the student's depth at the source's width, starts from source blocks m(i) (block
        removal, BK-SDM Sec. 3.1) and learns output + feature KD from the source (one fixed TA for every seed);
@@ -396,28 +397,29 @@ def teaching_assistant(cfg, source, shape, base):
     Returns [(name, model, checkpoint)] of the TA and the student."""
     L_T, D_T, H_T = shape_of(source)
     blocks = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
-    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", base, init=source, blocks=blocks,
+    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", offline, init=source, blocks=blocks,
                      steps=cfg.aux_steps, shared=True)
-    student = train_stage(cfg, "student", shape, ta[0], "first", base, init=ta[0], cut=True)
+    student = train_stage(cfg, "student", shape, ta[0], "first", offline, init=ta[0], cut=True)
     return [("ta", *ta), ("student", *student)]
 
 
-def run_method(cfg, base, shape):
+def run_method(cfg, offline, shape):
     """The recipe (Sundaresha 2025, abstract; the pairs are made before, make_pairs): the multi-step base ->
     a one-step teacher on the pairs (the feature source) -> a TA at the student's depth -> the student cut
     from the TA to its width -> distilled with output + feature KD. --method kd stops at output KD alone, fkd
     distils from the one-step teacher directly, mi1 packs its blocks (MI1). Returns [(name, model,
     checkpoint)] of the stages trained, the student last."""
     if cfg.method == "kd":
-        return [("student", *train_stage(cfg, "student", shape, None, None, base))]
-    L_T, D_T, H_T = shape_of(base["teacher"])
-    onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, base, init=base["teacher"],
-                          blocks=list(range(L_T)), steps=cfg.teacher_steps, shared=True)  # one for every seed
+        return [("student", *train_stage(cfg, "student", shape, None, None, offline))]
+    L_T, D_T, H_T = shape_of(offline["teacher"])
+    onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, offline,
+                          init=offline["teacher"], blocks=list(range(L_T)), steps=cfg.teacher_steps,
+                          shared=True)  # one for every seed
     stages = [("onestep-teacher", *onestep)]
     if cfg.method == "ta":
-        return stages + teaching_assistant(cfg, onestep[0], shape, base)
+        return stages + teaching_assistant(cfg, onestep[0], shape, offline)
     how = cfg.mapping if cfg.method == "fkd" else "uniform"  # mi1: groups of the uniform map
-    student = train_stage(cfg, "student", shape, onestep[0], how, base, mi1=cfg.method == "mi1")
+    student = train_stage(cfg, "student", shape, onestep[0], how, offline, mi1=cfg.method == "mi1")
     return stages + [("student", *student)]
 
 
@@ -441,7 +443,7 @@ def rmse(model, triples):
                             for k in range(0, len(z), 250)]).mean().sqrt())
 
 
-def measure(cfg, entries, device, base):
+def measure(cfg, entries, device, offline):
     """One row per (name, model, checkpoint): a multi-step model pays its whole DDIM + CFG sampler. Latency:
     ms per image at batch 1 and 64, median of --bench-reps interleaved rounds (fid.time_sampling). One-step
     models: pixel RMSE to the teacher's images on the first --eval-n pairs and on as many new noises."""
@@ -463,7 +465,7 @@ def measure(cfg, entries, device, base):
             row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
             row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
         if cfg.eval_n:  # the multi-step teacher made the pairs: no such error
-            seen = (base["z"][:cfg.eval_n], base["y"][:cfg.eval_n], base["x"][:cfg.eval_n])
+            seen = (offline["z"][:cfg.eval_n], offline["y"][:cfg.eval_n], offline["x"][:cfg.eval_n])
             one = getattr(model, "one_step", False)
             row["RMSE pairs / new"] = f"{rmse(model, seen):.3f} / {rmse(model, held):.3f}" if one else "-"
         rows.append(row)
@@ -490,15 +492,15 @@ def curves(cfg, ck):
 SWEEP = [(6, 64, 2), (3, 92, 2), (2, 112, 2), (3, 64, 1), (3, 64, 2), (3, 64, 4), (3, 64, 8)]
 
 
-def sweep(cfg, base, device):
+def sweep(cfg, offline, device):
     """Train cfg.method for every SWEEP shape; one table (teacher first) and the Pareto plot."""
-    entries = [("teacher", base["teacher"], None)]
+    entries = [("teacher", offline["teacher"], None)]
     for shape in SWEEP:
-        _, model, ck = run_method(cfg, base, shape)[-1]
+        _, model, ck = run_method(cfg, offline, shape)[-1]
         entries.append((f"student {shape[0]}x{shape[1]}x{shape[2]}", model, ck))
     if not dit.is_main():  # under torchrun: rank 0 measures, the others wait in dist_finish
         return []
-    rows = measure(cfg, entries, device, base)
+    rows = measure(cfg, entries, device, offline)
     points = [(float(r["ms/img b1"]), float(q), f"{r['model'][8:]} {r['params']}")
               for r in rows[1:] for k, q in r.items() if "lower better" in k]
     if points:
@@ -569,7 +571,7 @@ def main(argv=None):
     print(json.dumps(dict(asdict(cfg), resolved_device=str(device))))
     T = dit.build_dit(ck).to(device).requires_grad_(False)
     T.tag, T.name = dit.weights_tag(ck["ema"]), "teacher"
-    base = dict(teacher=T, config=ck["config"])
+    offline = dict(teacher=T, config=ck["config"])  # GET's offline signals: the teacher and its pairs
     os.makedirs(cfg.out, exist_ok=True)
     name = f"pairs_{T.tag}_{cfg.sample_steps}steps_cfg{cfg.cfg_scale}_n{cfg.pairs}_seed{cfg.pairs_seed}_u8"
     path = os.path.join(cfg.out, name + ".pt")
@@ -578,20 +580,20 @@ def main(argv=None):
                        shipped=shipped)
     if cfg.ship and not os.path.exists(shipped) and dit.is_main():
         write_tiles(p["x"], shipped)
-    base.update(z=p["z"].to(device), x=dit.to_float(p["x"]).to(device), y=p["y"].to(device), data_tag=name,
+    offline.update(z=p["z"].to(device), x=dit.to_float(p["x"]).to(device), y=p["y"].to(device), data_tag=name,
                 data=(p["x"], torch.arange(len(p["y"]))))
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
-        rows = sweep(cfg, base, device)
+        rows = sweep(cfg, offline, device)
         if rows:
             print(f"\n{header}\n{dit.markdown_table(rows)}")
         return dit.dist_finish() or rows
-    stages = run_method(cfg, base, (cfg.depth, cfg.width, cfg.heads))
+    stages = run_method(cfg, offline, (cfg.depth, cfg.width, cfg.heads))
     if not dit.is_main():  # under torchrun: rank 0 measures and writes, the others wait in dist_finish
         return dit.dist_finish()
     grid = os.path.join(cfg.out, f"onestep_{cfg.method}_grid.png")
     dit.save_rows([T] + [m for _, m, _ in stages], grid, cfg.seed, cfg.sample_steps, cfg.cfg_scale)
-    rows = measure(cfg, [("teacher", T, None)] + stages, device, base)
+    rows = measure(cfg, [("teacher", T, None)] + stages, device, offline)
     names = ", ".join(n for n, _, _ in stages)
     print(f"\n{header}\n{dit.markdown_table(rows)}\n\ngrid (rows: teacher, {names}; same noise): {grid}"
           f"\nstudent checkpoint: {stages[-1][2]['path']}")
