@@ -464,10 +464,9 @@ def measure(cfg, entries, device, offline):
                              steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=device)
             row[q["metric"] + " (lower better)"] = f"{q['score']:.2f}"
             row["class acc"] = "-" if q["acc"] is None else f"{q['acc']:.2f}"
-        if cfg.eval_n:  # the multi-step teacher made the pairs: no such error
             seen = (offline["z"][:cfg.eval_n], offline["y"][:cfg.eval_n], offline["x"][:cfg.eval_n])
-            one = getattr(model, "one_step", False)
-            row["RMSE pairs / new"] = f"{rmse(model, seen):.3f} / {rmse(model, held):.3f}" if one else "-"
+            row["RMSE pairs / new"] = f"{rmse(model, seen):.3f} / {rmse(model, held):.3f}" \
+                if nfe == 1 else "-"  # the multi-step teacher made the pairs: no such error
         rows.append(row)
     return rows
 

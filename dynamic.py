@@ -35,7 +35,7 @@ Run:
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python dynamic.py --recipe official     # the released train.py's settings, schedules scaled (worse here)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
-Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: width_masks -> slices -> slice_block.
+Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: Routers.width -> slices -> slice_block.
 Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode) keep
 their numbers in docs/dynamic.md.
 """
@@ -125,10 +125,8 @@ WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0  # the routers' last biases at init (DyDiT c
 
 
 class Routers(nn.Module):
-    """Per block: TDW routers D -> H-1 head / group logits on E_t, the SDT router D -> D/16 -> ReLU -> 1
-    per token. Xavier weights; biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code). With
-    |E_t| ~ 60 on the shipped base, Xavier TDW weights switch 9% of the groups off at step 0, so the TDW
-    weights start at 0 instead [inferred]."""
+    """DyDiT's routers, per block: TDW D -> H-1 head / group logits on E_t (Sec. 3.1), SDT D -> D/16 -> ReLU
+    -> 1 per token (Sec. 3.2). Biases +15 (TDW) and +35 (SDT) so every unit starts on (DyDiT code)."""
     def __init__(self, D, H, depth):
         super().__init__()
         self.attn = nn.ModuleList(nn.Linear(D, H - 1) for _ in range(depth))
