@@ -579,8 +579,8 @@ def main(argv=None):
                        shipped=shipped)
     if cfg.ship and not os.path.exists(shipped) and dit.is_main():
         write_tiles(p["x"], shipped)
-    offline.update(z=p["z"].to(device), x=dit.to_float(p["x"]).to(device), y=p["y"].to(device), data_tag=name,
-                data=(p["x"], torch.arange(len(p["y"]))))
+    offline.update(z=p["z"].to(device), x=dit.to_float(p["x"]).to(device), y=p["y"].to(device),
+                   data_tag=name, data=(p["x"], torch.arange(len(p["y"]))))
     header = dit.run_header(device, cfg.dtype, cfg.batch_size, cfg.seed)
     if cfg.sweep:
         rows = sweep(cfg, offline, device)

@@ -317,7 +317,7 @@ def sliced_forward(model, x, t, y):
             h = hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D)
             kept = tm.mean(1)
         used.append((w["k"] / H, w["g"] / H, kept))
-    ratio = flops_ratio(net.blocks, T, used).expand(B)
+    ratio = flops_ratio(net.blocks, T, used)  # (B,): `kept` is per sample
     if model.trace is not None:
         model.trace.append(dict(t=tv, ratio=ratio.cpu(), keep=torch.stack(keeps) if keeps else None))
     return net.head(h, c), ratio
