@@ -33,11 +33,10 @@ Run:
     python dynamic.py --lam 0.5             # fine-tune the shipped base 800 steps, evaluate (docs: times)
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
-    python dynamic.py --recipe official     # the released train.py's settings, schedules scaled (worse here)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
 Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: Routers.width -> slices -> slice_block.
-Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode) keep
-their numbers in docs/dynamic.md.
+Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode,
+--recipe official: train.py's settings, now given as flags) keep their numbers in docs/dynamic.md.
 """
 import dataclasses
 import functools
@@ -378,21 +377,6 @@ def dydit_loss(net, xb, yb, step, diffusion, cfg):
 # every setting a fine-tuned checkpoint depends on, besides the base's weights
 TRAIN_KEYS = ("mode", "lam", "steps", "batch_size", "lr", "router_lr", "ema_decay", "lam_hold", "lam_ramp",
               "complete_steps", "flops_weight", "grad_skip", "tau", "reorder", "seed", "data")
-# DiT-S's fine-tuning length (DyDiT Table 6): official_recipe scales the code's step counts by --steps / this
-OFFICIAL_STEPS = 50_000
-
-
-def official_recipe(cfg, given=()):
-    """--recipe official, the released train.py [code]: the complete-model loss at every step, FLOPs weight 2,
-    one lr for every parameter (--lr), a step skipped when its grad norm exceeds 200 (the lambda 0.5 script);
-    the target held 100 steps, then ramped over 1000, and EMA 0.9999 (a half-life of 6931 steps), all three
-    taken as fractions of DiT-S's 50k steps and scaled to --steps [inferred: 800 steps cannot hold them].
-    The fields in `given` (the flags on the command line) keep their values: one setting can be ablated."""
-    f = cfg.steps / OFFICIAL_STEPS
-    official = dict(complete_steps=cfg.steps, flops_weight=2.0, router_lr=cfg.lr, grad_skip=200.0,
-                    lam_hold=max(1, round(100 * f)), lam_ramp=max(1, round(1000 * f)),
-                    ema_decay=0.5 ** (1 / (6931 * f)))
-    return dataclasses.replace(cfg, **{k: v for k, v in official.items() if k not in given})
 
 
 def run_key(cfg, base_ckpt, data=None):
@@ -556,7 +540,6 @@ class DyConfig:
     complete_steps: int = 50      # >=0: steps with the complete-model loss (paper: 30k of 200k for XL)
     flops_weight: float = 10.0    # >=0: w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred])
     grad_skip: float = 0.0        # >=0: skip a step whose grad norm exceeds this (code: 200); 0 = off
-    recipe: str = "ours"          # ours | official: train.py's settings, schedules scaled (official_recipe)
     tau: float = 5.0              # >0: Gumbel-sigmoid temperature (paper: 5, fixed)
     reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
     curve: str = ""               # fine-tune steps to score the EMA model at (e.g. 100,200,400,800): a
@@ -587,8 +570,7 @@ def variants(cfg):
 
 
 def main(argv=None):
-    cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES, recipe=("ours", "official")))
-    cfg = official_recipe(cfg, dit.given_flags(argv)) if cfg.recipe == "official" else cfg
+    cfg = dit.check(dit.parse_args(DyConfig, argv), dict(mode=MODES))
     dit.curve_steps(cfg.curve, cfg.steps, "fine-tuning steps (--steps)")
     dit.number_list(cfg.bench_batches, DyConfig, "batch_size", "--bench-batches", int)
     runs = variants(cfg)

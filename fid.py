@@ -622,7 +622,7 @@ def curves_png(series, path, xlabel, ylabel="FD-clf (lower is better)", size=(76
     img.save(path)
 
 
-def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps", ylog=None):
+def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="training steps"):
     """Keep one run's quality-during-training points (evals: [{step, score, acc, train_s, *extra}]) as
     <folder>/<name>.json, name = <series>_seed<S>; then one table over every run kept there (per series and
     step: each seed's score, mean +- sd, the means of the other fields) and <folder>/curves.png."""
@@ -648,8 +648,7 @@ def pool_curves(folder, name, evals, heads=("run", "steps"), extra=(), xlabel="t
                 row[head + " (mean)"] = "-" if None in vals else f"{statistics.mean(vals):{form}}"
             rows.append(row)
     png, means = os.path.join(folder, "curves.png"), [p[1] for pts in series.values() for p in pts]
-    wide = max(means) > 5 * min(means)  # ylog None: a log y axis when the means span more than 5x
-    curves_png(series, png, xlabel, ylog=wide if ylog is None else ylog)
+    curves_png(series, png, xlabel, ylog=max(means) > 5 * min(means))  # log y when the means span > 5x
     return rows, png
 
 

@@ -59,7 +59,6 @@ Each stage's checkpoint name carries a hash of every setting that made it; re-ru
 are equal (and says so). Pruned checkpoints are kind "dit"; DiP-GO plans kind "dipgo" (sample.py runs both).
 """
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -607,12 +606,12 @@ def pool_recovery_curves(cfg, results, teacher_ckpt):
 
 # --- Section 2: DiP-GO. The algorithm: SuperNet -> pruner -> post-process -> cached sampler --------
 
-def dipgo(base, cfg, on_step=None):
+def dipgo(base, cfg):
     """DiP-GO's algorithm (Sec. 3) as one box, for the reuse ratio cfg.ratio of a cfg.eval_steps-step sampler.
     Returns (the cached sampler, P(reuse) (K-1, N), the pruner's log rows)."""
     # 1. SuperNet: the K-step sampler, a keep / reuse gate on every (step >= 1, block) slot (CachedDiT.gates)
     # 2. pruner: a few steps of gradient descent on consistency + sparsity through all K steps (dipgo_loss)
-    score, log = learn_scores(base, cfg, on_step=on_step)
+    score, log = learn_scores(base, cfg)
     # 3. post-process: a falling threshold on P(reuse), output-side blocks first, up to the ratio's budget
     plan = postprocess(score, cfg.ratio, cfg.backup)
     # 4. the cached sampler: the static plan, every skipped block answered by its backup connection
@@ -846,14 +845,13 @@ class CachedDiT(nn.Module):
         return self.dit.head(h, c)
 
 
-def learn_scores(base, cfg, log=print, on_step=None):
+def learn_scores(base, cfg, log=print):
     """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
     (dipgo_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
     SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns (P(reuse)
-    (K-1, N), log rows); on_step(step, pruner, rows), if given, runs after each step (--curve), off its
-    clock."""
+    (K-1, N), log rows)."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(dit.seed_of(cfg.seed))
@@ -894,8 +892,6 @@ def learn_scores(base, cfg, log=print, on_step=None):
                          s=round(time.time() - t0, 2)))
         if log and (it % 5 == 4 or it == cfg.dipgo_steps - 1):
             log(" ".join(f"{k} {v}" for k, v in rows[-1].items()))
-        if on_step:
-            on_step(it + 1, pruner, rows)
     with torch.no_grad():
         return pruner().softmax(-1)[..., 0].cpu(), rows
 
@@ -974,13 +970,12 @@ def dipgo_main(cfg):
     K, N = cfg.eval_steps, len(base.blocks)
     ratios = dit.number_list(cfg.ratios, PruneConfig, "ratio", "--ratios") if cfg.ratios else [cfg.ratio]
     os.makedirs(cfg.out, exist_ok=True)
-    variants, evals = [("full", base, K, torch.ones(K, N, dtype=torch.bool))], {}
-    points = dit.curve_steps(cfg.curve, cfg.dipgo_steps)
+    variants = [("full", base, K, torch.ones(K, N, dtype=torch.bool))]
     for r in ratios:
         print(f"\n== DiP-GO pruner, ratio {r}: {cfg.dipgo_steps} steps, batch {cfg.dipgo_batch}, "
               f"{K}-step DDIM")
         t0 = time.time()
-        score, evals[r] = pruner_scores(cfg, base, base_ckpt, r, points)
+        score = pruner_scores(cfg, base, base_ckpt, r)
         vs = dipgo_variants(base, score, r, cfg)
         plan = vs[0][3]
         save_heatmap(score, plan, os.path.join(cfg.out, f"dipgo_r{r}_plan.png"))
@@ -996,8 +991,6 @@ def dipgo_main(cfg):
     print_results(rows, device, cfg, os.path.join(cfg.out, "dipgo_results.json"))
     for r in ratios if cfg.eval_n else []:
         print(strongest_baseline(scores, r))
-    if cfg.curve:
-        dipgo_curves(cfg, base_ckpt, variants, scores, evals, points)
     return rows
 
 
@@ -1013,33 +1006,19 @@ def strongest_baseline(scores, r):
         " (one seed; lower is better)"
 
 
-def pruner_scores(cfg, base, base_ckpt, r, points):
-    """(P(reuse) (K-1, N), --curve points) of ratio r: learn_scores, saved with its plan to out/dipgo_r<r>.pt,
-    or reused from there when every setting that made them is equal (its key)."""
+def pruner_scores(cfg, base, base_ckpt, r):
+    """P(reuse) (K-1, N) of ratio r: learn_scores, saved with its plan to out/dipgo_r<r>.pt, or reused from
+    there when every setting that made them is equal (its key)."""
     t0, path = time.time(), os.path.join(cfg.out, f"dipgo_r{r}.pt")
-    keys = DIPGO_KEYS + dit.CURVE_KEYS * bool(cfg.curve)
-    key = dit.run_key(dataclasses.replace(cfg, ratio=r), keys, base_ckpt)
+    key = dit.run_key(dataclasses.replace(cfg, ratio=r), DIPGO_KEYS, base_ckpt)
     old = dit.load_checkpoint(path, kinds=["dipgo"]) if os.path.exists(path) else {}
     if old.get("key") == key:
         print(f"reusing the scores in {path}: every setting that made them is equal (key {key})")
-        return old["score"], old["metrics"].get("evals", [])
-    evals = []
-    hook = functools.partial(plan_curve_point, base=base, cfg=cfg, r=r, points=points, evals=evals)
-    _, score, log = dipgo(base, dataclasses.replace(cfg, ratio=r), on_step=hook)
-    metrics = dict(learn_s=round(time.time() - t0, 1), log=log, evals=evals)
+        return old["score"]
+    _, score, log = dipgo(base, dataclasses.replace(cfg, ratio=r))
+    metrics = dict(learn_s=round(time.time() - t0, 1), log=log)
     save_dipgo(base_ckpt, postprocess(score, r, cfg.backup), score, cfg, r, path, metrics, key)
-    return score, evals
-
-
-def plan_curve_point(step, pruner, log, base, cfg, r, points, evals):
-    """--curve (learn_scores' on_step): score the plan the pruner gives at this step; appended to evals."""
-    if step in points:
-        with torch.no_grad():
-            plan = postprocess(pruner().softmax(-1)[..., 0].cpu(), r, cfg.backup)
-        q = score_model(CachedDiT(base, cfg.eval_steps, plan, cfg.backup).eval(), cfg)
-        print(f"eval score {q['score']:.3f} acc {q['acc']} step {step}")
-        evals.append(dict(step=step, score=q["score"], acc=q["acc"],
-                          train_s=round(sum(e["s"] for e in log), 1)))
+    return score
 
 
 def compare_variants(cfg, base, variants, device):
@@ -1070,24 +1049,6 @@ def compare_variants(cfg, base, variants, device):
                      "measured/ideal": f"{secs['full'] / secs[name] / ideal:.2f}",
                      "quality": fmt_score(q), "PSNR vs full": "inf" if psnr > 150 else f"{psnr:.1f} dB"})
     return rows, scores
-
-
-def dipgo_curves(cfg, base_ckpt, variants, scores, evals, points):
-    """--curve: each ratio's DiP-GO points (quality of the plan at those pruner steps) and its baselines as
-    flat lines (they learn nothing), pooled with every --seed run of the same settings; table + curves.png."""
-    same = dict({k: getattr(cfg, k) for k in DIPGO_KEYS + dit.CURVE_KEYS if k not in ("seed", "ratio")},
-                teacher=dit.weights_tag(base_ckpt["ema"]))
-    folder = os.path.join("out", f"dipgo_curves_{dit.settings_tag(same)}")
-    for name, *_ in variants[1:]:
-        kind, r = name.split(" r=")
-        pts = evals[float(r)] if kind == "DiP-GO" else [
-            dict(step=s, score=scores[name]["score"], acc=scores[name]["acc"], train_s=0)
-            for s in (min(points), max(points))]
-        rows, png = fid.pool_curves(folder, f"{kind.lower().replace('-go', 'go')}-r{r}_seed{cfg.seed}", pts,
-                                    ("variant", "pruner steps"),
-                                    xlabel="DiP-GO pruner steps (baselines: flat)", ylog=True)
-    print(f"\nquality against pruner steps (n = {cfg.eval_n}, noise seed 0), {folder}:\n"
-          f"{dit.markdown_table(rows)}\n{png}")
 
 
 # ===== plumbing: nothing paper-specific below (config, main) ======================================
@@ -1131,8 +1092,7 @@ class PruneConfig:
     alpha_gt: float = 0.1        # >=0: weight of the ground-truth diffusion loss (paper 0.1)
     beta_rep: float = 1e-2       # >=0: weight of the hidden-state term, decays linearly to 0 (paper 1e-2)
     curve: str = ""              # recovery steps to score each mask at, e.g. 150,300: a table and curves.png
-    #                              over every method and --seed run with these settings (out/prune_curves_*);
-    #                              dipgo: pruner steps to score each ratio's plan at (out/dipgo_curves_*)
+    #                              over every method and --seed run with these settings (out/prune_curves_*)
     eval_n: int = 200            # >=0: samples per quality score (fid.evaluate); 0 = skip the quality columns
     eval_steps: int = 20         # [1,1000]: DDIM steps for scores, block influence and grids; DiP-GO's K
     cfg_scale: float = 1.5       # >=0: classifier-free guidance for scores and grids (DiT FID setting)
@@ -1171,12 +1131,10 @@ def main(argv=None):
     if cfg.method != "dipgo" and not all(m in DEPTH_METHODS for m in methods):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
     if cfg.method == "dipgo":
-        dit.curve_steps(cfg.curve, cfg.dipgo_steps, "pruner steps (--dipgo-steps)")
         dit.number_list(cfg.ratios or str(cfg.ratio), PruneConfig, "ratio", "--ratios")
-    else:
-        dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
-    if cfg.curve and not (cfg.eval_n and (cfg.recover != "none" or cfg.method == "dipgo")):
-        sys.exit("error: --curve scores a recovery or a DiP-GO plan: it needs --eval-n > 0 (and a --recover)")
+    dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
+    if cfg.curve and not (cfg.eval_n and cfg.recover != "none" and cfg.method != "dipgo"):
+        sys.exit("error: --curve scores a TinyFusion recovery: it needs --eval-n > 0 and a --recover")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
     dit.dist_setup(device)
