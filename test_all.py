@@ -2076,7 +2076,7 @@ def test_data_files_are_checked_for_what_the_loaders_assume(tmp_path):
 
 
 REMOVED = {distill.DistillConfig: ("setup", "ta", "ta_init", "out_loss", "feat_norm", "feat_loss"),
-           dynamic.DyConfig: ("token_bias", "router_init", "ema_warmup"),
+           dynamic.DyConfig: ("token_bias", "router_init", "ema_warmup", "recipe"),
            prune.PruneConfig: ("gate_ema_warmup", "dipgo_loss", "dipgo_encoder", "dipgo_grad_ckpt")}
 
 
@@ -2087,7 +2087,7 @@ def test_settled_options_left_the_code(tiny_teacher, tmp_path):
         assert not set(names) & {f.name for f in dataclasses.fields(cls)}, cls.__name__
     for main, args in ((distill.main, ["--setup", "multistep"]), (distill.main, ["--mapping", "last"]),
                        (dynamic.main, ["--mode", "random"]), (dynamic.main, ["--token-bias", "5"]),
-                       (prune.main, ["--no-dipgo-encoder"])):
+                       (prune.main, ["--no-dipgo-encoder"]), (dynamic.main, ["--recipe", "official"])):
         with pytest.raises(SystemExit) as e:
             main(args + ["--teacher", tiny_teacher, "--out", str(tmp_path / "x")])
         assert e.value.code == 2 or str(e.value.code).startswith("error:"), args
