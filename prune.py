@@ -1132,8 +1132,10 @@ def main(argv=None):
         sys.exit(f"error: unknown --method {cfg.method!r}; choose {', '.join(DEPTH_METHODS)}, all or dipgo")
     if cfg.method == "dipgo":
         dit.number_list(cfg.ratios or str(cfg.ratio), PruneConfig, "ratio", "--ratios")
+        if cfg.curve:  # the pruner-step curves left the code after commit 8e03369 (docs/prune.md)
+            sys.exit("error: --curve scores a TinyFusion recovery; DiP-GO takes no --curve")
     dit.curve_steps(cfg.curve, cfg.recover_steps, "recovery steps (--recover-steps)")
-    if cfg.curve and not (cfg.eval_n and cfg.recover != "none" and cfg.method != "dipgo"):
+    if cfg.curve and not (cfg.eval_n and cfg.recover != "none"):
         sys.exit("error: --curve scores a TinyFusion recovery: it needs --eval-n > 0 and a --recover")
     dit.check_writable(cfg.out, folder=True)
     device = dit.pick_device(cfg.device)
