@@ -14,7 +14,7 @@ are swept for the quality / size / latency trade-off.
     output + feature KD, projectors (BK-SDM Sec. 3.2)   -> distill_loss, Distiller
     block mapping knob                                  -> dit.block_map (uniform | first)
     Teaching Assistant: depth hop, then width hop       -> teaching_assistant (the width cut: slice_width)
-    Multi-In-One: one student block <- k teacher blocks -> mi1_groups, Distiller(groups=...), --method mi1
+    Multi-In-One: one student block <- k teacher blocks -> Distiller(mi1=True), --method mi1
     depth / width / heads trade-off (abstract)          -> --sweep, sweep, measure, fid.pareto_png
     the recipe: one-step teacher -> TA -> student       -> run_method
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
@@ -85,12 +85,6 @@ def shape_of(model):
     return len(net.blocks), net.pos_embed.shape[-1], net.num_heads
 
 
-def mi1_groups(n_student, n_teacher):
-    """MI1 groups [inferred]: student block j maps h_T,a_j to h_T,b_j; b_j = uniform m(j), a_j = b_(j-1)."""
-    ends = [m for _, m in dit.block_map(n_student, n_teacher)]
-    return list(zip([0] + ends[:-1], ends))
-
-
 HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d) on ||.||, i.e. 0.00054 on the per-dimension RMS used here
 
 
@@ -134,21 +128,26 @@ def distill_loss(out, target, s_feats, t_feats, links, feat_weight=1.0, up=None)
 class Distiller(nn.Module):
     """The student plus its projectors W_k: Linear(D_S -> D_T) (applied in distill_loss, dropped after
     training). forward returns (output, the outputs of student blocks i_k of the links), or with `target` the
-    distill_loss terms. With `groups` (MI1 stage A) each block runs alone on the teacher state at the start
-    of its group (through `down`)."""
-    def __init__(self, student, d_teacher, links, groups=None):
+    distill_loss terms.
+    Multi-In-One (mi1=True) [inferred]: student block j packs teacher blocks (a_j, b_j], b_j = m(j) of the
+    links (the uniform map), a_j = b_(j-1). Stage A (self.local, trained first): each block runs alone on
+    the teacher state h_T,a_j (through a projector down_j: D_T -> D_S) and learns h_T,b_j, a feature loss
+    only; stage B (local off): end to end, output + feature KD at the group ends, as fkd."""
+    def __init__(self, student, d_teacher, links, mi1=False):
         super().__init__()
         d = shape_of(student)[1]
         make = lambda a, b: nn.Identity() if a == b else nn.Linear(a, b)
-        self.student, self.links, self.groups = student, links, groups
+        ends = [j for _, j in links]
+        self.groups = list(zip([0] + ends[:-1], ends)) if mi1 else []  # (a_j, b_j) of student block j
+        self.student, self.links, self.local = student, links, mi1
         self.up = nn.ModuleList(make(d, d_teacher) for _ in links)
-        self.down = nn.ModuleList(make(d_teacher, d) for _ in (groups or []))
+        self.down = nn.ModuleList(make(d_teacher, d) for _ in self.groups)
 
     def forward(self, x, y, t_feats=None, target=None, feat_weight=1.0):
-        if self.groups is None:
+        if not self.local:
             out, feats = features(self.student, x, y)
             feats = [feats[i] for i, _ in self.links]
-        else:
+        else:  # MI1 stage A: no output term
             h, c, net = embed(self.student, x, y)
             out, feats = None, []
             for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
@@ -302,8 +301,8 @@ def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, 
     if steps == 0:  # --aux-steps 0, the control: the network cut from init, untrained
         student.tag, student.name = tag, name
         return student.eval().requires_grad_(False).to(device), dict(steps=0, wall_s=0.0, path="-")
-    net = Distiller(student, D_T, links, mi1_groups(shape[0], L_T) if mi1 else None)
-    used = {j for _, j in links} | {a for a, _ in net.groups or []}  # the source states the loss reads
+    net = Distiller(student, D_T, links, mi1)
+    used = {j for _, j in links} | {a for a, _ in net.groups}  # the source states the loss reads
     cache = source_states(source, offline, used) if source is not None else None
     loss_fn = functools.partial(pairs_loss, offline=offline, cache=cache, feat_weight=cfg.feat_weight)
 
@@ -318,13 +317,13 @@ def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, 
     points = dit.curve_steps(cfg.curve, steps) if name == "student" else set()
     wall = 0.0
     for k, (run, n) in enumerate(phases):
-        net.groups = net.groups if k == 0 and mi1 else None
+        net.local = k == 0 and mi1  # MI1: stage A block-local, then B end to end
         tcfg = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, steps=n,
                                out=os.path.join(cfg.out, run + ".pt"), lr=cfg.lr, batch_size=cfg.batch_size,
                                warmup=20, ema_decay=cfg.ema_decay, seed=cfg.seed + k, log_every=cfg.log_every,
                                ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
         print(f"[{name}] {run}: {n} steps, shape {shape}, source {getattr(source, 'name', None)}, "
-              f"mapping {links}{' (MI1 block-local)' if net.groups else ''}")
+              f"mapping {links}{' (MI1 block-local)' if net.local else ''}")
         last = k == len(phases) - 1 and points
         on_step = functools.partial(curve_point, cfg=cfg, points=points, device=device) if last else None
         _, ema, ck = dit.train(net, loss_fn, offline["data"], tcfg, meta, find_unused=True, on_step=on_step)

@@ -830,8 +830,9 @@ def test_block_mappings_are_the_documented_ones():
     assert dit.block_map(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]
     assert dit.block_map(2, 7) == [(1, 4), (2, 7)]
     assert dit.block_map(3, 6, "first") == [(1, 1), (2, 2), (3, 3)]
-    assert distill.mi1_groups(3, 6) == [(0, 2), (2, 4), (4, 6)]
-    assert distill.mi1_groups(4, 6) == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    mi1 = lambda L_S: distill.Distiller(distill.OneStepDiT(**dict(TINY, depth=L_S)), 64, dit.block_map(L_S, 6),
+                                        mi1=True).groups  # noqa: E731
+    assert mi1(3) == [(0, 2), (2, 4), (4, 6)] and mi1(4) == [(0, 2), (2, 3), (3, 5), (5, 6)]
     # TA hop 1 init: TA block i is teacher block m(i) - 1, embeddings copied
     teacher = nontrivial(distill.OneStepDiT(**TINY))
     ta = distill.OneStepDiT(**dict(TINY, depth=2))
@@ -880,9 +881,9 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
     """MI1 stage A: with student == teacher (k = 1, one block per group) each locally run block, fed the
     teacher state at the start of its group, reproduces the teacher state at its end, so the loss is 0."""
     teacher = nontrivial(distill.OneStepDiT(**TINY))
-    groups = distill.mi1_groups(4, 4)
     pairs = dit.block_map(4, 4)
-    net = distill.Distiller(copy.deepcopy(teacher), 64, pairs, groups)
+    net = distill.Distiller(copy.deepcopy(teacher), 64, pairs, mi1=True)
+    groups = net.groups
     z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
     _, t_feats = distill.features(teacher, z, y)
     out, local = net(z, y, t_feats)
