@@ -830,8 +830,9 @@ def test_block_mappings_are_the_documented_ones():
     assert dit.block_map(4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]
     assert dit.block_map(2, 7) == [(1, 4), (2, 7)]
     assert dit.block_map(3, 6, "first") == [(1, 1), (2, 2), (3, 3)]
-    mi1 = lambda L_S: distill.Distiller(distill.OneStepDiT(**dict(TINY, depth=L_S)), 64, dit.block_map(L_S, 6),
-                                        mi1=True).groups  # noqa: E731
+    def mi1(L_S):
+        student = distill.OneStepDiT(**dict(TINY, depth=L_S))
+        return distill.Distiller(student, 64, dit.block_map(L_S, 6), mi1=True).groups
     assert mi1(3) == [(0, 2), (2, 4), (4, 6)] and mi1(4) == [(0, 2), (2, 3), (3, 5), (5, 6)]
     # TA hop 1 init: TA block i is teacher block m(i) - 1, embeddings copied
     teacher = nontrivial(distill.OneStepDiT(**TINY))
