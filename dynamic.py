@@ -14,12 +14,12 @@ tokens of the whole batch. It equals the masked training graph to fp32 rounding 
 Paper / reference code -> this file
     Sec. 3.1 TDW routers on E_t, head 0 / group 0 always on  -> Routers.width (H groups, H heads)
     Sec. 3.1 Gumbel-sigmoid, tau 5, straight-through          -> gumbel_sigmoid
-    Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers.tokens; masked_forward
+    Sec. 3.2 SDT token router (D -> D/16 -> 1), MLP bypass    -> Routers.tokens; sdt_mlp
     Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> flops_ratio, flops_loss, dydit_loss
     Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
     importance ordering (paper; commented out in the code)    -> reorder_
     inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.slices, sliced_forward
-    batched token gather / scatter (DyFLUX code)              -> sliced_forward
+    batched token gather / scatter (DyFLUX code)              -> sdt_mlp (gather=True)
     the algorithm: routers -> fine-tune -> slice              -> finetune (then build_dydit)
 
 [inferred]: the slicing recipe and its cache; the importance score (L1 norm of a unit's weights); the
@@ -253,15 +253,33 @@ def masked_forward(model, x, t, y, complete=False):
         if hm is not None:
             o = o * hm[:, :, None, None]
         h = h + mod.gate_msa.unsqueeze(1) * block.attn.proj(o.transpose(1, 2).reshape(B, T, D))
-        tm = None if complete else model.token_mask(l, h)  # (B, T), on the state after the attention residual
-        z = block.mlp.fc1(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))  # (B, T, hidden)
-        if gm is not None:
-            # group g = channels [g G, (g+1) G)
-            z = z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]
-        z = mod.gate_mlp.unsqueeze(1) * block.mlp.fc2(F.gelu(z, approximate="tanh"))
-        h = h + (z if tm is None else tm.unsqueeze(-1) * z)
+        def mlp(v, block=block, gm=gm):  # the MLP, its channel groups masked (group g: [g G, (g+1) G))
+            z = block.mlp.fc1(v)  # (B, T, hidden)
+            z = z if gm is None else z * gm.repeat_interleave(z.shape[-1] // H, dim=1)[:, None]
+            return block.mlp.fc2(F.gelu(z, approximate="tanh"))
+        h, tm = sdt_mlp(model, l, block, h, mod, mlp, route=not complete)
         used.append((frac(hm), frac(gm), frac(tm)))
     return net.head(h, c), flops_ratio(net.blocks, T, used).expand(B)
+
+
+def sdt_mlp(model, l, block, h, mod, mlp, route=True, gather=False):
+    """Spatial-wise Dynamic Token (SDT), DyDiT Sec. 3.2: block l's token router scores each token of h
+    (B, T, D), the state after the attention residual; a kept token gets its MLP update, the others bypass
+    the MLP:  h <- h + m_tok * gate_mlp * MLP(modulate(norm2(h))).
+    Training (the masked graph): the 0/1 mask multiplies the update. Inference (gather): the MLP runs only on
+    the kept tokens of the whole batch, flattened to (B T, D), and their updates are scattered back (DyFLUX
+    code). Returns (h, m_tok (B, T); None: no token router, every token runs the MLP). route=False: the
+    complete model."""
+    B, T, D = h.shape
+    tm = model.token_mask(l, h) if route else None
+    if not gather or tm is None or bool(tm.all()):  # the dense update (the masked graph multiplies it)
+        z = mod.gate_mlp.unsqueeze(1) * mlp(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))
+        return h + (z if tm is None or gather else tm.unsqueeze(-1) * z), tm
+    hf = h.reshape(B * T, D)
+    idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
+    b = idx // T  # the sample each kept token belongs to
+    v = block.norm2(hf[idx]) * (1 + mod.scale_mlp[b]) + mod.shift_mlp[b]  # modulate per kept token
+    return hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D), tm
 
 
 @torch.no_grad()
@@ -299,22 +317,13 @@ def sliced_forward(model, x, t, y):
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2)
         o = o.reshape(B, T, -1)  # (B, T, k hd)
         h = h + mod.gate_msa.unsqueeze(1) * F.linear(o, w["proj_w"], block.attn.proj.bias)
-        tm = model.token_mask(l, h)
         def mlp(v, w=w, block=block):  # the sliced MLP
             return F.linear(F.gelu(F.linear(v, w["fc1_w"], w["fc1_b"]), approximate="tanh"), w["fc2_w"],
                             block.mlp.fc2.bias)
+        h, tm = sdt_mlp(model, l, block, h, mod, mlp, gather=True)
         if tm is not None:
             keeps.append(tm.bool().cpu())
-        if tm is None or bool(tm.all()):  # every token runs the MLP: the dense path, no gather / scatter
-            h = h + mod.gate_mlp.unsqueeze(1) * mlp(modulate(block.norm2(h), mod.shift_mlp, mod.scale_mlp))
-            kept = h.new_ones(B)
-        else:
-            hf = h.reshape(B * T, D)
-            idx = tm.flatten().nonzero().squeeze(1)  # (n_kept,) over the whole batch
-            b = idx // T  # the sample each kept token belongs to
-            v = block.norm2(hf[idx]) * (1 + mod.scale_mlp[b]) + mod.shift_mlp[b]  # modulate per kept token
-            h = hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D)
-            kept = tm.mean(1)
+        kept = h.new_ones(B) if tm is None or bool(tm.all()) else tm.mean(1)
         used.append((w["k"] / H, w["g"] / H, kept))
     ratio = flops_ratio(net.blocks, T, used)  # (B,): `kept` is per sample
     if model.trace is not None:
