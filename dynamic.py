@@ -18,7 +18,7 @@ Paper / reference code -> this file
     Sec. 3.3 per-sample FLOPs ratio, w (mean - lambda)^2      -> flops_ratio, flops_loss, dydit_loss
     Sec. 3.4 complete-model warm-up, lambda ramp, t strata    -> dydit_loss, lam_target, stratified_steps
     importance ordering (paper; commented out in the code)    -> reorder_
-    inference: skip masked heads / channels (author, issue 3) -> slice_block, DyDiT.slices, sliced_forward
+    inference: skip masked heads / channels (author, issue 3) -> DyDiT.slices, sliced_forward
     batched token gather / scatter (DyFLUX code)              -> sdt_mlp (gather=True)
     the algorithm: routers -> fine-tune -> slice              -> finetune (then build_dydit)
 
@@ -34,7 +34,7 @@ Run:
     python dynamic.py --sweep               # lambda 0.7/0.5/0.3, static and half-width baselines, ablations
     python dynamic.py --mode halfwidth      # one baseline alone (modes: see DyConfig.mode)
     python sample.py --ckpt out/dydit_dydit_0.5_<hash>.pt   # any sampler runs a DyDiT checkpoint
-Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: Routers.width -> slices -> slice_block.
+Measured results (2 CPU cores): docs/dynamic.md. Mask -> weight slice: DyDiT.slices.
 Settled options that left the code (--token-bias, --router-init, --ema-warmup, the random-router mode,
 --recipe official: train.py's settings, now given as flags) keep their numbers in docs/dynamic.md.
 """
@@ -200,20 +200,33 @@ class DyDiT(nn.Module):
 
     @torch.no_grad()
     def slices(self, t):
-        """Per-block sliced weights for timestep t (an int). TDW masks depend on t only, so they are computed
-        once per distinct t; weight slices are cached per distinct (block, heads, groups) pattern."""
-        if t not in self.by_t:
-            e = self.dit.t_embedder(torch.tensor([t], device=self.fixed.device))  # E_t (1, D)
-            steps = []
-            for l, block in enumerate(self.dit.blocks):
-                hm, gm = self.width_masks(l, e)
-                on = lambda m: tuple(m[0].nonzero().flatten().tolist())  # noqa: E731
-                key = (l, on(hm), on(gm))
-                if key not in self.by_pattern:
-                    self.by_pattern[key] = slice_block(block, key[1], key[2], self.dit.num_heads)
-                steps.append(self.by_pattern[key])
-            self.by_t[t] = steps
-        return self.by_t[t]
+        """Mask -> weight slice [inferred recipe, exact]: per block, the weights restricted to the heads and
+        MLP groups that the masks of timestep t (an int) keep: qkv rows and proj columns of the kept heads,
+        fc1 rows / biases and fc2 columns of the kept groups. TDW masks depend on t alone, so they are
+        computed once per distinct t; the slices are cached per distinct (block, heads, groups) pattern."""
+        if t in self.by_t:
+            return self.by_t[t]
+        e = self.dit.t_embedder(torch.tensor([t], device=self.fixed.device))  # E_t (1, D)
+        H, D = self.dit.num_heads, self.dit.pos_embed.shape[-1]
+        steps = []
+        for l, block in enumerate(self.dit.blocks):
+            hm, gm = self.width_masks(l, e)
+            heads, groups = (m[0].nonzero().flatten() for m in (hm, gm))
+            key = (l, tuple(heads.tolist()), tuple(groups.tolist()))
+            if key not in self.by_pattern:
+                hd, G = D // H, block.mlp.fc1.out_features // H  # head dim; MLP channels per group
+                a, m = block.attn, block.mlp
+                self.by_pattern[key] = dict(
+                    k=len(heads), g=len(groups),
+                    qkv_w=a.qkv.weight.view(3, H, hd, D)[:, heads].reshape(-1, D),    # (3 k hd, D)
+                    qkv_b=a.qkv.bias.view(3, H, hd)[:, heads].reshape(-1),
+                    proj_w=a.proj.weight.view(D, H, hd)[:, heads].reshape(D, -1).contiguous(),
+                    fc1_w=m.fc1.weight.view(H, G, D)[groups].reshape(-1, D),            # (g G, D)
+                    fc1_b=m.fc1.bias.view(H, G)[groups].reshape(-1),
+                    fc2_w=m.fc2.weight.view(D, H, G)[:, groups].reshape(D, -1).contiguous())  # (D, g G)
+            steps.append(self.by_pattern[key])
+        self.by_t[t] = steps
+        return steps
 
     def forward(self, x, t, y, complete=False, return_ratio=False, with_complete=False):
         """with_complete: also the complete model's output on the same input, in the same call (one
@@ -280,24 +293,6 @@ def sdt_mlp(model, l, block, h, mod, mlp, route=True, gather=False):
     b = idx // T  # the sample each kept token belongs to
     v = block.norm2(hf[idx]) * (1 + mod.scale_mlp[b]) + mod.shift_mlp[b]  # modulate per kept token
     return hf.index_add(0, idx, mod.gate_mlp[b] * mlp(v)).view(B, T, D), tm
-
-
-@torch.no_grad()
-def slice_block(block, heads, groups, H):
-    """The weights of `block` restricted to the kept heads and MLP groups [inferred recipe, exact]:
-    qkv rows and proj columns of the kept heads, fc1 rows / biases and fc2 columns of the kept groups."""
-    D = block.attn.qkv.in_features
-    hd, G = D // H, block.mlp.fc1.out_features // H  # head dim; G = MLP channels per group (H groups)
-    hi = torch.tensor(heads, device=block.attn.qkv.weight.device)
-    gi = torch.tensor(groups, device=hi.device)
-    return dict(
-        k=len(heads), g=len(groups),
-        qkv_w=block.attn.qkv.weight.view(3, H, hd, D)[:, hi].reshape(-1, D),    # (3 k hd, D)
-        qkv_b=block.attn.qkv.bias.view(3, H, hd)[:, hi].reshape(-1),
-        proj_w=block.attn.proj.weight.view(D, H, hd)[:, hi].reshape(D, -1).contiguous(),  # (D, k hd)
-        fc1_w=block.mlp.fc1.weight.view(H, G, D)[gi].reshape(-1, D),            # (g G, D)
-        fc1_b=block.mlp.fc1.bias.view(H, G)[gi].reshape(-1),
-        fc2_w=block.mlp.fc2.weight.view(D, H, G)[:, gi].reshape(D, -1).contiguous())  # (D, g G)
 
 
 def sliced_forward(model, x, t, y):
