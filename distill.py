@@ -21,8 +21,9 @@ are swept for the quality / size / latency trade-off.
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
 Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --sweep). Settled options
-that left the code (a multi-step student, a mid-size TA, a random-init student, the token-LayerNorm and the
-plain-MSE feature losses, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
+that left the code (a multi-step student, a mid-size TA, a random-init student, the untrained-TA control, the
+token-LayerNorm and the plain-MSE feature losses, L1 / L2 output losses, the last-block map) keep their
+numbers in docs/distill.md.
 It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
 out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
@@ -298,9 +299,6 @@ def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, 
     start = "slice" if cut else blocks  # the key's literal for a cut start (saved stages' keys still match)
     key = stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps)
     tag = dit.settings_tag(key)
-    if steps == 0:  # --aux-steps 0, the control: the network cut from init, untrained
-        student.tag, student.name = tag, name
-        return student.eval().requires_grad_(False).to(device), dict(steps=0, wall_s=0.0, path="-")
     net = Distiller(student, D_T, links, mi1)
     used = {j for _, j in links} | {a for a, _ in net.groups}  # the source states the loss reads
     cache = source_states(source, offline, used) if source is not None else None
@@ -520,8 +518,7 @@ class DistillConfig:
     local_frac: float = 0.3      # (0,1): mi1: block-local stage A steps = local_frac * steps, first
     steps: int = 2400            # >=1: student training steps (equal for every method; end-to-end for MI1)
     teacher_steps: int = 1500    # >=1: steps of the one-step teacher (the feature source of fkd / ta / mi1)
-    aux_steps: int = 1000        # >=0: steps of the teaching assistant (--method ta; one fixed TA, shipped);
-    #                              0 = the control: the student cut from the source's blocks, no TA trained
+    aux_steps: int = 1000        # >=1: steps of the teaching assistant (--method ta; one fixed TA, shipped)
     batch_size: int = 64         # >=1: pairs (or images) per step
     lr: float = 1e-3             # >0: AdamW learning rate (constant after a 20-step warm-up)
     ema_decay: float = 0.999     # [0,1): EMA of the weights (the evaluated model)

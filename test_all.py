@@ -984,18 +984,6 @@ def test_a_shipped_one_step_teacher_is_reused_only_with_equal_settings(tiny_teac
     assert glob.glob(str(tmp_path / "c" / "onestep-teacher_*.pt"))
 
 
-def test_the_untrained_ta_control_cuts_the_student_from_the_untrained_source(tiny_teacher, tmp_path):
-    """--aux-steps 0 (the control): no TA is trained (0 steps) and the student is still cut from the cut
-    one-step teacher."""
-    common = ["--teacher", tiny_teacher, "--width", "32", "--heads", "1", "--steps", "2", "--pairs", "16",
-              "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0", "--bench-reps", "1",
-              "--teacher-steps", "2", "--out", str(tmp_path)]
-    rows = distill.main(common + ["--method", "ta", "--aux-steps", "0"])
-    assert [(r["model"], r["train steps"]) for r in rows[1:]] == [("onestep-teacher", 2), ("ta", 0),
-                                                                   ("student", 2)]
-    assert not glob.glob(str(tmp_path / "ta_*.pt"))
-
-
 def test_one_step_teacher_starts_as_the_dits_first_step():
     """init_from gives the one-step model the DiT's eps rows of the learned-sigma output layer and
     c0 = t_emb(999): before any training it equals the DiT's eps prediction at t = 999."""
@@ -2084,10 +2072,12 @@ REMOVED = {distill.DistillConfig: ("setup", "ta", "ta_init", "out_loss", "feat_n
 
 def test_settled_options_left_the_code(tiny_teacher, tmp_path):
     """The options whose verdicts are settled (docs keep their numbers with the commit) are gone: no field, so
-    no --help line, and the flags and the removed choices (--mapping last, --mode random) end in one line."""
+    no --help line, and the flags and the removed choices (--mapping last, --mode random, --aux-steps 0)
+    end in one line."""
     for cls, names in REMOVED.items():
         assert not set(names) & {f.name for f in dataclasses.fields(cls)}, cls.__name__
     for main, args in ((distill.main, ["--setup", "multistep"]), (distill.main, ["--mapping", "last"]),
+                       (distill.main, ["--aux-steps", "0"]),
                        (dynamic.main, ["--mode", "random"]), (dynamic.main, ["--token-bias", "5"]),
                        (prune.main, ["--no-dipgo-encoder"]), (dynamic.main, ["--recipe", "official"])):
         with pytest.raises(SystemExit) as e:
