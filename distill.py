@@ -280,12 +280,10 @@ def build_student(ckpt, ema=True):
 
 def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, cut=False, mi1=False,
                 steps=None, shared=False):
-    """Train one network with dit.train -> (EMA model, checkpoint). source: the frozen feature source (None:
-    the pairs only); how: block mapping (None: output only); init: start from init's `blocks`, or (cut) from
-    init cut to this width; mi1: stage A then B. The file name hashes everything the stage depends on, so
-    equal stages are shared across runs.
+    """Train one network of `shape` -> (EMA model, checkpoint): it starts from init's `blocks` (or, cut, from
+    init cut to its width) and learns output + feature KD (Distiller) from the frozen feature `source` (None:
+    the pairs only) through the block map `how` (None: output only); mi1: MI1's stage A, then B.
     shared: a helper fixed across --seed (trained with seed 0), reused from --shipped, written by --ship."""
-    device = dit.pick_device(cfg.device)
     steps, cfg = cfg.steps if steps is None else steps, replace(cfg, seed=0) if shared else cfg
     config = dict(offline["config"], depth=shape[0], hidden_size=shape[1], num_heads=shape[2])
     torch.manual_seed(dit.seed_of(cfg.seed))
@@ -296,32 +294,38 @@ def train_stage(cfg, name, shape, source, how, offline, init=None, blocks=None, 
         init_from(student, init, blocks)
     L_T, D_T, _ = shape_of(source) if source is not None else (0, 0, 0)
     links = dit.block_map(shape[0], L_T, how) if how else []
-    start = "slice" if cut else blocks  # the key's literal for a cut start (saved stages' keys still match)
-    key = stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps)
-    tag = dit.settings_tag(key)
     net = Distiller(student, D_T, links, mi1)
     used = {j for _, j in links} | {a for a, _ in net.groups}  # the source states the loss reads
     cache = source_states(source, offline, used) if source is not None else None
     loss_fn = functools.partial(pairs_loss, offline=offline, cache=cache, feat_weight=cfg.feat_weight)
+    start = "slice" if cut else blocks  # the key's literal for a cut start (saved stages' keys still match)
+    key = stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps)
+    about = f"shape {shape}, source {getattr(source, 'name', None)}, mapping {links}"
+    return fit_stage(cfg, name, net, loss_fn, key, steps, offline, shared, about)
 
+
+def fit_stage(cfg, name, net, loss_fn, key, steps, offline, shared, about):
+    """Plumbing of a stage: its file is named by a hash of every setting it depends on (key), so equal stages
+    are shared across runs; a shared helper is reused from --shipped when the keys are equal, written there by
+    --ship; MI1 runs stage A (block-local, local_frac * steps) before B; --curve scores the student."""
+    device, tag = dit.pick_device(cfg.device), dit.settings_tag(key)
     phases = [(f"{name}_{tag}", steps)]
-    if mi1:  # stage A (block-local), then stage B (end to end) as many steps as the other methods' students
+    if net.local:  # MI1: stage A (block-local), then B (end to end) as many steps as the other students
         phases.insert(0, (f"{name}_{tag}_local", max(1, round(cfg.local_frac * steps))))
-    meta = dict(kind="student", config=dict(config, arch="onestep"), stage=name, method=cfg.method,
+    meta = dict(kind="student", config=dict(key["config"], arch="onestep"), stage=name, method=cfg.method,
                 setup="onestep", key=json.dumps(key))
     shipped = os.path.join(cfg.shipped, f"distill_{name}_{tag}.pt")
     if shared and (found := load_shipped(shipped, meta, tag, steps, device)):
         return found
     points = dit.curve_steps(cfg.curve, steps) if name == "student" else set()
-    wall = 0.0
+    wall, mi1 = 0.0, net.local
     for k, (run, n) in enumerate(phases):
         net.local = k == 0 and mi1  # MI1: stage A block-local, then B end to end
         tcfg = dit.TrainConfig(preset=cfg.preset or "cpu", data=cfg.data, data_dir=cfg.data_dir, steps=n,
                                out=os.path.join(cfg.out, run + ".pt"), lr=cfg.lr, batch_size=cfg.batch_size,
                                warmup=20, ema_decay=cfg.ema_decay, seed=cfg.seed + k, log_every=cfg.log_every,
                                ckpt_every=10**9, device=cfg.device, dtype=cfg.dtype)
-        print(f"[{name}] {run}: {n} steps, shape {shape}, source {getattr(source, 'name', None)}, "
-              f"mapping {links}{' (MI1 block-local)' if net.local else ''}")
+        print(f"[{name}] {run}: {n} steps, {about}{' (MI1 block-local)' if net.local else ''}")
         last = k == len(phases) - 1 and points
         on_step = functools.partial(curve_point, cfg=cfg, points=points, device=device) if last else None
         _, ema, ck = dit.train(net, loss_fn, offline["data"], tcfg, meta, find_unused=True, on_step=on_step)
