@@ -811,15 +811,15 @@ def test_distill_loss_is_zero_when_student_equals_teacher():
     teacher = nontrivial(distill.OneStepDiT(**TINY))
     t_out, t_feats = distill.features(teacher, z, y)
     for how in ("uniform", "first"):
-        pairs = dit.block_map(4, 4, how)
-        net = distill.Distiller(copy.deepcopy(teacher), 64, pairs)
+        links = dit.block_map(4, 4, how)
+        net = distill.Distiller(copy.deepcopy(teacher), 64, links)
         out, s_feats = net(z, y, t_feats)
-        terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0, net.up)
+        terms = distill.distill_loss(out, t_out, s_feats, t_feats, links, 1.0, net.up)
         assert terms["out"].item() < 1e-6 and terms["feat"].item() == 0 and terms["loss"].item() < 1e-6
     with torch.no_grad():
         net.student.dit.blocks[1].mlp.fc1.weight.add_(0.5)
     out, s_feats = net(z, y, t_feats)
-    terms = distill.distill_loss(out, t_out, s_feats, t_feats, pairs, 1.0, net.up)
+    terms = distill.distill_loss(out, t_out, s_feats, t_feats, links, 1.0, net.up)
     assert terms["out"].item() > 1e-4 and terms["feat"].item() > 1e-4
 
 
@@ -882,8 +882,8 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
     """MI1 stage A: with student == teacher (k = 1, one block per group) each locally run block, fed the
     teacher state at the start of its group, reproduces the teacher state at its end, so the loss is 0."""
     teacher = nontrivial(distill.OneStepDiT(**TINY))
-    pairs = dit.block_map(4, 4)
-    net = distill.Distiller(copy.deepcopy(teacher), 64, pairs, mi1=True)
+    links = dit.block_map(4, 4)
+    net = distill.Distiller(copy.deepcopy(teacher), 64, links, mi1=True)
     groups = net.groups
     z, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
     _, t_feats = distill.features(teacher, z, y)
@@ -891,7 +891,7 @@ def test_mi1_local_stage_feeds_each_block_its_group_input():
     assert out is None and len(local) == 4
     for (a, b), h in zip(groups, local):
         assert torch.allclose(h, t_feats[b], atol=1e-5)
-    assert distill.distill_loss(None, None, local, t_feats, pairs, 1.0, net.up)["loss"].item() < 1e-8
+    assert distill.distill_loss(None, None, local, t_feats, links, 1.0, net.up)["loss"].item() < 1e-8
 
 
 def test_pairs_cache_round_trips(tmp_path, monkeypatch):
