@@ -296,10 +296,9 @@ def sdt_mlp(model, l, block, h, mod, mlp, route=True, gather=False):
 
 
 def sliced_forward(model, x, t, y):
-    """The DyDiT inference graph for a batch that shares t: sliced attention / MLP weights of the per-t
-    slices; the MLP runs only on the kept tokens of the whole batch, flattened to (B T, D), gathered, and
-    scattered back with the gate (DyFLUX code). Returns (output, per-sample FLOPs ratio r_b); also logs
-    the ratio when model.trace is a list."""
+    """The DyDiT inference graph for a batch that shares t: the per-t weight slices (DyDiT.slices) and SDT's
+    batched token gather (sdt_mlp). Returns (output, per-sample FLOPs ratio r_b); also logs the ratio when
+    model.trace is a list."""
     net = model.dit
     h, c = net.embed(x, t, y)
     B, T, D = h.shape
@@ -318,8 +317,7 @@ def sliced_forward(model, x, t, y):
         h, tm = sdt_mlp(model, l, block, h, mod, mlp, gather=True)
         if tm is not None:
             keeps.append(tm.bool().cpu())
-        kept = h.new_ones(B) if tm is None or bool(tm.all()) else tm.mean(1)
-        used.append((w["k"] / H, w["g"] / H, kept))
+        used.append((w["k"] / H, w["g"] / H, h.new_ones(B) if tm is None else tm.mean(1)))
     ratio = flops_ratio(net.blocks, T, used)  # (B,): `kept` is per sample
     if model.trace is not None:
         model.trace.append(dict(t=tv, ratio=ratio.cpu(), keep=torch.stack(keeps) if keeps else None))
