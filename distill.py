@@ -20,10 +20,9 @@ are swept for the quality / size / latency trade-off.
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
-Run: python distill.py --method ta (or --method kd | fkd | mi1, --mapping first, --sweep). Settled options
-that left the code (a multi-step student, a mid-size TA, a random-init student, the untrained-TA control, the
-token-LayerNorm and the plain-MSE feature losses, L1 / L2 output losses, the last-block map) keep their
-numbers in docs/distill.md.
+Run: python distill.py --method ta (or kd | fkd | mi1, --mapping first, --sweep). Settled options that left
+the code (a multi-step student, a mid-size or untrained TA, a random-init student, token-LayerNorm and plain
+MSE feature losses, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
 It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
 out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
 """
@@ -42,6 +41,41 @@ from tqdm import tqdm
 
 import dit
 import fid
+
+# --- The algorithm: pairs -> one-step teacher -> TA -> student -----------------------------------
+
+def run_method(cfg, offline, shape):
+    """The recipe (Sundaresha 2025, abstract; the pairs are made before, make_pairs): the multi-step base ->
+    a one-step teacher on the pairs (the feature source) -> a TA at the student's depth -> the student cut
+    from the TA to its width -> distilled with output + feature KD. --method kd stops at output KD alone, fkd
+    distils from the one-step teacher directly, mi1 packs its blocks (MI1). Returns [(name, model,
+    checkpoint)] of the stages trained, the student last."""
+    if cfg.method == "kd":
+        return [("student", *train_stage(cfg, "student", shape, None, None, offline))]
+    T = offline["teacher"]  # the multi-step base; the one-step teacher starts as its copy, one for every seed
+    onestep = train_stage(cfg, "onestep-teacher", shape_of(T), None, None, offline, init=T,
+                          blocks=list(range(len(T.blocks))), steps=cfg.teacher_steps, shared=True)
+    stages = [("onestep-teacher", *onestep)]
+    if cfg.method == "ta":
+        return stages + teaching_assistant(cfg, onestep[0], shape, offline)
+    how = cfg.mapping if cfg.method == "fkd" else "uniform"  # mi1: groups of the uniform map
+    student = train_stage(cfg, "student", shape, onestep[0], how, offline, mi1=cfg.method == "mi1")
+    return stages + [("student", *student)]
+
+
+def teaching_assistant(cfg, source, shape, offline):
+    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape`, two hops [inferred]:
+    1. depth: the TA has the student's depth at the source's width, starts from source blocks m(i) (block
+       removal, BK-SDM Sec. 3.1) and learns output + feature KD from the source (one fixed TA for every seed);
+    2. width: the student starts as the TA cut to its width (slice_width), learns from the TA, block i -> i.
+    Returns [(name, model, checkpoint)] of the TA and the student."""
+    L_T, D_T, H_T = shape_of(source)
+    blocks = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
+    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", offline, init=source, blocks=blocks,
+                     steps=cfg.aux_steps, shared=True)
+    student = train_stage(cfg, "student", shape, ta[0], "first", offline, init=ta[0], cut=True)
+    return [("ta", *ta), ("student", *student)]
+
 
 # --- Method: the one-step student, block mappings, the distillation loss --------------------------
 
@@ -388,40 +422,6 @@ def load_shipped(path, meta, tag, steps, device):
     model = build_student(ck).to(device).requires_grad_(False)
     model.tag, model.name = f"{tag}-fp16", meta["stage"]  # stages made from it differ from a float32 one's
     return model, dict(ck, wall_s=ck["metrics"].get("wall_s"), steps=steps, path=path)
-
-
-def teaching_assistant(cfg, source, shape, offline):
-    """The Teaching Assistant between `source` (L_T x D_T) and a student of `shape`, two hops [inferred]:
-    1. depth: the TA has the student's depth at the source's width, starts from source blocks m(i) (block
-       removal, BK-SDM Sec. 3.1) and learns output + feature KD from the source (one fixed TA for every seed);
-    2. width: the student starts as the TA cut to its width (slice_width), learns from the TA, block i -> i.
-    Returns [(name, model, checkpoint)] of the TA and the student."""
-    L_T, D_T, H_T = shape_of(source)
-    blocks = [j - 1 for _, j in dit.block_map(shape[0], L_T)]
-    ta = train_stage(cfg, "ta", (shape[0], D_T, H_T), source, "uniform", offline, init=source, blocks=blocks,
-                     steps=cfg.aux_steps, shared=True)
-    student = train_stage(cfg, "student", shape, ta[0], "first", offline, init=ta[0], cut=True)
-    return [("ta", *ta), ("student", *student)]
-
-
-def run_method(cfg, offline, shape):
-    """The recipe (Sundaresha 2025, abstract; the pairs are made before, make_pairs): the multi-step base ->
-    a one-step teacher on the pairs (the feature source) -> a TA at the student's depth -> the student cut
-    from the TA to its width -> distilled with output + feature KD. --method kd stops at output KD alone, fkd
-    distils from the one-step teacher directly, mi1 packs its blocks (MI1). Returns [(name, model,
-    checkpoint)] of the stages trained, the student last."""
-    if cfg.method == "kd":
-        return [("student", *train_stage(cfg, "student", shape, None, None, offline))]
-    L_T, D_T, H_T = shape_of(offline["teacher"])
-    onestep = train_stage(cfg, "onestep-teacher", (L_T, D_T, H_T), None, None, offline,
-                          init=offline["teacher"], blocks=list(range(L_T)), steps=cfg.teacher_steps,
-                          shared=True)  # one for every seed
-    stages = [("onestep-teacher", *onestep)]
-    if cfg.method == "ta":
-        return stages + teaching_assistant(cfg, onestep[0], shape, offline)
-    how = cfg.mapping if cfg.method == "fkd" else "uniform"  # mi1: groups of the uniform map
-    student = train_stage(cfg, "student", shape, onestep[0], how, offline, mi1=cfg.method == "mi1")
-    return stages + [("student", *student)]
 
 
 # --- Evaluate: params, GFLOPs and latency per generated image, quality, the Pareto plot ----------
