@@ -543,7 +543,7 @@ class DyConfig:
     flops_weight: float = 10.0    # >=0: w in w (mean_b r_b - lambda)^2 (paper: 2; 10 here [inferred])
     grad_skip: float = 0.0        # >=0: skip a step whose grad norm exceeds this (code: 200); 0 = off
     tau: float = 5.0              # >0: Gumbel-sigmoid temperature (paper: 5, fixed)
-    reorder: bool = False         # sort heads / channels by importance first (always on for halfwidth)
+    reorder: bool = False         # sort heads / channels by importance first (Sec. 3.1; recommended: docs)
     curve: str = ""               # fine-tune steps to score the EMA model at (e.g. 100,200,400,800): a
     #                               table and curves.png over every variant and --seed of these settings
     eval_n: int = 500             # >=1: images per quality score (fid.evaluate)
