@@ -253,8 +253,7 @@ def masked_forward(model, x, t, y, complete=False):
     net = model.dit
     h, c = net.embed(x, t, y)
     e = net.t_embedder(t)  # E_t (B, D): the TDW router input, timestep only
-    B, T, D = h.shape
-    H = net.num_heads
+    (B, T, D), H = h.shape, net.num_heads
     frac = lambda m: 1.0 if m is None else m.mean(1)  # noqa: E731  (B,) fraction of ones
     used = []
     for l, block in enumerate(net.blocks):
@@ -277,12 +276,11 @@ def masked_forward(model, x, t, y, complete=False):
 
 def sdt_mlp(model, l, block, h, mod, mlp, route=True, gather=False):
     """Spatial-wise Dynamic Token (SDT), DyDiT Sec. 3.2: block l's token router scores each token of h
-    (B, T, D), the state after the attention residual; a kept token gets its MLP update, the others bypass
-    the MLP:  h <- h + m_tok * gate_mlp * MLP(modulate(norm2(h))).
+    (B, T, D) after the attention residual; kept tokens get their MLP update, the others bypass the MLP:
+        h <- h + m_tok * gate_mlp * MLP(modulate(norm2(h)))
     Training (the masked graph): the 0/1 mask multiplies the update. Inference (gather): the MLP runs only on
-    the kept tokens of the whole batch, flattened to (B T, D), and their updates are scattered back (DyFLUX
-    code). Returns (h, m_tok (B, T); None: no token router, every token runs the MLP). route=False: the
-    complete model."""
+    the kept tokens of the whole batch, flattened to (B T, D), scattered back (DyFLUX code). Returns (h, m_tok
+    (B, T), or None: every token runs the MLP: no token router, or route=False, the complete model)."""
     B, T, D = h.shape
     tm = model.token_mask(l, h) if route else None
     if not gather or tm is None or bool(tm.all()):  # the dense update (the masked graph multiplies it)
