@@ -13,7 +13,7 @@ DiT is rebuilt from the original weights and fine-tuned (optionally with Masked 
     differentiable sampling: ST Gumbel-softmax, tau 4->0.1,
       s = 100, one draw per example                        -> st_gumbel_masks, MaskSearch
     h <- m Block(h, c) + (1 - m) h                         -> masked_forward
-    recoverability dW: LoRA on every Linear (Table 4)      -> LoRALinear, add_lora, learn_mask
+    recoverability dW: LoRA on every Linear (Table 4)      -> LoRALinear, delta_w, learn_mask
     argmax of the EMA logits, rebuild from the original    -> MaskSearch.kept, export_pruned
     baselines (Tables 1, 3): first/last/uniform, ShortGPT,
       sensitivity, magnitude, Taylor, min-loss random      -> baseline_kept, block_influence, calib_loss
@@ -165,10 +165,16 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
 
 
-def add_lora(model, rank, alpha):
-    """Every nn.Linear (attention, MLP, adaLN, embedders, head) -> a LoRALinear; the rest frozen. Returns
-    the LoRA parameters."""
+def delta_w(model, how, rank=8, alpha=16.0):
+    """The recoverability update dW learned together with the mask, TinyFusion Sec. 3 (Table 4 compares the
+    three): "lora" puts a LoRALinear on every nn.Linear (attention, MLP, adaLN, embedders, head) and freezes
+    the rest; "full" trains every weight; "frozen" none (the mask then judges the blocks as they are).
+    Returns the parameters dW trains."""
+    if how == "full":
+        return list(model.parameters())
     model.requires_grad_(False)
+    if how == "frozen":
+        return []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
@@ -371,13 +377,7 @@ def learn_mask(cfg, teacher_ckpt, data, path):
     torch.manual_seed(dit.seed_of(cfg.seed))
     model = dit.build_dit(teacher_ckpt).train()
     options, groups = parse_pattern(cfg.pattern, len(model.blocks))
-    if cfg.deltaw == "lora":
-        weights = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    elif cfg.deltaw == "full":
-        weights = list(model.parameters())
-    else:  # frozen: only the logits learn
-        weights = []
-        model.requires_grad_(False)
+    weights = delta_w(model, cfg.deltaw, cfg.lora_rank, cfg.lora_alpha)  # frozen: only the logits learn
     net = MaskSearch(model, options, groups, cfg.learn_steps, cfg)
     groups_ = [{"params": [net.logits], "lr": cfg.gate_lr}]
     if weights:

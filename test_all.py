@@ -1049,7 +1049,7 @@ def test_lora_with_zero_B_changes_nothing_and_only_lora_trains():
     x, t, y = inputs()
     with torch.no_grad():
         ref = model(x, t, y)
-    lora = prune.add_lora(model, rank=4, alpha=8)
+    lora = prune.delta_w(model, "lora", rank=4, alpha=8)
     n_linear = sum(isinstance(m, prune.LoRALinear) for m in model.modules())
     assert n_linear == 4 * 5 + 4 and len(lora) == 2 * n_linear  # 5 per block + t-MLP (2), final (2)
     assert {p for p in model.parameters() if p.requires_grad} == set(lora)
