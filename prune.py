@@ -33,9 +33,8 @@ block) -> self-attention + FFN -> heads) gives straight-through keep/reuse gates
 on labels and noise only so the gated sampler's image matches the full one (SSIM) with few blocks on.
 A greedy falling threshold turns its scores into a static plan; inference runs the plan with a cache.
     paper (Sec. 3 method, Sec. 4 experiments) / code      -> here
-    SuperNet, backup connection to step t-1               -> backup_connection, cache_entry; gated_blocks
-                                                             (train), cached_blocks (infer: the cache rule)
-    the cascade (update_query_status, cascade_nodes)      -> dead_blocks, cascade_gates, cascade_plan
+    SuperNet, backup connection to step t-1, the cascade  -> BackupRule; gated_blocks (train), cached_blocks
+    (update_query_status, cascade_nodes)                     (infer: when a computed block fills its entry)
     pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
     consistency (SSIM) + sparsity loss, few steps         -> dipgo_loss (ssim), learn_scores
     post-processing: falling threshold, blocks output-side
@@ -620,48 +619,49 @@ def dipgo(base, cfg):
 
 # --- Section 2: DiP-GO. Method: cache rule, gate, pruner, losses, post-processing -----------------
 
-def backup_connection(h, cached, backup="residual"):
-    """DiP-GO's backup connection, Sec. 3: what a skipped block returns at step t, from the cache its last
-    run filled (cache_entry). "output" (the official code, replicate_prv_feature): its previous output,
-    h_out = O[b]; "residual" (ours [inferred for DiT], as Learning-to-Cache / FORA): its previous update added
-    to today's input, h_out = h_in + D[b]."""
-    return cached if backup == "output" else h + cached
+class BackupRule:
+    """DiP-GO's backup connection, Sec. 3, and the cache behind it, for one rule. A skipped block at step t
+    returns, from the entry its last run left: "output" (the official code, replicate_prv_feature) its
+    previous output, h_out = O[b]; "residual" (ours [inferred for DiT], as Learning-to-Cache / FORA) its
+    previous update added to today's input, h_out = h_in + D[b]. Under "output", the official cascade
+    (update_query_status, cascade_nodes): in a chain the blocks before b only feed b, whose output is
+    replaced, so a reuse of b skips blocks 0..b too."""
+    def __init__(self, name="residual"):
+        self.output = name == "output"
+
+    def connect(self, h, cached):
+        """What a skipped block returns: O[b], or h + D[b]."""
+        return cached if self.output else h + cached
+
+    def entry(self, h_in, h_out):
+        """What a computed block leaves in the cache: O[b] = h_out, or D[b] = h_out - h_in."""
+        return h_out if self.output else h_out - h_in
+
+    def skips(self, b):
+        """The blocks a reuse of block b skips at its step: 0..b (output) or b alone."""
+        return slice(0, b + 1) if self.output else slice(b, b + 1)
+
+    def cascade_gates(self, gates):
+        """The effective gates (S, N, 2) = [reuse, keep] one-hot. Under "output", walking from the output
+        side, a reusing block b pushes its reuse gate into block b-1:
+            g[b-1] <- g[b-1] * g[b] + g[b]  if b-1 keeps,   g[b-1] * g[b]  if it reuses already."""
+        if not self.output:
+            return gates
+        g = list(gates.unbind(1))
+        for b in range(len(g) - 1, 0, -1):
+            reuse, prev_keeps = g[b][:, :1] > 0.5, g[b - 1][:, :1] < 0.5
+            g[b - 1] = torch.where(reuse, g[b - 1] * g[b] + g[b] * prev_keeps, g[b - 1])
+        return torch.stack(g, 1)
+
+    def cascade_plan(self, plan):
+        """A plan (K, N) bool, True = compute, as it runs: under "output" a step that reuses block b reuses
+        every block before it too."""
+        return ~(~plan).int().flip(1).cummax(1).values.flip(1).bool() if self.output else plan
 
 
-def cache_entry(h_in, h_out, backup="residual"):
-    """What a computed block leaves in the cache for backup_connection: O[b] = h_out ("output") or
-    D[b] = h_out - h_in ("residual")."""
-    return h_out if backup == "output" else h_out - h_in
-
-
-def dead_blocks(b, backup="residual"):
-    """The blocks a reuse of block b skips at its step: b alone (residual rule), or 0..b (output rule: the
-    official cascade, cascade_nodes; in a chain, blocks before b only feed b, whose output is replaced)."""
-    return slice(0, b + 1) if backup == "output" else slice(b, b + 1)
-
-
-def cascade_gates(gates):
-    """The official cascade of the gates (update_query_status) for a chain under the output rule: walking
-    from the output side, a reusing block b pushes its reuse gate into block b-1 (one-hot [reuse, keep]):
-        g[b-1] <- g[b-1] * g[b] + g[b]  if b-1 keeps,   g[b-1] * g[b]  if it reuses already.
-    gates (S, N, 2) -> the effective gates, the same shape."""
-    g = list(gates.unbind(1))
-    for b in range(len(g) - 1, 0, -1):
-        reuse, prev_keeps = g[b][:, :1] > 0.5, g[b - 1][:, :1] < 0.5
-        g[b - 1] = torch.where(reuse, g[b - 1] * g[b] + g[b] * prev_keeps, g[b - 1])
-    return torch.stack(g, 1)
-
-
-def cascade_plan(plan):
-    """A plan (K, N) bool, True = compute, with the output rule's cascade: a step that reuses block b
-    reuses every block before it too."""
-    reuse = (~plan).int().flip(1).cummax(1).values.flip(1).bool()
-    return ~reuse
-
-
-def gated_blocks(blocks, h, c, cache, gate=None, backup="residual"):
+def gated_blocks(blocks, h, c, cache, gate, rule):
     """SuperNet step over the block stack, DiP-GO Sec. 3 (SuperNet; DiT reading [inferred]). For block b:
-        h <- g_keep * Block_b(h, c) + g_reuse * backup_connection(h, cache[b])
+        h <- g_keep * Block_b(h, c) + g_reuse * rule.connect(h, cache[b])
     gate (N, 2) = [g_reuse, g_keep] per block, one-hot forward values (under the output rule already
     cascaded); None = step 0 (compute all). Every block is computed so that g_keep gets a gradient.
     Returns (h, new cache)."""
@@ -669,16 +669,16 @@ def gated_blocks(blocks, h, c, cache, gate=None, backup="residual"):
     for b, block in enumerate(blocks):
         out = block(h, c)
         if gate is not None:
-            out = gate[b, 1] * out + gate[b, 0] * backup_connection(h, cache[b], backup)
-        new.append(cache_entry(h, out, backup))
+            out = gate[b, 1] * out + gate[b, 0] * rule.connect(h, cache[b])
+        new.append(rule.entry(h, out))
         h = out
     return h, new
 
 
-def cached_blocks(blocks, h, c, cache, plan, s, backup="residual"):
+def cached_blocks(blocks, h, c, cache, plan, s, rule):
     """Step s of the plan (K, N) bool, True = compute, DiP-GO Sec. 3 (inference), the whole cache rule: a kept
     block runs and, when the next step reuses it (plan[s + 1, b] False), fills its cache entry; a skipped
-    block returns backup_connection (one add, or nothing: under the output rule its cascade is skipped
+    block returns rule.connect (one add, or nothing: under the output rule its cascade is skipped
     too)."""
     keep = plan[s].tolist()
     store = (~plan[s + 1]).tolist() if s + 1 < len(plan) else [False] * len(keep)
@@ -686,10 +686,10 @@ def cached_blocks(blocks, h, c, cache, plan, s, backup="residual"):
         if keep[b]:
             out = block(h, c)
             if store[b]:
-                cache[b] = cache_entry(h, out, backup)
+                cache[b] = rule.entry(h, out)
             h = out
         else:
-            h = backup_connection(h, cache[b], backup)
+            h = rule.connect(h, cache[b])
     return h
 
 
@@ -774,15 +774,15 @@ THETA_START, THETA_STEP = 0.95, 0.05  # DiP-GO post-processing: the reuse thresh
 
 def postprocess(score, ratio, backup="residual"):
     """Scores -> static plan, DiP-GO Sec. 3 post-processing (code): every block kept, theta = 0.95; for
-    each block, steps by falling reuse score, mark reuse (with its cascade, dead_blocks) where score > theta
-    while at most round(r S N) slots are reused; theta -= 0.05 and repeat (theta >= 0). score (K-1, N) =
-    P(reuse). Returns plan (K, N) bool, True = compute; row 0 (the first step) is always computed."""
+    each block, steps by falling reuse score, mark reuse (with its cascade, BackupRule.skips) where
+    score > theta while at most round(r S N) slots are reused; theta -= 0.05 and repeat (theta >= 0). score
+    (K-1, N) = P(reuse). Returns plan (K, N) bool, True = compute; row 0 (the first step) always computes."""
     S, N = score.shape
     target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
     for k in range(round(THETA_START / THETA_STEP), -1, -1):  # theta = 0.95, 0.90, ..., 0 (official prune())
         theta = THETA_STEP * k
         for b in reversed(range(N)):  # output side first, as both official prune() (block_names[::-1])
-            dead = dead_blocks(b, backup)
+            dead = BackupRule(backup).skips(b)
             for t in score[:, b].argsort(descending=True).tolist():
                 if score[t, b] > theta:
                     if int(reuse.sum()) + int((~reuse[t, dead]).sum()) > target:
@@ -801,11 +801,11 @@ def uniform_plan(steps, depth, ratio):
 
 def random_plan(steps, depth, ratio, seed=0, backup="residual"):
     """Baseline (b): a random plan with DiP-GO's budget (at most round(r (K-1) N) reused slots): slots in a
-    random order, each reused (with its cascade, dead_blocks) while the budget allows."""
+    random order, each reused (with its cascade, BackupRule.skips) while the budget allows."""
     S = steps - 1
     target, reuse = round(ratio * S * depth), torch.zeros(S, depth, dtype=torch.bool)
     for i in torch.randperm(S * depth, generator=dit.rng(seed)).tolist():
-        t, dead = i // depth, dead_blocks(i % depth, backup)
+        t, dead = i // depth, BackupRule(backup).skips(i % depth)
         if int(reuse.sum()) + int((~reuse[t, dead]).sum()) <= target:
             reuse[t, dead] = True
     return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse])
@@ -817,16 +817,17 @@ class CachedDiT(nn.Module):
     """A DiT that runs a DiP-GO plan inside any sampler (dit.sample / generate / fid.evaluate). It knows
     its step from t (the respaced schedule of `steps`, walked from its last entry down) and resets the cache
     at step 0. With `gates` set ((K-1, N, 2), training), it is the gated SuperNet instead. backup: the rule
-    a skipped block follows (backup_connection); under "output" the plan gets its cascade (cascade_plan)."""
+    a skipped block follows (BackupRule); under "output" the plan runs with its cascade."""
     def __init__(self, model, steps, plan=None, backup="residual"):
         super().__init__()
-        self.dit, self.steps, self.backup = model, steps, backup
+        self.dit, self.steps = model, steps
         dit.samples_like(self, model)
         tmap = dit.Diffusion().respace(steps).timestep_map
         self.step_of = {int(t): steps - 1 - i for i, t in enumerate(tmap)}
         N = len(model.blocks)
         plan = torch.ones(steps, N, dtype=torch.bool) if plan is None else plan.bool().cpu()
-        self.plan = cascade_plan(plan) if backup == "output" else plan
+        self.rule = BackupRule(backup)
+        self.plan = self.rule.cascade_plan(plan)
         self.gates, self.cache = None, None
 
     def forward(self, x, t, y):
@@ -839,9 +840,9 @@ class CachedDiT(nn.Module):
         h, c = self.dit.embed(x, t, y)
         if self.gates is not None:
             gate = None if s == 0 else self.gates[s - 1]
-            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.backup)
+            h, self.cache = gated_blocks(self.dit.blocks, h, c, self.cache, gate, self.rule)
         else:
-            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s, self.backup)
+            h = cached_blocks(self.dit.blocks, h, c, self.cache, self.plan, s, self.rule)
         return self.dit.head(h, c)
 
 
@@ -849,9 +850,9 @@ def learn_scores(base, cfg, log=print):
     """Few-step gradient optimisation of the pruner, DiP-GO Sec. 3 (code): per step, fresh labels and
     noise (no images), the full sampler's image (no grad) vs the gated SuperNet's (grad through all K steps):
         L = L_cons + alpha * [kept_hard > 1 - r] * mean_{t>=1, b} cascade[b] P_keep[t, b]
-    (dipgo_loss; under the output rule the gates are cascaded, cascade_gates). Optimiser: Adam (ours) or
-    SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns (P(reuse)
-    (K-1, N), log rows)."""
+    (dipgo_loss; under the output rule the gates are cascaded, BackupRule.cascade_gates). Optimiser: Adam
+    (ours) or SGD, weight decay 1e-4, cosine with 10 warm-up steps (the official train_sd15.py). Returns
+    (P(reuse) (K-1, N), log rows)."""
     K, N, B = cfg.eval_steps, len(base.blocks), cfg.dipgo_batch
     device = next(base.parameters()).device
     torch.manual_seed(dit.seed_of(cfg.seed))
@@ -862,9 +863,9 @@ def learn_scores(base, cfg, log=print):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: dit.lr_factor(i, cosine))
     else:
         opt, sched = torch.optim.Adam(pruner.parameters(), lr=cfg.dipgo_lr), None  # ours
-    sizes = [len(range(N)[dead_blocks(b, cfg.backup)]) for b in range(N)]  # blocks each reuse skips
-    cascade = torch.tensor(sizes, dtype=torch.float32, device=device)
     net = CachedDiT(base, K, backup=cfg.backup)
+    sizes = [len(range(N)[net.rule.skips(b)]) for b in range(N)]  # blocks each reuse skips
+    cascade = torch.tensor(sizes, dtype=torch.float32, device=device)
     C, S, rows, prev = base.in_channels, base.input_size, [], None
     for it in range(cfg.dipgo_steps):
         g = dit.rng(cfg.seed * dit.STRIDE + it)  # ours: fresh labels and noise each step (code: fixed noise)
@@ -874,7 +875,7 @@ def learn_scores(base, cfg, log=print):
         with torch.no_grad():
             ref = dit.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         logits = pruner()  # (K-1, N, 2)
-        net.gates = cascade_gates(st_gate(logits)) if cfg.backup == "output" else st_gate(logits)
+        net.gates = net.rule.cascade_gates(st_gate(logits))
         x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha, cascade)
         opt.zero_grad(set_to_none=True)

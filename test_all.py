@@ -1300,7 +1300,7 @@ def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher,
     logits = torch.tensor([0.0, 1.0]).repeat(K - 1, N, 1)
     logits[1, N - 1] = torch.tensor([1.0, 0.0])  # step 2 = gate row 1: the last block reuses
     logits.requires_grad_(True)
-    gates = prune.cascade_gates(prune.st_gate(logits))
+    gates = prune.BackupRule("output").cascade_gates(prune.st_gate(logits))
     assert torch.equal(gates.detach()[..., 1] > 0.5, net.plan[1:])  # the cascade pushed reuse into 0..N-2
     supernet = prune.CachedDiT(base, K, backup="output")
     supernet.gates = gates
@@ -1340,7 +1340,7 @@ def test_dipgo_output_rule_plans_count_the_cascade():
         target = round(r * (K - 1) * N)
         for plan in (prune.postprocess(torch.rand(K - 1, N, generator=g), r, "output"),
                      prune.random_plan(K, N, r, seed=3, backup="output")):
-            assert plan[0].all() and torch.equal(plan, prune.cascade_plan(plan))
+            assert plan[0].all() and torch.equal(plan, prune.BackupRule("output").cascade_plan(plan))
             assert target - N < int((~plan[1:]).sum()) <= target
         idx = torch.randperm((K - 1) * N, generator=dit.rng(3))[:target]
         want = torch.ones((K - 1) * N, dtype=torch.bool)
