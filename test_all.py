@@ -397,20 +397,19 @@ def test_gpu_presets_use_the_papers_constant_ema_and_cpu_presets_the_warmup(tmp_
 def test_torchrun_unused_parameters_and_a_new_world_size(tmp_path, tiny_teacher):
     """Under torchrun (2 CPU processes): MI1 (stage A leaves the down/up projections of other stages
     unused) and a DyDiT ablation mode train; a 2-process dit.py checkpoint resumes in one process."""
-    common = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    r = run(common + ["distill.py", "--method", "mi1", "--teacher", tiny_teacher, "--out", str(tmp_path),
-                      "--width", "32", "--steps", "4", "--aux-steps", "2", "--teacher-steps", "2",
-                      "--pairs", "16", "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0",
-                      "--bench-reps", "1", "--device", "cpu"])
+    r = torchrun(["distill.py", "--method", "mi1", "--teacher", tiny_teacher, "--out", str(tmp_path),
+                  "--width", "32", "--steps", "4", "--aux-steps", "2", "--teacher-steps", "2",
+                  "--pairs", "16", "--batch-size", "8", "--sample-steps", "2", "--eval-n", "0",
+                  "--bench-reps", "1", "--device", "cpu"], 29533)  # a port per call
     assert r.returncode == 0, r.stderr[-2000:]
     dy = str(tmp_path / "dy.pt")
-    r = run(common + ["dynamic.py", "--mode", "tdw", "--teacher", tiny_teacher, "--out", dy,
-                      "--steps", "2", "--batch-size", "8", "--eval-n", "2", "--eval-steps", "2",
-                      "--bench-batches", "1", "--bench-reps", "1", "--device", "cpu"])
+    r = torchrun(["dynamic.py", "--mode", "tdw", "--teacher", tiny_teacher, "--out", dy,
+                  "--steps", "2", "--batch-size", "8", "--eval-n", "2", "--eval-steps", "2",
+                  "--bench-batches", "1", "--bench-reps", "1", "--device", "cpu"], 29534)
     assert r.returncode == 0, r.stderr[-2000:]
     assert dit.load_checkpoint(str(tmp_path / "dy.pt"))["step"] == 2
     out = str(tmp_path / "w.pt")
-    r = run(common + ["dit.py", "--preset", "tiny", "--steps", "2", "--out", out, "--device", "cpu"])
+    r = torchrun(["dit.py", "--preset", "tiny", "--steps", "2", "--out", out, "--device", "cpu"], 29535)
     assert r.returncode == 0 and len(dit.load_checkpoint(out)["rng"]) == 2, r.stderr[-2000:]
     r = run(["dit.py", "--preset", "tiny", "--steps", "4", "--out", out, "--device", "cpu"])
     assert r.returncode == 0 and "new noise" in r.stdout and dit.load_checkpoint(out)["step"] == 4
