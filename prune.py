@@ -777,12 +777,12 @@ def postprocess(score, ratio, backup="residual"):
     each block, steps by falling reuse score, mark reuse (with its cascade, BackupRule.skips) where
     score > theta while at most round(r S N) slots are reused; theta -= 0.05 and repeat (theta >= 0). score
     (K-1, N) = P(reuse). Returns plan (K, N) bool, True = compute; row 0 (the first step) always computes."""
-    S, N = score.shape
+    (S, N), skips = score.shape, BackupRule(backup).skips
     target, reuse = round(ratio * S * N), torch.zeros(S, N, dtype=torch.bool)
     for k in range(round(THETA_START / THETA_STEP), -1, -1):  # theta = 0.95, 0.90, ..., 0 (official prune())
         theta = THETA_STEP * k
         for b in reversed(range(N)):  # output side first, as both official prune() (block_names[::-1])
-            dead = BackupRule(backup).skips(b)
+            dead = skips(b)
             for t in score[:, b].argsort(descending=True).tolist():
                 if score[t, b] > theta:
                     if int(reuse.sum()) + int((~reuse[t, dead]).sum()) > target:
@@ -802,10 +802,10 @@ def uniform_plan(steps, depth, ratio):
 def random_plan(steps, depth, ratio, seed=0, backup="residual"):
     """Baseline (b): a random plan with DiP-GO's budget (at most round(r (K-1) N) reused slots): slots in a
     random order, each reused (with its cascade, BackupRule.skips) while the budget allows."""
-    S = steps - 1
+    S, skips = steps - 1, BackupRule(backup).skips
     target, reuse = round(ratio * S * depth), torch.zeros(S, depth, dtype=torch.bool)
     for i in torch.randperm(S * depth, generator=dit.rng(seed)).tolist():
-        t, dead = i // depth, BackupRule(backup).skips(i % depth)
+        t, dead = i // depth, skips(i % depth)
         if int(reuse.sum()) + int((~reuse[t, dead]).sum()) <= target:
             reuse[t, dead] = True
     return torch.cat([torch.ones(1, depth, dtype=torch.bool), ~reuse])
