@@ -542,12 +542,6 @@ def save_rows(models, path, seed=0, steps=25, cfg_scale=4.0):
 
 # --- Training loop (shared by every script: pass your own loss_fn) --------------------------------
 
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
 def lr_factor(step, cfg):
     """lr multiplier at `step`: linear warm-up to 1, then constant (lr_end = 1, DiT) or a cosine to lr_end."""
     if step < cfg.warmup or cfg.lr_end == 1.0:
@@ -556,9 +550,13 @@ def lr_factor(step, cfg):
     return cfg.lr_end + (1.0 - cfg.lr_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ema_decay(step, cfg):
-    """EMA decay at `step`: constant (paper, --ema-warmup 0) or min(d, (1+n)/(10+n)) while young (ours)."""
-    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+@torch.no_grad()
+def ema_update(ema, model, step, cfg):
+    """EMA of the weights, DiT Sec. 4: e <- d e + (1 - d) p, the decay d constant (paper, --ema-warmup 0) or
+    min(d, (1+n)/(10+n)) at step n while young (ours)."""
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
 
 
 def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_unused=False, sharded=False,
@@ -595,7 +593,7 @@ def train(model, loss_fn, data, cfg, meta, param_groups=None, quiet=False, find_
             else:
                 s.scaler.step(opt)
             s.scaler.update()
-            ema_update(ema, model, ema_decay(s.step, cfg))
+            ema_update(ema, model, s.step, cfg)
             if on_step:
                 s.evaluate(on_step)
             s.end_step(values)  # step += 1, log line, checkpoint, signals

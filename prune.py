@@ -35,7 +35,7 @@ A greedy falling threshold turns its scores into a static plan; inference runs t
     paper (Sec. 3 method, Sec. 4 experiments) / code      -> here
     SuperNet, backup connection to step t-1, the cascade  -> BackupRule; gated_blocks (train), cached_blocks
     (update_query_status, cascade_nodes)                     (infer: when a computed block fills its entry)
-    pruner network; straight-through gate (no Gumbel)     -> Pruner, st_gate
+    pruner network; straight-through gate (no Gumbel)     -> Pruner (Pruner.gate)
     consistency (SSIM) + sparsity loss, few steps         -> dipgo_loss (ssim), learn_scores
     post-processing: falling threshold, blocks output-side
       first (both official prune() visit block_names[::-1]) -> postprocess
@@ -693,19 +693,11 @@ def cached_blocks(blocks, h, c, cache, plan, s, rule):
     return h
 
 
-def st_gate(logits):
-    """Straight-through hard gate, DiP-GO Sec. 3: forward = one-hot argmax of softmax(logits) (exactly
-    0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the code)."""
-    p = logits.softmax(-1)
-    hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
-    return hard + (p - p.detach())
-
-
 class Pruner(nn.Module):
-    """Pruner network, DiP-GO Sec. 3: a learnable query per gated (step, block) -> a 1-layer single-head
-    self-attention across the blocks of each step (Q, K in d/4) + FFN (d -> d/4 -> d), LayerNorms ->
-    a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2) with logits [reuse, keep]
-    initialised to [0, 1] (P(keep) = 0.73)."""
+    """Pruner network, DiP-GO Sec. 3, and its straight-through gate: a learnable query per gated (step,
+    block) -> a 1-layer single-head self-attention across the blocks of each step (Q, K in d/4) + FFN
+    (d -> d/4 -> d), LayerNorms -> a separate 3-layer MLP head per (step, block) (d -> d/4 -> d/4 -> 2)
+    with logits [reuse, keep] initialised to [0, 1] (P(keep) = 0.73)."""
     def __init__(self, steps, depth, dim=128):
         super().__init__()
         S, N, r = steps - 1, depth, dim // 4
@@ -733,6 +725,15 @@ class Pruner(nn.Module):
         h = F.relu(torch.einsum("md,mdr->mr", x, self.w1) + self.b1)
         h = F.relu(torch.einsum("mr,mrs->ms", h, self.w2) + self.b2)
         return (torch.einsum("mr,mrk->mk", h, self.w3) + self.b3).view(S, N, 2)
+
+    @staticmethod
+    def gate(logits):
+        """Straight-through hard gate, DiP-GO Sec. 3: forward = one-hot argmax of softmax(logits) (exactly
+        0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the
+        code)."""
+        p = logits.softmax(-1)
+        hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
+        return hard + (p - p.detach())
 
 
 def ssim(a, b, data_range=1.0, size=11, sigma=1.5):
@@ -875,7 +876,7 @@ def learn_scores(base, cfg, log=print):
         with torch.no_grad():
             ref = dit.sample(base, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         logits = pruner()  # (K-1, N, 2)
-        net.gates = net.rule.cascade_gates(st_gate(logits))
+        net.gates = net.rule.cascade_gates(pruner.gate(logits))
         x = dit.sample(net, z, y, K, "ddim", cfg_scale=cfg.cfg_scale)
         loss, cons, sparse, kept = dipgo_loss(x, ref, logits, net.gates, cfg.ratio, cfg.dipgo_alpha, cascade)
         opt.zero_grad(set_to_none=True)

@@ -1144,7 +1144,7 @@ def test_dipgo_no_reuse_plan_is_the_plain_sampler_bit_for_bit(tiny_teacher):
     plain = dit.sample(base, z, y, K, cfg_scale=1.5)
     assert torch.equal(dit.sample(prune.CachedDiT(base, K), z, y, K, cfg_scale=1.5), plain)
     net = prune.CachedDiT(base, K)
-    net.gates = prune.st_gate(torch.tensor([0.0, 1.0]).repeat(K - 1, len(base.blocks), 1))
+    net.gates = prune.Pruner.gate(torch.tensor([0.0, 1.0]).repeat(K - 1, len(base.blocks), 1))
     assert torch.equal(dit.sample(net, z, y, K, cfg_scale=1.5), plain)
     with pytest.raises(ValueError):  # the plan knows its schedule: another step count is an error
         dit.sample(prune.CachedDiT(base, K), z, y, K + 1)
@@ -1223,7 +1223,7 @@ def test_dipgo_pruner_gates_get_gradients(tiny_teacher):
     logits = pruner()
     logits.retain_grad()
     net = prune.CachedDiT(base, K)
-    net.gates = prune.st_gate(logits)
+    net.gates = prune.Pruner.gate(logits)
     assert set(net.gates.detach().unique().tolist()) == {0.0, 1.0}  # hard in the forward pass
     z, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
     with torch.no_grad():
@@ -1299,7 +1299,7 @@ def test_dipgo_output_rule_reuses_the_previous_output_and_cascades(tiny_teacher,
     logits = torch.tensor([0.0, 1.0]).repeat(K - 1, N, 1)
     logits[1, N - 1] = torch.tensor([1.0, 0.0])  # step 2 = gate row 1: the last block reuses
     logits.requires_grad_(True)
-    gates = prune.BackupRule("output").cascade_gates(prune.st_gate(logits))
+    gates = prune.BackupRule("output").cascade_gates(prune.Pruner.gate(logits))
     assert torch.equal(gates.detach()[..., 1] > 0.5, net.plan[1:])  # the cascade pushed reuse into 0..N-2
     supernet = prune.CachedDiT(base, K, backup="output")
     supernet.gates = gates

@@ -352,7 +352,7 @@ def grade_7():
     g = torch.Generator().manual_seed(6)
     x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
     logits = torch.randn(4, 3, 2, generator=g, requires_grad=True)
-    gates = prune.st_gate(logits)
+    gates = prune.Pruner.gate(logits)
     kept = gates[..., 1].mean().item()
     p_keep = logits.softmax(-1)[..., 1].mean()
     loss, cons, sparse, _ = prune.dipgo_loss(x, x, logits, gates, ratio=0.0, alpha=1.0)
@@ -367,7 +367,7 @@ def grade_7():
     assert close(on_w, cons + 0.3 * (logits.softmax(-1)[..., 1] * w).mean()), \
         "with cascade weights w[b] the sparsity term must be mean_{t, b} w[b] P_keep[t, b] (here w = 1, 2, 3)"
     half = torch.tensor([[2.0, -1.0], [-1.0, 2.0]]).repeat(6, 1).reshape(4, 3, 2).requires_grad_(True)
-    hg = prune.st_gate(half)  # exactly half of the calls kept
+    hg = prune.Pruner.gate(half)  # exactly half of the calls kept
     at, *_ = prune.dipgo_loss(x, x, half, hg, ratio=0.5, alpha=0.3)
     assert close(at, prune.dipgo_loss(x, x, half, hg, ratio=0.5, alpha=0.0)[0]), \
         "at the boundary, a plan that keeps exactly 1 - r (0.5) of the calls has met the target: no sparsity"
