@@ -13,7 +13,7 @@ Paper -> this file
     Sec. 3.2 adaLN-Zero block (Fig. 3)                  -> modulate, DiTBlock
     Sec. 3.2 transformer decoder, unpatchify            -> FinalLayer, DiT.head
     Sec. 3.1 / 4 linear betas, L_simple + L_vb          -> Diffusion.loss (IDDPM Eq. 16)
-    Sec. 3.1 classifier-free guidance                   -> forward_with_cfg
+    Sec. 3.1 classifier-free guidance                   -> LabelEmbedder.token_drop, forward_with_cfg
     DDPM Alg. 2, DDIM Eq. 12, IDDPM respacing           -> Diffusion.respace, sample, generate
     Sec. 4 training: AdamW 1e-4, no decay, EMA 0.9999   -> train (torchrun + DDP, resumable)
 State-dict names and constructor keywords equal facebookresearch/DiT models.py (an official checkpoint
@@ -169,7 +169,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with an extra "null" row (index num_classes) for classifier-free guidance."""
+    """Class embedding with an extra "null" row (index num_classes). Classifier-free guidance, DiT Sec. 3.1,
+    its training half: token_drop replaces a label by null with probability dropout_prob (sampling half:
+    forward_with_cfg, below)."""
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
@@ -184,6 +186,21 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
+
+
+def forward_with_cfg(model, x, t, y, cfg_scale):
+    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y) and a "null" label (index
+    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x], labels [y; null],
+        eps = eps_u + s (eps_c - eps_u)
+    on all C_in eps channels (the official code guides the first 3 of its 4 latent channels; for RGB pixels
+    that is all of them); the variance channels are the conditional half's. Returns (B, C_out)."""
+    # ours: takes the plain batch and doubles it here (official: the caller passes [x; x], [y; null])
+    null = torch.full_like(y, model.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    C, B = x.shape[1], len(x)
+    cond, uncond = out[:B, :C], out[B:, :C]
+    eps = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([eps, out[:B, C:]], 1)
 
 
 class FinalLayer(nn.Module):
@@ -267,20 +284,6 @@ class DiT(nn.Module):
             feats.append(h)
         out = self.head(h, c)
         return (out, feats) if return_features else out
-
-def forward_with_cfg(model, x, t, y, cfg_scale):
-    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y) and a "null" label (index
-    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x], labels [y; null],
-        eps = eps_u + s (eps_c - eps_u)
-    on all C_in eps channels (the official code guides the first 3 of its 4 latent channels; for RGB pixels
-    that is all of them); the variance channels are the conditional half's. Returns (B, C_out)."""
-    # ours: takes the plain batch and doubles it here (official: the caller passes [x; x], [y; null])
-    null = torch.full_like(y, model.num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    C, B = x.shape[1], len(x)
-    cond, uncond = out[:B, :C], out[B:, :C]
-    eps = uncond + cfg_scale * (cond - uncond)
-    return torch.cat([eps, out[:B, C:]], 1)
 
 
 def param_count(model):
