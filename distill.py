@@ -20,11 +20,10 @@ are swept for the quality / size / latency trade-off.
 [inferred]: weight-free output losses; token states standardised per channel as features; the block maps;
 MI1 as "block j packs teacher blocks (m(j-1), m(j)]", trained alone first (stage A); the one-step teacher.
 
-Run: python distill.py --method ta (or kd | fkd | mi1, --mapping first, --sweep). Settled options that left
-the code (a multi-step student, a mid-size or untrained TA, a random-init student, token-LayerNorm and plain
-MSE feature losses, L1 / L2 output losses, the last-block map) keep their numbers in docs/distill.md.
-It ends with a Markdown table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
-out/distill/<run>_grid.png (one row per model, same noise). Results: docs/distill.md.
+Run: python distill.py --method ta (or kd | fkd | mi1, --mapping first, --sweep). It ends with a Markdown
+table (teacher, helpers, student: params, GFLOPs and latency per image, quality) and
+out/distill/<run>_grid.png (one row per model, same noise). Results, and the settled options that left the
+code: docs/distill.md.
 """
 import functools
 import json
@@ -82,7 +81,8 @@ def teaching_assistant(cfg, source, shape, offline):
 class OneStepDiT(nn.Module):
     """One-step generator x = G(z, y) (GET, arXiv 2312.04453): a DiT with no timestep input. The
     conditioning is c = c0 + y_emb with a learned constant c0; no label dropout (the pairs already carry
-    the teacher's CFG)."""
+    the teacher's CFG). return_features: also [h_0, h_1, .., h_L], the tokens (B, T, D) after block l
+    (h_0: the patch embedding)."""
 
     def __init__(self, **config):  # dit.DiT keyword arguments
         super().__init__()
@@ -92,26 +92,18 @@ class OneStepDiT(nn.Module):
         dit.samples_like(self, self.dit)
         self.one_step = True
 
+    def embed(self, z, y):
+        """(h_0 (B, T, D), c = c0 + y_emb (B, D)), the labels used as given (no random CFG drop)."""
+        return self.dit.x_embedder(z) + self.dit.pos_embed, self.c0 + self.dit.y_embedder(y, False)
+
     def forward(self, z, y, return_features=False):
-        out, feats = features(self, z, y)
+        h, c = self.embed(z, y)
+        feats = [h]
+        for block in self.dit.blocks:
+            h = block(h, c)
+            feats.append(h)
+        out = self.dit.head(h, c)
         return (out, feats) if return_features else out
-
-
-def embed(model, x, y):
-    """(h_0 (B, T, D), c (B, D), the DiT holding the blocks) of a OneStepDiT: c = c0 + y_emb, the labels used
-    as given (no random CFG drop)."""
-    net = model.dit
-    return net.x_embedder(x) + net.pos_embed, model.c0 + net.y_embedder(y, False), net
-
-
-def features(model, x, y):
-    """(output, [h_0, h_1, .., h_L]): h_l = the tokens (B, T, D) after block l, h_0 = the patch embedding."""
-    h, c, net = embed(model, x, y)
-    feats = [h]
-    for block in net.blocks:
-        h = block(h, c)
-        feats.append(h)
-    return net.head(h, c), feats
 
 
 def shape_of(model):
@@ -180,12 +172,12 @@ class Distiller(nn.Module):
 
     def forward(self, x, y, t_feats=None, target=None, feat_weight=1.0):
         if not self.local:
-            out, feats = features(self.student, x, y)
+            out, feats = self.student(x, y, return_features=True)
             feats = [feats[i] for i, _ in self.links]
         else:  # MI1 stage A: no output term
-            h, c, net = embed(self.student, x, y)
+            h, c = self.student.embed(x, y)
             out, feats = None, []
-            for j, ((a, _), block) in enumerate(zip(self.groups, net.blocks)):
+            for j, ((a, _), block) in enumerate(zip(self.groups, self.student.dit.blocks)):
                 h_in = h if a == 0 else self.down[j](t_feats[a])  # (B, T, D_S)
                 feats.append(block(h_in, c))
         if target is None:
@@ -408,7 +400,7 @@ def stage_key(cfg, name, config, links, mi1, offline, source, init, start, steps
 @torch.no_grad()
 def source_states(source, offline, used, chunk=250):
     """{j: h_j (N, T, D)}: the frozen feature source's states j on every pair, computed once."""
-    chunks = [features(source, offline["z"][k:k + chunk], offline["y"][k:k + chunk])[1]
+    chunks = [source(offline["z"][k:k + chunk], offline["y"][k:k + chunk], return_features=True)[1]
               for k in range(0, len(offline["z"]), chunk)]
     return {j: torch.cat([f[j] for f in chunks]) for j in sorted(used)}
 
