@@ -169,9 +169,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with an extra "null" row (index num_classes). Classifier-free guidance, DiT Sec. 3.1,
-    its training half: token_drop replaces a label by null with probability dropout_prob (sampling half:
-    forward_with_cfg, below)."""
+    """Class embedding with an extra "null" row (index num_classes). CFG's training half (DiT Sec. 3.1):
+    token_drop turns a label into null with probability dropout_prob (the sampling half: forward_with_cfg)."""
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
@@ -189,8 +188,8 @@ class LabelEmbedder(nn.Module):
 
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
-    """Classifier-free guidance, DiT Sec. 3.1, for any model with forward(x, t, y) and a "null" label (index
-    num_classes, learned by label dropout in LabelEmbedder): one call on the batch [x; x], labels [y; null],
+    """Classifier-free guidance at sampling, DiT Sec. 3.1, for any model with forward(x, t, y) and the null
+    label learned by LabelEmbedder.token_drop: one call on the batch [x; x], labels [y; null],
         eps = eps_u + s (eps_c - eps_u)
     on all C_in eps channels (the official code guides the first 3 of its 4 latent channels; for RGB pixels
     that is all of them); the variance channels are the conditional half's. Returns (B, C_out)."""

@@ -728,9 +728,8 @@ class Pruner(nn.Module):
 
     @staticmethod
     def gate(logits):
-        """Straight-through hard gate, DiP-GO Sec. 3: forward = one-hot argmax of softmax(logits) (exactly
-        0/1), backward = the softmax gradient. logits (..., 2) = [reuse, keep]. No Gumbel noise (as the
-        code)."""
+        """Straight-through hard gate (DiP-GO Sec. 3; no Gumbel noise, as the code), logits (..., 2) = [reuse,
+        keep]: forward = one-hot argmax of softmax(logits) (exactly 0/1), backward = the softmax gradient."""
         p = logits.softmax(-1)
         hard = F.one_hot(p.argmax(-1), 2).to(p.dtype)
         return hard + (p - p.detach())
