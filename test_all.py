@@ -388,7 +388,8 @@ def test_torchrun_unused_parameters_and_a_new_world_size(tmp_path, tiny_teacher)
     assert dit.load_checkpoint(str(tmp_path / "dy.pt"))["step"] == 2
     out = str(tmp_path / "w.pt")
     r = torchrun(["dit.py", "--preset", "tiny", "--steps", "2", "--out", out, "--device", "cpu"], 29535)
-    assert r.returncode == 0 and len(dit.load_checkpoint(out)["rng"]) == 2, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert dit.load_checkpoint(out)["step"] == 2 and len(dit.load_checkpoint(out)["rng"]) == 2
     r = run(["dit.py", "--preset", "tiny", "--steps", "4", "--out", out, "--device", "cpu"])
     assert r.returncode == 0 and "new noise" in r.stdout and dit.load_checkpoint(out)["step"] == 4
 
@@ -985,6 +986,21 @@ def test_keep_all_mask_reproduces_dense_model_exactly():
     ones = torch.ones(3, 4, requires_grad=True)
     assert torch.equal(prune.masked_forward(model, x, t, y, ones), dense)
     assert torch.equal(prune.masked_forward(model, x, t, y, torch.ones(4)), dense)
+
+
+@pytest.mark.parametrize("pattern", ["1:2", "3:4"])  # 2:4: grade_6
+def test_straight_through_sample_keeps_n_of_m_with_a_gradient_for_every_logit(pattern):
+    """Other N:M patterns than the grader's: each group's choice is one-hot, the block mask keeps exactly N of
+    every M blocks, and every pattern logit of every group receives a non-zero gradient."""
+    options, groups = prune.parse_pattern(pattern, 4)
+    torch.manual_seed(0)
+    logits = torch.full((groups, len(options)), 0.02, requires_grad=True)
+    mask, onehot = prune.st_gumbel_masks(logits, options, 64, tau=4.0, scale=100.0)
+    assert torch.equal(onehot.sum(-1), torch.ones(64, groups)) and set(onehot.unique().tolist()) <= {0.0, 1.0}
+    n = float(options[0].sum())
+    assert torch.equal(mask.reshape(64, groups, -1).sum(-1), torch.full((64, groups), n))
+    (mask * torch.randn(64, 4)).sum().backward()
+    assert (logits.grad != 0).all(), logits.grad
 
 
 def test_exported_pruned_dit_equals_masked_model():
